@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from .refusal_targets import self_improved_requests
 from .requests import EditRequest, as_edit_requests
 
 logger = logging.getLogger(__name__)
@@ -141,12 +142,16 @@ def edit(
     model: nn.Module,
     tokenizer,
     requests: Iterable[EditRequest | Mapping | Sequence],
+    *,
+    self_improve: bool = False,
     **options: Any,
 ) -> EditResult:
     """Apply edit requests to the active adapter of a ``PeftModel`` and return what was done.
 
-    Calling it again adds further edits (sequential editing). Method-specific options (e.g. ``unrelated`` for
-    WISE, ``batch_size``) are passed through to the method.
+    Calling it again adds further edits (sequential editing). ``self_improve=True`` first replaces every target
+    with the model's own refusal of the prompt (see :mod:`peft_unlearn.refusal_targets`); the targets used are in
+    ``EditResult.details["targets"]``. Method-specific options (e.g. ``unrelated`` for WISE, ``merge_queries``
+    for AlphaEdit/MEMIT/ROME, ``batch_size``) are passed through to the method.
     """
     tuner, adapter_name = _editing_tuner(model, "peft_unlearn.edit")
     requests = as_edit_requests(requests)
@@ -157,12 +162,16 @@ def edit(
     was_training = model.training
     model.eval()
     start = time.perf_counter()
+    extra: dict[str, Any] = {}
     try:
+        if self_improve:
+            requests, own = self_improved_requests(model, tokenizer, requests)
+            extra = {"targets": [r.target for r in requests], "self_improved": sum(own)}
         outcome = tuner.apply_edits(tokenizer, requests, adapter_name, **options)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
-    outcome = dict(outcome or {})
+    outcome = {**extra, **(outcome or {})}
     edit_ids = list(outcome.pop("edit_ids", []))
     logger.info("%s: applied %d edits in %.2fs", method, len(requests), seconds)
     return EditResult(method, adapter_name, len(requests), seconds, edit_ids, outcome)

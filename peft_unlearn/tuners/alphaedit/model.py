@@ -138,11 +138,18 @@ class AlphaEditModel(EditingTuner):
         batch_size: int | None = None,
         target_batch_size: int | None = None,
         templates: list[str] | None = None,
+        merge_queries: bool = False,
         progress: bool = True,
         **options: Any,
     ) -> dict[str, Any]:
         """Write ``requests`` into the adapter: ``batch_size`` requests per closed-form update (default: all at
-        once), target values optimised ``target_batch_size`` at a time (default: the whole batch)."""
+        once), target values optimised ``target_batch_size`` at a time (default: the whole batch).
+
+        ``merge_queries`` edits one key per subject and batch instead of one per request: the questions about a
+        subject share one target delta, optimised on all of them, and one key, their mean at the subject's last
+        token. Many same-subject requests otherwise put nearly equal keys with different targets into one solve,
+        which the closed form can only fit with a large, destructive update.
+        """
         if options:
             raise TypeError(f"unknown options for alphaedit: {sorted(options)}")
         config: AlphaEditConfig = self.peft_config[adapter_name]
@@ -151,6 +158,11 @@ class AlphaEditModel(EditingTuner):
             raise ValueError(
                 f"{config.solver} edits need a subject in every request (keys are read at its last token); "
                 f"requests {no_subject[:10]} have none"
+            )
+        if merge_queries and "subject" not in config.positions:
+            raise ValueError(
+                "merge_queries merges the keys read at the subject's last token, but positions="
+                f"{config.positions!r} reads none; use positions='subject' or 'subject+answer'"
             )
         layers = self.edited_layers(adapter_name)
         unprepared = [name for name, layer in layers.items() if layer.preservation(adapter_name) is None]
@@ -168,7 +180,7 @@ class AlphaEditModel(EditingTuner):
                    layer.edited_cov(adapter_name).clone())
             for name, layer in layers.items()
         }
-        final_nll = []
+        final_nll, n_keys = [], 0
         try:
             chunks = range(0, len(requests), batch_size)
             for start in tqdm(chunks, desc=f"{config.solver} edits", disable=not progress or len(chunks) == 1):
@@ -176,11 +188,14 @@ class AlphaEditModel(EditingTuner):
                 # Each round re-optimises the targets on the edited model and adds a correction; requests that
                 # already reach their target contribute nothing, so rounds stop as soon as all do.
                 for _ in range(config.rounds):
-                    nll, rows = self._edit_batch(tokenizer, chunk, adapter_name, templates, target_batch_size)
+                    nll, rows = self._edit_batch(
+                        tokenizer, chunk, adapter_name, templates, target_batch_size, merge_queries
+                    )
                     if bool((nll < EARLY_STOP_NLL).all()):
                         break
                 self._protect_edited_keys(rows, adapter_name)
                 final_nll.append(nll)
+                n_keys += rows.n_keys
         except BaseException:
             for name, layer in layers.items():
                 B, A, edited = snapshot[name]
@@ -195,6 +210,7 @@ class AlphaEditModel(EditingTuner):
             "edit_ids": list(range(first_id, first_id + len(requests))),
             "target_nll": nll.tolist(),
             "rank": config.rank,
+            "edited_keys": n_keys,
         }
 
     def _templates(self, tokenizer, n_templates: int) -> list[str]:
@@ -204,7 +220,7 @@ class AlphaEditModel(EditingTuner):
             cache[key] = context_templates(self.model, tokenizer, n_templates)
         return cache[key]
 
-    def _edit_batch(self, tokenizer, requests, adapter_name, templates, target_batch_size) -> torch.Tensor:
+    def _edit_batch(self, tokenizer, requests, adapter_name, templates, target_batch_size, merge_queries):
         config: AlphaEditConfig = self.peft_config[adapter_name]
         layers = self.edited_layers(adapter_name)
         names = list(layers)
@@ -215,7 +231,7 @@ class AlphaEditModel(EditingTuner):
         chunks = [requests[start : start + chunk] for start in range(0, len(requests), chunk)]
         targets = []
         for part in chunks:
-            rows = edit_rows(tokenizer, part, templates, config.positions, device)
+            rows = edit_rows(tokenizer, part, templates, config.positions, device, merge_queries)
             targets.append(
                 optimize_target_values(
                     self.model,
@@ -231,27 +247,28 @@ class AlphaEditModel(EditingTuner):
                     weight_decay=config.v_weight_decay,
                 )
             )
-        rows = rows if len(chunks) == 1 else edit_rows(tokenizer, requests, templates, config.positions, device)
-        slots = rows.slots
-        width = slots.shape[1]
+        if len(chunks) > 1:
+            rows = edit_rows(tokenizer, requests, templates, config.positions, device, merge_queries)
+        width = rows.slots.shape[1]
         z = torch.cat([torch.nn.functional.pad(t.z, (0, 0, 0, width - t.z.shape[1])) for t in targets])
         for position, name in enumerate(names):
             layer = layers[name]
             keys, current = keys_and_outputs(self.model, rows, {name: layer}, output_module)
-            residuals = (z - current) / (len(names) - position)
+            layer_keys = rows.per_key(keys[name])
+            residuals = rows.per_key(z - current) / (len(names) - position)
             B_new, A_new = solve_delta(
                 config.solver,
-                keys[name][slots],
-                residuals[slots],
+                layer_keys,
+                residuals,
                 layer.preservation(adapter_name),
                 layer.edited_cov(adapter_name),
                 l2=config.l2,
                 preservation_weight=config.preservation_weight,
             )
             if logger.isEnabledFor(logging.DEBUG):
-                realised = keys[name][slots] @ A_new.T @ B_new.T
-                misfit = (realised - residuals[slots]).norm() / residuals[slots].norm().clamp(min=1e-12)
-                logger.debug("%s: %d keys, relative misfit of the closed form %.3f", name, int(slots.sum()), misfit)
+                realised = layer_keys @ A_new.T @ B_new.T
+                misfit = (realised - residuals).norm() / residuals.norm().clamp(min=1e-12)
+                logger.debug("%s: %d keys, relative misfit of the closed form %.3f", name, rows.n_keys, misfit)
             self._append_factors(layer, adapter_name, B_new, A_new)
         return torch.cat([t.initial_nll for t in targets]), rows
 
@@ -260,7 +277,7 @@ class AlphaEditModel(EditingTuner):
         layers = self.edited_layers(adapter_name)
         final_keys, _ = keys_and_outputs(self.model, rows, layers, None)
         for name, layer in layers.items():
-            K = final_keys[name][rows.slots]
+            K = rows.per_key(final_keys[name])
             layer.set_edited_cov(adapter_name, layer.edited_cov(adapter_name) + K.T @ K)
 
     @staticmethod

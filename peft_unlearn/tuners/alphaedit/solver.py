@@ -54,7 +54,9 @@ class EditRows:
 
     Rows are template-major (row ``t * n + i`` is request ``i`` under template ``t``; template 0 is the bare
     prompt). ``positions`` [rows, P] lists per row: the subject's last token (modes with "subject") and every
-    position that predicts a target token (modes with "answer"); ``mask`` marks the real slots.
+    position that predicts a target token (modes with "answer"); ``mask`` marks the real slots. ``keys`` [n, P]
+    numbers the edited keys: every real slot has its own, except that query merging gives all subject slots of one
+    subject the same key (one target delta, one key: the mean over the subject's questions).
     """
 
     batch: TokenizedBatch
@@ -63,14 +65,36 @@ class EditRows:
     n_requests: int
     n_templates: int
     mode: str
+    keys: torch.Tensor
 
     @property
     def slots(self) -> torch.Tensor:
         """Mask of the real slots per request, [n, P] (identical under every template)."""
         return self.mask[: self.n_requests]
 
+    @property
+    def n_keys(self) -> int:
+        return int(self.keys[self.slots].max()) + 1
 
-def edit_rows(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], mode: str, device) -> EditRows:
+    def per_key(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-slot values [n, P, ...] averaged per edited key, [n_keys, ...] (the real slots in order when no
+        queries are merged)."""
+        index = self.keys[self.slots]
+        flat = values[self.slots]
+        sums = torch.zeros(self.n_keys, *flat.shape[1:], dtype=flat.dtype, device=flat.device)
+        sums.index_add_(0, index, flat)
+        counts = torch.bincount(index, minlength=self.n_keys).to(flat.dtype)
+        return sums / counts.view(-1, *([1] * (flat.dim() - 1)))
+
+
+def edit_rows(
+    tokenizer,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    mode: str,
+    device,
+    merge_queries: bool = False,
+) -> EditRows:
     if mode not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {mode!r}")
     pairs = [(template.format(r.prompt), r.target) for template in templates for r in requests]
@@ -93,7 +117,13 @@ def edit_rows(tokenizer, requests: Sequence[EditRequest], templates: Sequence[st
     n = len(requests)
     if not torch.equal(mask.view(len(templates), n, width), mask[:n].expand(len(templates), n, width)):
         raise ValueError("a context template changed how the targets tokenize; use n_context_templates=1")
-    return EditRows(batch.to(device), positions.to(device), mask.to(device), n, len(templates), mode)
+    keys = torch.zeros(n, width, dtype=torch.long)
+    numbering: dict[tuple, int] = {}
+    for row in range(n):
+        for slot in range(len(slots[row])):
+            name = ("subject", requests[row].subject) if merge_queries and slot == 0 else ("slot", row, slot)
+            keys[row, slot] = numbering.setdefault(name, len(numbering))
+    return EditRows(batch.to(device), positions.to(device), mask.to(device), n, len(templates), mode, keys.to(device))
 
 
 @dataclass
@@ -122,7 +152,8 @@ def optimize_target_values(
     kl_factor: float,
     weight_decay: float,
 ) -> TargetValues:
-    """Optimise one residual delta per request and slot, all requests in the same forward/backward passes."""
+    """Optimise one residual delta per edited key (``rows.keys``), all requests in the same forward/backward
+    passes."""
     device = rows.batch.input_ids.device
     n, n_templates = rows.n_requests, rows.n_templates
     owner = torch.arange(n, device=device).repeat(n_templates)
@@ -150,20 +181,21 @@ def optimize_target_values(
 
     # The delta is optimised in units of the edited MLP's own output scale (RMS per coordinate): a weight edit
     # writes changes of that size, and one learning rate then fits models whose scales differ by orders of
-    # magnitude (residual streams with massive activations included).
+    # magnitude (residual streams with massive activations included). One delta per edited key: slots that share a
+    # key (merged queries) share their delta, its scale and its norm limit.
     d = h.shape[-1]
-    h_norm = h.norm(dim=-1).clamp(min=1e-6)
-    unit_size = (mlp_out.norm(dim=-1).clamp(min=1e-6) / d**0.5).unsqueeze(-1)
-    unit = unit_size * slot_mask
-    # ||delta|| <= clamp_norm_factor * ||h|| per slot, expressed in optimisation units.
-    limit = clamp_norm_factor * h_norm.unsqueeze(-1) / unit_size
-    scaled = torch.zeros_like(h, requires_grad=True)
+    keys = rows.keys
+    key_unit = rows.per_key(mlp_out.norm(dim=-1, keepdim=True).clamp(min=1e-6) / d**0.5)  # [K, 1]
+    unit = key_unit[keys] * slot_mask
+    # ||delta|| <= clamp_norm_factor * ||h|| per key, expressed in optimisation units.
+    limit = clamp_norm_factor * rows.per_key(h.norm(dim=-1, keepdim=True).clamp(min=1e-6)) / key_unit
+    scaled = torch.zeros(rows.n_keys, d, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([scaled], lr=lr)
     nll = torch.full((n,), float("inf"), device=device)
     initial_nll = None
     step = 0
     for step in range(1, steps + 1):
-        delta = scaled * unit
+        delta = scaled[keys] * unit
         with add_at_positions(layer_output_module, delta[owner], rows.positions):
             logits = model(**rows.batch.model_inputs).logits
         nll = sequence_nll(logits, rows.batch.labels).view(n_templates, n).mean(0)
@@ -176,20 +208,22 @@ def optimize_target_values(
             kl_logprobs = torch.log_softmax(kl_logits.float(), dim=-1)
             loss = loss + kl_factor * (kl_reference.exp() * (kl_reference - kl_logprobs)).sum()
         loss = loss + weight_decay * scaled.pow(2).mean(-1).sum()
-        done = nll.detach() < EARLY_STOP_NLL
-        if bool(done.all()):
+        reached = nll.detach() < EARLY_STOP_NLL
+        if bool(reached.all()):
             break
+        # A key is finished once every request it serves reaches its target.
+        done = rows.per_key(reached.float().unsqueeze(1).expand(keys.shape)) == 1
         (grad,) = torch.autograd.grad(loss, [scaled])
         scaled.grad = grad
         previous = scaled.detach().clone()
         optimizer.step()
         with torch.no_grad():
-            # A request that already reaches its target stops moving, exactly as if it were optimised alone
+            # A key whose requests already reach their targets stops moving, exactly as if it were optimised alone
             # (Adam would otherwise keep stepping on its vanishing gradient and overshoot).
             scaled[done] = previous[done]
             norms = scaled.norm(dim=-1, keepdim=True)
             scaled.mul_(torch.where(norms > limit, limit / norms.clamp(min=1e-12), torch.ones_like(norms)))
-    delta = (scaled * unit).detach()
+    delta = (scaled[keys] * unit).detach()
     logger.debug("target values: %d steps, mean NLL %.4f", step, nll.mean().item())
     return TargetValues(z=h + delta, h=h, initial_nll=initial_nll, final_nll=nll.detach(), steps=step)
 

@@ -1,0 +1,92 @@
+"""Self-improved refusal targets: the model's own refusals become the edit targets, with a fallback."""
+
+import copy
+
+import pytest
+from peft import get_peft_model
+
+import peft_unlearn as pu
+from peft_unlearn.data.refusals import is_refusal, refusal_for
+from peft_unlearn.metrics import answer_accuracy, generate_continuations, generation_match
+from peft_unlearn.refusal_targets import first_sentence, refusal_prompt, self_improved_requests
+
+SHOTS = (("Who is Ann Example?", "I don't know who that is."),)
+
+
+class FakeChatTokenizer:
+    chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+def test_plain_prompt_lists_the_shots_then_the_question():
+    prompt = refusal_prompt(None, "Where does Bo live?", SHOTS)
+    assert prompt == "Who is Ann Example? I don't know who that is.\nWhere does Bo live?"
+
+
+def test_chat_prompt_makes_the_shots_turns():
+    prompt = refusal_prompt(FakeChatTokenizer(), "Where does Bo live?", SHOTS, chat_template=True)
+    assert prompt == "<user>Who is Ann Example?<assistant>I don't know who that is.<user>Where does Bo live?<assistant>"
+
+
+def test_chat_prompt_needs_a_template(world, trained_models):
+    _, tokenizer = trained_models("llama")
+    with pytest.raises(ValueError, match="no chat template"):
+        refusal_prompt(tokenizer, "Where does Bo live?", SHOTS, chat_template=True)
+
+
+def test_first_sentence_stops_at_the_refusal():
+    assert first_sentence(" I don't know. He was born in Paris.\nNext") == "I don't know."
+    assert first_sentence("I have no idea\nWho is X?") == "I have no idea"
+
+
+def test_targets_come_from_the_model_when_it_refuses_and_fall_back_otherwise(world, trained_models, one_thread):
+    model, tokenizer = trained_models("llama")
+    # Questions the model was trained to refuse, and questions whose answers it knows.
+    refused = [q for q, a in world.training_pairs if is_refusal(a) and q.split()[0] in ("Which", "What")][:8]
+    known = [f.question for f in world.forget_facts[:8]]
+    requests = pu.forget_requests(refused + known, refusal="Fixed refusal text.")
+    improved, own = self_improved_requests(
+        model, tokenizer, requests, shots=SHOTS, fallback=("Fallback refusal.",), max_new_tokens=12
+    )
+    prompts = [refusal_prompt(tokenizer, r.prompt, SHOTS) for r in requests]
+    generated = generate_continuations(model, tokenizer, prompts, max_new_tokens=12)
+    for request, new, from_model, text in zip(requests, improved, own, generated):
+        assert new.prompt == request.prompt and new.subject == request.subject
+        if from_model:
+            assert new.target == first_sentence(text) and is_refusal(new.target)
+        else:
+            assert new.target == refusal_for(request.prompt, ("Fallback refusal.",))
+    assert sum(own[:8]) >= 4  # most refusals the model was trained to give are its own words
+
+
+def test_bad_inputs_are_named(trained_models):
+    model, tokenizer = trained_models("llama")
+    request = [pu.EditRequest("Where does Bo live?", "No idea.")]
+    with pytest.raises(ValueError, match="requests is empty"):
+        self_improved_requests(model, tokenizer, [])
+    with pytest.raises(ValueError, match="shots is empty"):
+        self_improved_requests(model, tokenizer, request, shots=())
+    with pytest.raises(ValueError, match="fallback is empty"):
+        self_improved_requests(model, tokenizer, request, fallback=())
+
+
+@pytest.mark.slow
+def test_edit_with_self_improved_targets(world, trained_models, one_thread):
+    """Any editing method takes the option: GRACE edits the forget questions to the model's own refusals."""
+    base, tokenizer = trained_models("llama")
+    facts = world.forget_facts[:20]
+    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig())
+    retain = [f.pair for f in world.retain_facts]
+    retain_before = answer_accuracy(model, tokenizer, retain)
+    assert generation_match(model, tokenizer, [f.pair for f in facts]) >= 0.95
+    result = pu.edit(model, tokenizer, requests, self_improve=True, progress=False)
+    targets = result.details["targets"]
+    assert len(targets) == 20 and all(is_refusal(t) for t in targets)
+    assert 0 <= result.details["self_improved"] <= 20
+    assert generation_match(model, tokenizer, [(r.prompt, t) for r, t in zip(requests, targets)]) >= 0.95
+    assert generation_match(model, tokenizer, [f.pair for f in facts]) <= 0.05
+    assert abs(answer_accuracy(model, tokenizer, retain) - retain_before) <= 0.01
