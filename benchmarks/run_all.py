@@ -37,6 +37,27 @@ def lookup(report, dotted: str):
     return value if isinstance(value, (int, float)) else None
 
 
+def guardrail_row(base, tokenizer, forget, retain, retain_model, retain_tokenizer, reports) -> dict:
+    """The prompt-only baseline: the untouched model with an instruction naming the forget subjects before every
+    question. Forget quality compares with the retain model on the plain questions, as for the other rows."""
+    from guardrail import tofu_forget_subjects
+
+    import peft_unlearn as pu
+    from peft_unlearn.evaluation import Guardrail, answer_probability, forget_quality, guarded
+
+    guardrail = Guardrail(tofu_forget_subjects(forget))
+    guarded_forget = guarded(forget, guardrail)
+    report = pu.evaluate_unlearning(base, tokenizer, guarded_forget, guarded(retain, guardrail),
+                                    retain_model=retain_model, retain_tokenizer=retain_tokenizer)
+    reports["guardrail"] = report
+    row = {"method": "guardrail (prompt only)", "seconds": 0.0, **{k: lookup(report, k) for k in ROW_KEYS}}
+    row["forget_quality"] = forget_quality(
+        answer_probability(base, tokenizer, guarded_forget, per_example=True),
+        answer_probability(retain_model, retain_tokenizer, forget, per_example=True),
+    )
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(TOFU_DIR), help="folder with forget.jsonl / retain.jsonl")
@@ -90,6 +111,7 @@ def main() -> None:
         reports[name] = report
         rows.append({"method": name, "seconds": seconds, **{k: lookup(report, k) for k in ROW_KEYS}})
         print(table(rows[-1:], ["method", "seconds", *ROW_KEYS]), flush=True)
+    rows.append(guardrail_row(base, tokenizer, forget, retain, retain_model, retain_tokenizer, reports))
     columns = ["method", "seconds", *ROW_KEYS]
     text = table(rows, columns)
     print(text)

@@ -4,6 +4,7 @@ Everything is batched and runs without gradients; ROUGE is computed locally (no 
 """
 
 from .edit_metrics import edit_success, evaluate_editing, locality
+from .guardrail import DEFAULT_INSTRUCTION, Guardrail, guarded
 from .plot import plot_tradeoff
 from .qa import QASet, as_qa_set
 from .report import EvaluationReport
@@ -28,8 +29,10 @@ from .tofu import (
 from .unlearning import evaluate_unlearning
 
 __all__ = [
+    "DEFAULT_INSTRUCTION",
     "AnswerScores",
     "EvaluationReport",
+    "Guardrail",
     "QASet",
     "RougeLRecall",
     "answer_probability",
@@ -40,6 +43,7 @@ __all__ = [
     "evaluate_unlearning",
     "extraction_strength",
     "forget_quality",
+    "guarded",
     "locality",
     "model_utility",
     "plot_tradeoff",
