@@ -1,6 +1,13 @@
 """Gradient-based unlearning through a ``transformers.Trainer`` (open-unlearning objectives)."""
 
 from .data import ForgetRetainCollator, ForgetRetainDataset
+from .localization import (
+    MaskedGradients,
+    mask_overlap,
+    parameter_masks,
+    restrict_to_masks,
+    unrestricted_masks,
+)
 from .losses import (
     UNLEARNING_LOSSES,
     LossCoefficients,
@@ -18,10 +25,15 @@ __all__ = [
     "ForgetRetainDataset",
     "LossCoefficients",
     "LossTerm",
+    "MaskedGradients",
     "UnlearningArguments",
     "UnlearningLoss",
     "UnlearningOutputs",
     "UnlearningTrainer",
     "get_unlearning_loss",
+    "mask_overlap",
+    "parameter_masks",
     "register_unlearning_loss",
+    "restrict_to_masks",
+    "unrestricted_masks",
 ]

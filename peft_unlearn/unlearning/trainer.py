@@ -25,6 +25,7 @@ from .data import (
     row_format,
     tokenize_rows,
 )
+from .localization import restrict_to_masks
 from .losses import LossCoefficients, UnlearningOutputs, get_unlearning_loss
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class UnlearningTrainer(Trainer):
     NPO, KL and IdkDPO compare against a reference: for a ``PeftModel`` it is the same model with its adapter
     disabled, so no second copy of the weights exists; a model without adapter is deep-copied once (logged).
     ``reference_model`` replaces either with an explicit model (e.g. another checkpoint).
+    ``parameter_masks`` (bool tensors by parameter name, e.g. from :func:`~.localization.parameter_masks`) restricts
+    training to the masked elements: other parameters are frozen and gradients outside the masks are zeroed until
+    ``trainer.masked_gradients.remove()``.
     """
 
     def __init__(
@@ -107,10 +111,16 @@ class UnlearningTrainer(Trainer):
         processing_class: Any = None,
         refusals: Sequence[str] = REFUSALS,
         reference_model: nn.Module | None = None,
+        parameter_masks: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, UnlearningArguments):
             raise TypeError(f"args must be UnlearningArguments, got {type(args).__name__}")
+        if parameter_masks is not None and args.weight_decay > 0:
+            raise ValueError(
+                f"parameter_masks need weight_decay=0 (got {args.weight_decay}): decoupled weight decay would move "
+                "the weights outside the masks"
+            )
         for name in ("train_dataset", "eval_dataset", "data_collator"):
             if kwargs.get(name) is not None:
                 raise TypeError(
@@ -156,6 +166,10 @@ class UnlearningTrainer(Trainer):
             if not getattr(base, "_require_grads_hooks", None):
                 # Checkpointed blocks only backpropagate into adapters if their inputs require grad.
                 self.model.enable_input_require_grads()
+        # After the reference copy (which must keep every weight) and the move to the device (the masks follow it).
+        self.masked_gradients = None
+        if parameter_masks is not None:
+            self.masked_gradients = restrict_to_masks(self.model, parameter_masks)
 
     def _paired_dataset(self, tokenizer, args, forget_dataset, retain_dataset, refusals) -> ForgetRetainDataset:
         """Tokenize and pair the sets, checking them against what the loss reads."""
