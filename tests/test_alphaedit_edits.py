@@ -1,8 +1,7 @@
-"""AlphaEdit on models that knew the facts: edits move the model toward the targets, state accumulates across
-calls, and editing resumes after a reload with save_projection=True.
-
-The issue's bar (>= 0.95 teacher-forced target accuracy and >= 0.9 generation match for 30 refusal edits with at
-most a 2-point loss on unrelated facts) is NOT reached on these small models; see the issue note for the numbers.
+"""AlphaEdit on models that knew the facts: the issue's bar for one batch of 30 refusal edits (>= 0.95
+teacher-forced target accuracy, >= 0.9 generation match, at most a 2-point loss on unrelated facts), state that
+accumulates across calls, editing that resumes after a reload with save_projection=True, MEMIT/ROME and query
+merging.
 """
 
 import copy
@@ -12,7 +11,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import peft_unlearn as pu
-from peft_unlearn.metrics import answer_accuracy
+from peft_unlearn.metrics import answer_accuracy, generation_match
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +37,20 @@ def test_edits_raise_the_targets_on_a_model_that_knew_the_answers(world, trained
     assert config.n_edits == 30 and config.rank > 0 and result.edit_ids == list(range(30))
     layer = next(iter(model.base_model.edited_layers("default").values()))
     assert layer.rank("default") == config.rank
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_thirty_refusal_edits_reach_the_bar_and_keep_other_facts(world, trained_models, arch, one_thread):
+    base, model, tokenizer, requests = setup(world, trained_models, arch)
+    targets = [(r.prompt, r.target) for r in requests]
+    retain = [f.pair for f in world.retain_facts]
+    assert generation_match(base, tokenizer, targets) == 0  # the model answered; nobody refused
+    retain_before = answer_accuracy(base, tokenizer, retain)
+    pu.edit(model, tokenizer, requests, progress=False)
+    assert answer_accuracy(model, tokenizer, targets) >= 0.95
+    assert generation_match(model, tokenizer, targets) >= 0.9
+    assert answer_accuracy(model, tokenizer, retain) >= retain_before - 0.02
+    assert generation_match(model, tokenizer, [f.pair for f in world.forget_facts[:30]]) <= 0.1
 
 
 def test_sequential_calls_accumulate_and_editing_resumes_after_reload(world, trained_models, tmp_path):

@@ -114,7 +114,7 @@ def test_statistics_are_one_streaming_pass_equal_to_a_hand_sum(word_tokenizer, t
     other = get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig(layers=[0, 2]))
     pu.attach_statistics(other, tmp_path / "stats.safetensors")  # reused across adapters
     for layer in other.base_model.edited_layers("default").values():
-        assert layer.preservation("default") is not None
+        assert layer.moment("default") is not None and layer.projector("default") is not None
 
 
 def test_null_space_projector_keeps_low_energy_directions():
@@ -184,7 +184,7 @@ def test_bad_input_is_refused_and_leaves_the_model_untouched(word_tokenizer):
     with pytest.raises(ValueError, match="another model"):
         pu.attach_statistics(wrapped, wrong_size)
     layer = wrapped.base_model.edited_layers("default")[name]
-    assert layer.preservation("default") is None and layer.rank("default") == 0
+    assert layer.moment("default") is None and layer.rank("default") == 0
 
 
 def test_unknown_architecture_needs_explicit_modules():
@@ -203,5 +203,5 @@ def test_unknown_architecture_needs_explicit_modules():
 
 def test_default_layers_form_an_early_middle_band():
     assert default_layers(32, "alphaedit") == [4, 5, 6, 7, 8, 9]
-    assert default_layers(4, "alphaedit") == [1]
+    assert default_layers(4, "alphaedit") == [1, 2] and default_layers(2, "alphaedit") == [0, 1]
     assert default_layers(12, "rome") == [3]

@@ -42,7 +42,7 @@ class AlphaEditConfig(PeftConfig):
         },
     )
     nullspace_threshold: float = field(
-        default=1e-2,
+        default=1e-3,
         metadata={
             "help": "The update is projected onto the preserved keys' lowest-variance directions holding at most "
             "this fraction of their energy (trace of the second moment): the null space of AlphaEdit."
@@ -59,9 +59,29 @@ class AlphaEditConfig(PeftConfig):
                   "of the edited keys (1: both weigh the same)."},
     )
     rounds: int = field(
-        default=3,
+        default=1,
         metadata={"help": "Closed-form rounds per batch: each re-optimises the targets on the edited model and adds a "
                   "correction; stops early once every request reaches its target."},
+    )
+    refine_steps: int = field(
+        default=300,
+        metadata={"help": "Adam steps that fit each batch's new value factors end to end after the closed form (0: "
+                  "closed form only). The closed form matches residuals at one layer, which small or entangled "
+                  "models realise only in part; refinement trains the new columns of B on the target loss itself "
+                  "(keys and null space unchanged) against a penalty on preserved outputs."},
+    )
+    refine_lr: float = field(
+        default=0.2, metadata={"help": "Learning rate of the refinement, in units of the new factors' RMS."}
+    )
+    refine_margin: float = field(
+        default=0.05,
+        metadata={"help": "Per-token target NLL below which a request stops pulling during refinement, so the "
+                  "penalty can shrink the update to what the targets need."},
+    )
+    refine_preservation: float = field(
+        default=0.3,
+        metadata={"help": "Weight of the refinement penalty: the change of the edited layers' outputs on the "
+                  "preserved keys and on earlier edits' keys, relative to those outputs' energy."},
     )
     v_steps: int = field(default=25, metadata={"help": "Adam steps of the target-value optimisation."})
     v_lr: float = field(
@@ -104,6 +124,9 @@ class AlphaEditConfig(PeftConfig):
         for name in ("nullspace_threshold", "l2", "v_lr", "clamp_norm_factor"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.refine_steps < 0 or self.refine_lr <= 0 or self.refine_margin < 0 or self.refine_preservation < 0:
+            raise ValueError("refine_steps, refine_margin and refine_preservation must not be negative, refine_lr "
+                             "must be positive")
         if self.v_steps < 1 or self.n_context_templates < 1 or self.rounds < 1:
             raise ValueError("v_steps, rounds and n_context_templates must be at least 1")
         if self.rank < 0 or self.n_edits < 0:
@@ -116,6 +139,8 @@ class MemitConfig(AlphaEditConfig):
 
     solver: Literal["alphaedit", "memit", "rome"] = "memit"
     clamp_norm_factor: float = 4.0
+    rounds: int = 3
+    refine_steps: int = 0
 
 
 @dataclass
@@ -126,3 +151,4 @@ class RomeConfig(AlphaEditConfig):
     clamp_norm_factor: float = 4.0
     positions: Literal["subject", "answer", "subject+answer"] = "subject"
     rounds: int = 1
+    refine_steps: int = 0

@@ -17,11 +17,11 @@ from .config import AlphaEditConfig
 
 class AlphaEditLayer(BaseTunerLayer):
     """Per-adapter state: factors ``alphaedit_B`` [out, rank] and ``alphaedit_A`` [rank, in] with delta ``B @ A``,
-    plus the solver's preservation matrix (null-space projector or preserved-key covariance) and the accumulated
-    second moment of keys edited so far. Those two are saved only with ``save_projection=True``."""
+    plus the preserved keys' second moment, the null-space projector derived from it (alphaedit solver only) and
+    the accumulated second moment of keys edited so far. Those are saved only with ``save_projection=True``."""
 
     adapter_layer_names = ("alphaedit_A", "alphaedit_B")
-    other_param_names = ("alphaedit_preserve", "alphaedit_edited_cov")
+    other_param_names = ("alphaedit_moment", "alphaedit_projector", "alphaedit_edited_cov")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -29,7 +29,8 @@ class AlphaEditLayer(BaseTunerLayer):
         self.alphaedit_B = nn.ParameterDict({})
         # Allocated when statistics are attached; the model leaves them out of the saved adapter unless
         # save_projection=True, in which case they are preallocated here so a reload finds their shapes.
-        self.alphaedit_preserve = BufferDict({}, persistent=True)
+        self.alphaedit_moment = BufferDict({}, persistent=True)
+        self.alphaedit_projector = BufferDict({}, persistent=True)
         self.alphaedit_edited_cov = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters = []
@@ -48,16 +49,24 @@ class AlphaEditLayer(BaseTunerLayer):
         )
         if config.save_projection:
             square = torch.zeros(self.in_features, self.in_features, **factory)
-            self.alphaedit_preserve[adapter_name] = square
+            self.alphaedit_moment[adapter_name] = square
             self.alphaedit_edited_cov[adapter_name] = square.clone()
+            if config.solver == "alphaedit":
+                self.alphaedit_projector[adapter_name] = square.clone()
         self.set_adapter(self.active_adapters)
 
     # --- preservation state -------------------------------------------------------------------------------------
 
-    def preservation(self, adapter_name: str) -> torch.Tensor | None:
-        """The solver's preservation matrix for this adapter, or None if no statistics are attached."""
-        if adapter_name in self.alphaedit_preserve and self.alphaedit_preserve[adapter_name].any():
-            return self.alphaedit_preserve[adapter_name].float()
+    def moment(self, adapter_name: str) -> torch.Tensor | None:
+        """Second moment of the preserved keys, or None if no statistics are attached."""
+        if adapter_name in self.alphaedit_moment and self.alphaedit_moment[adapter_name].any():
+            return self.alphaedit_moment[adapter_name].float()
+        return None
+
+    def projector(self, adapter_name: str) -> torch.Tensor | None:
+        """Projector onto the preserved keys' null space (alphaedit solver), or None."""
+        if adapter_name in self.alphaedit_projector and self.alphaedit_projector[adapter_name].any():
+            return self.alphaedit_projector[adapter_name].float()
         return None
 
     def edited_cov(self, adapter_name: str) -> torch.Tensor:
@@ -66,8 +75,11 @@ class AlphaEditLayer(BaseTunerLayer):
             return self.alphaedit_edited_cov[adapter_name].float()
         return torch.zeros(self.in_features, self.in_features, device=self.get_base_layer().weight.device)
 
-    def set_preservation(self, adapter_name: str, matrix: torch.Tensor) -> None:
-        self.alphaedit_preserve[adapter_name] = matrix.to(self.get_base_layer().weight.device, torch.float32)
+    def set_preservation(self, adapter_name: str, moment: torch.Tensor, projector: torch.Tensor | None) -> None:
+        device = self.get_base_layer().weight.device
+        self.alphaedit_moment[adapter_name] = moment.to(device, torch.float32)
+        if projector is not None:
+            self.alphaedit_projector[adapter_name] = projector.to(device, torch.float32)
 
     def set_edited_cov(self, adapter_name: str, matrix: torch.Tensor) -> None:
         self.alphaedit_edited_cov[adapter_name] = matrix.to(self.get_base_layer().weight.device, torch.float32)
@@ -84,6 +96,11 @@ class AlphaEditLayer(BaseTunerLayer):
         device = self.get_base_layer().weight.device
         self.alphaedit_B[adapter_name] = nn.Parameter(B.to(device, torch.float32).contiguous(), requires_grad=False)
         self.alphaedit_A[adapter_name] = nn.Parameter(A.to(device, torch.float32).contiguous(), requires_grad=False)
+
+    def main_weight(self) -> torch.Tensor:
+        """The base weight as [out, in] (GPT-2's Conv1D stores it transposed)."""
+        weight = self.get_base_layer().weight
+        return weight.T if isinstance(self.get_base_layer(), Conv1D) else weight
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The delta in the base layer's own weight layout (transposed for Conv1D)."""

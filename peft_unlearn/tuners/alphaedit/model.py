@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -21,19 +22,32 @@ from ...statistics import SecondMoments, null_space_projector
 from ..base import EditingTuner
 from .config import AlphaEditConfig
 from .layer import AlphaEditLayer, AlphaEditLinear
-from .solver import EARLY_STOP_NLL, context_templates, edit_rows, keys_and_outputs, optimize_target_values, solve_delta
+from .solver import (
+    EARLY_STOP_NLL,
+    ValueBlock,
+    context_templates,
+    edit_rows,
+    keys_and_outputs,
+    optimize_target_values,
+    preservation_gram,
+    refine_values,
+    solve_delta,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def default_layers(n_layers: int, solver: str) -> list[int]:
     """An early-middle band of layers (the reference edits Llama-3-8B layers 4-8 of 32): about 12% to 28% of the
-    depth, at least one layer; ROME edits the band's last layer alone."""
+    depth; ROME edits the last layer of that band alone, the others at least two layers from four layers on (the
+    residuals are spread over the band)."""
     first = max(1, round(0.125 * n_layers)) if n_layers > 2 else 0
-    last = max(first, round(0.28 * n_layers))
-    last = min(last, n_layers - 1)
-    band = list(range(first, last + 1))
-    return band[-1:] if solver == "rome" else band
+    last = min(max(first, round(0.28 * n_layers)), n_layers - 1)
+    if solver == "rome":
+        return [last]
+    if n_layers >= 4:
+        last = max(last, first + 1)
+    return list(range(first, last + 1))
 
 
 class AlphaEditModel(EditingTuner):
@@ -91,7 +105,8 @@ class AlphaEditModel(EditingTuner):
         entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if not config.save_projection:
             entries = {
-                k: v for k, v in entries.items() if ".alphaedit_preserve." not in k and ".alphaedit_edited_cov." not in k
+                k: v for k, v in entries.items()
+                if not any(f".alphaedit_{kind}." in k for kind in ("moment", "projector", "edited_cov"))
             }
         return entries
 
@@ -124,8 +139,8 @@ class AlphaEditModel(EditingTuner):
                 )
         for name, layer in layers.items():
             moment = statistics.moments[name].to(torch.float32)
-            matrix = null_space_projector(moment, config.nullspace_threshold) if config.solver == "alphaedit" else moment
-            layer.set_preservation(adapter_name, matrix)
+            projector = null_space_projector(moment, config.nullspace_threshold) if config.solver == "alphaedit" else None
+            layer.set_preservation(adapter_name, moment, projector)
 
     # --- editing ------------------------------------------------------------------------------------------------
 
@@ -165,7 +180,7 @@ class AlphaEditModel(EditingTuner):
                 f"{config.positions!r} reads none; use positions='subject' or 'subject+answer'"
             )
         layers = self.edited_layers(adapter_name)
-        unprepared = [name for name, layer in layers.items() if layer.preservation(adapter_name) is None]
+        unprepared = [name for name, layer in layers.items() if layer.moment(adapter_name) is None]
         if unprepared:
             raise ValueError(
                 f"adapter {adapter_name!r} has no preservation statistics for {unprepared}: call "
@@ -185,6 +200,7 @@ class AlphaEditModel(EditingTuner):
             chunks = range(0, len(requests), batch_size)
             for start in tqdm(chunks, desc=f"{config.solver} edits", disable=not progress or len(chunks) == 1):
                 chunk = requests[start : start + batch_size]
+                first_column = {name: layer.rank(adapter_name) for name, layer in layers.items()}
                 # Each round re-optimises the targets on the edited model and adds a correction; requests that
                 # already reach their target contribute nothing, so rounds stop as soon as all do.
                 for _ in range(config.rounds):
@@ -193,6 +209,10 @@ class AlphaEditModel(EditingTuner):
                     )
                     if bool((nll < EARLY_STOP_NLL).all()):
                         break
+                if config.refine_steps:
+                    nll = self._refine_values(rows, adapter_name, first_column)
+                for layer in layers.values():
+                    self._compress_factors(layer, adapter_name)
                 self._protect_edited_keys(rows, adapter_name)
                 final_nll.append(nll)
                 n_keys += rows.n_keys
@@ -260,7 +280,7 @@ class AlphaEditModel(EditingTuner):
                 config.solver,
                 layer_keys,
                 residuals,
-                layer.preservation(adapter_name),
+                layer.projector(adapter_name) if config.solver == "alphaedit" else layer.moment(adapter_name),
                 layer.edited_cov(adapter_name),
                 l2=config.l2,
                 preservation_weight=config.preservation_weight,
@@ -272,10 +292,39 @@ class AlphaEditModel(EditingTuner):
             self._append_factors(layer, adapter_name, B_new, A_new)
         return torch.cat([t.initial_nll for t in targets]), rows
 
+    def _refine_values(self, rows, adapter_name: str, first_column: dict[str, int]) -> torch.Tensor:
+        """Fit the value columns this batch added (from ``first_column`` on, per layer) end to end on the bare
+        prompts; returns the per-request target NLL afterwards."""
+        config: AlphaEditConfig = self.peft_config[adapter_name]
+        blocks = []
+        for name, layer in self.edited_layers(adapter_name).items():
+            start = first_column[name]
+            gram = preservation_gram(
+                layer.alphaedit_A[adapter_name][start:],
+                layer.main_weight(),
+                layer.moment(adapter_name),
+                layer.edited_cov(adapter_name),
+            )
+            blocks.append(ValueBlock(layer.alphaedit_B[adapter_name], start, gram))
+        return refine_values(
+            self.model,
+            rows.batch.select(slice(0, rows.n_requests)),
+            blocks,
+            steps=config.refine_steps,
+            lr=config.refine_lr,
+            margin=config.refine_margin,
+            preservation=config.refine_preservation,
+        )
+
     def _protect_edited_keys(self, rows, adapter_name: str) -> None:
-        """Add the batch's keys (read after its whole update) to the second moment later edits must keep."""
+        """Add the batch's keys (read after its whole update, on the bare prompts: the edits refinement fitted) to
+        the second moment later edits must keep."""
         layers = self.edited_layers(adapter_name)
-        final_keys, _ = keys_and_outputs(self.model, rows, layers, None)
+        n = rows.n_requests
+        bare = dataclasses.replace(
+            rows, batch=rows.batch.select(slice(0, n)), positions=rows.positions[:n], mask=rows.mask[:n], n_templates=1
+        )
+        final_keys, _ = keys_and_outputs(self.model, bare, layers, None)
         for name, layer in layers.items():
             K = rows.per_key(final_keys[name])
             layer.set_edited_cov(adapter_name, layer.edited_cov(adapter_name) + K.T @ K)
@@ -284,9 +333,15 @@ class AlphaEditModel(EditingTuner):
     def _append_factors(layer: AlphaEditLayer, adapter_name: str, B_new: torch.Tensor, A_new: torch.Tensor) -> None:
         B = torch.cat([layer.alphaedit_B[adapter_name].data, B_new.to(layer.alphaedit_B[adapter_name].device)], 1)
         A = torch.cat([layer.alphaedit_A[adapter_name].data, A_new.to(layer.alphaedit_A[adapter_name].device)], 0)
-        max_rank = min(layer.in_features, layer.out_features)
-        if A.shape[0] > max_rank:
-            # More keys than dimensions: the same delta fits in a full-rank factorisation.
-            U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
-            B, A = (U[:, :max_rank] * S[:max_rank]).float(), Vh[:max_rank].float()
         layer.set_factors(adapter_name, B, A)
+
+    @staticmethod
+    def _compress_factors(layer: AlphaEditLayer, adapter_name: str) -> None:
+        """More keys than dimensions: the same delta fits in a full-rank factorisation (done once a batch is
+        complete, so refinement sees the batch's own columns)."""
+        max_rank = min(layer.in_features, layer.out_features)
+        if layer.rank(adapter_name) <= max_rank:
+            return
+        delta = layer.alphaedit_B[adapter_name].double() @ layer.alphaedit_A[adapter_name].double()
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        layer.set_factors(adapter_name, (U[:, :max_rank] * S[:max_rank]).float(), Vh[:max_rank].float())

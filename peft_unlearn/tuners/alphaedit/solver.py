@@ -301,3 +301,70 @@ def solve_delta(
     else:
         raise ValueError(f"unknown solver {solver!r}")
     return residuals.T.float(), A_T.T.float()
+
+
+@dataclass
+class ValueBlock:
+    """The columns ``start:`` of one layer's value factor ``B`` that a batch added, and the Gram matrix ``G`` of
+    their keys under the preservation penalty (``tr(B_new G B_new^T)`` = change on preserved outputs)."""
+
+    values: nn.Parameter
+    start: int
+    gram: torch.Tensor
+
+
+def preservation_gram(
+    new_keys: torch.Tensor, weight: torch.Tensor, moment: torch.Tensor, edited_cov: torch.Tensor
+) -> torch.Tensor:
+    """``A (C0 / tr(W C0 W^T) + E / tr(W E W^T)) A^T`` for new key factors ``A`` [r, d_in]: with it the penalty
+    measures the output change on the preserved keys (second moment ``C0``) and on earlier edits' keys (``E``),
+    each relative to the layer's own output energy on them, so one weight fits every model and layer."""
+    weight = weight.detach().float()
+    metric = moment / torch.trace(weight @ moment @ weight.T).clamp(min=1e-12)
+    if edited_cov.any():
+        metric = metric + edited_cov / torch.trace(weight @ edited_cov @ weight.T).clamp(min=1e-12)
+    return new_keys @ metric @ new_keys.T
+
+
+def refine_values(
+    model: nn.Module,
+    batch: TokenizedBatch,
+    blocks: Sequence[ValueBlock],
+    *,
+    steps: int,
+    lr: float,
+    margin: float,
+    preservation: float,
+) -> torch.Tensor:
+    """Train the new value columns on the target loss itself, end to end, returning the per-request NLL.
+
+    The loss is the mean over requests of ``max(NLL - margin, 0)`` plus ``preservation`` times the penalty: a
+    request that reaches its target stops pulling, and the penalty then shrinks the update to what the targets
+    need. Keys (``A``) stay as the closed form wrote them, so the delta keeps its rank and its null space.
+    """
+    for block in blocks:
+        block.values.requires_grad_(True)
+    groups = [
+        {"params": [block.values], "lr": lr * float(block.values[:, block.start :].detach().pow(2).mean().sqrt())}
+        for block in blocks
+    ]
+    optimizer = torch.optim.Adam(groups)
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                nll = sequence_nll(model(**batch.model_inputs).logits, batch.labels)
+                penalty = sum(
+                    ((block.values[:, block.start :] @ block.gram) * block.values[:, block.start :]).sum()
+                    for block in blocks
+                )
+                loss = (nll - margin).clamp(min=0).mean() + preservation * penalty
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for block in blocks:
+                    block.values.grad[:, : block.start] = 0  # earlier edits' values are not touched
+                optimizer.step()
+        with torch.no_grad():
+            return sequence_nll(model(**batch.model_inputs).logits, batch.labels)
+    finally:
+        for block in blocks:
+            block.values.requires_grad_(False)
