@@ -53,6 +53,18 @@ def test_thirty_refusal_edits_reach_the_bar_and_keep_other_facts(world, trained_
     assert generation_match(model, tokenizer, [f.pair for f in world.forget_facts[:30]]) <= 0.1
 
 
+def test_three_sequential_batches_keep_the_first(world, trained_models, one_thread):
+    base, model, tokenizer, requests = setup(world, trained_models, "llama")
+    first = [(r.prompt, r.target) for r in requests[:10]]
+    retain = [f.pair for f in world.retain_facts]
+    first_before = answer_accuracy(model, tokenizer, first)
+    for start in (0, 10, 20):
+        pu.edit(model, tokenizer, requests[start : start + 10], progress=False)
+    assert first_before < 0.8
+    assert answer_accuracy(model, tokenizer, first) >= 0.9
+    assert answer_accuracy(model, tokenizer, retain) >= answer_accuracy(base, tokenizer, retain) - 0.02
+
+
 def test_sequential_calls_accumulate_and_editing_resumes_after_reload(world, trained_models, tmp_path):
     base, model, tokenizer, requests = setup(world, trained_models, "llama", n=10, save_projection=True, rounds=1)
     pu.edit(model, tokenizer, requests[:5], progress=False)
@@ -67,9 +79,14 @@ def test_sequential_calls_accumulate_and_editing_resumes_after_reload(world, tra
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
     reloaded_layer = next(iter(reloaded.base_model.edited_layers("default").values()))
     torch.testing.assert_close(reloaded_layer.edited_cov("default"), protected)
+    torch.testing.assert_close(reloaded_layer.moment("default"), layer.moment("default"))
+    first_values = reloaded_layer.alphaedit_B["default"].detach().clone()
     pu.edit(reloaded, tokenizer, requests[5:], progress=False)  # the projector came back with the adapter
     config = reloaded.peft_config["default"]
     assert config.n_edits == 10 and config.rank > rank
+    # refinement trains only the new batch's value columns (rank stays below the layer's width here)
+    assert config.rank <= min(layer.in_features, layer.out_features)
+    assert torch.equal(reloaded_layer.alphaedit_B["default"][:, :rank], first_values)
 
 
 def test_memit_and_rome_share_the_engine(world, trained_models):

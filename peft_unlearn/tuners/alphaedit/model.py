@@ -139,7 +139,9 @@ class AlphaEditModel(EditingTuner):
                 )
         for name, layer in layers.items():
             moment = statistics.moments[name].to(torch.float32)
-            projector = null_space_projector(moment, config.nullspace_threshold) if config.solver == "alphaedit" else None
+            projector = None
+            if config.solver == "alphaedit":
+                projector = null_space_projector(moment, config.nullspace_threshold)
             layer.set_preservation(adapter_name, moment, projector)
 
     # --- editing ------------------------------------------------------------------------------------------------
