@@ -105,6 +105,14 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"expected an nn.Linear or transformers Conv1D layer, got {type(layer).__name__}")
 
 
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight of an ``nn.Linear`` or GPT-2 ``Conv1D`` (or a tuner layer wrapping one) as [out, in]."""
+    if hasattr(layer, "get_base_layer"):
+        layer = layer.get_base_layer()
+    linear_shape(layer)  # the type check
+    return layer.weight if isinstance(layer, nn.Linear) else layer.weight.T
+
+
 def layer_index_of(module_name: str) -> int:
     """Decoder-layer index in a module name such as ``model.layers.5.mlp.down_proj``."""
     for part in reversed(module_name.split(".")):

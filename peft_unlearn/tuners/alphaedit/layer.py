@@ -97,11 +97,6 @@ class AlphaEditLayer(BaseTunerLayer):
         self.alphaedit_B[adapter_name] = nn.Parameter(B.to(device, torch.float32).contiguous(), requires_grad=False)
         self.alphaedit_A[adapter_name] = nn.Parameter(A.to(device, torch.float32).contiguous(), requires_grad=False)
 
-    def main_weight(self) -> torch.Tensor:
-        """The base weight as [out, in] (GPT-2's Conv1D stores it transposed)."""
-        weight = self.get_base_layer().weight
-        return weight.T if isinstance(self.get_base_layer(), Conv1D) else weight
-
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The delta in the base layer's own weight layout (transposed for Conv1D)."""
         delta = self.alphaedit_B[adapter_name] @ self.alphaedit_A[adapter_name]

@@ -14,6 +14,7 @@ from ...capture import (
     decoder_layer_name,
     layer_index_of,
     linear_shape,
+    linear_weight,
     mlp_output_projection_name,
     num_decoder_layers,
 )
@@ -303,7 +304,7 @@ class AlphaEditModel(EditingTuner):
             start = first_column[name]
             gram = preservation_gram(
                 layer.alphaedit_A[adapter_name][start:],
-                layer.main_weight(),
+                linear_weight(layer),
                 layer.moment(adapter_name),
                 layer.edited_cov(adapter_name),
             )

@@ -9,7 +9,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...capture import linear_shape
+from ...capture import linear_shape, linear_weight
 from .config import WiseConfig
 
 WORKING = -1  # the memory index of edits in the unfinished shard
@@ -68,8 +68,7 @@ class WiseLayer(BaseTunerLayer):
 
     def main_weight(self) -> torch.Tensor:
         """The base weight as [out, in] (GPT-2's Conv1D stores it transposed)."""
-        weight = self.get_base_layer().weight
-        return weight if isinstance(self.get_base_layer(), nn.Linear) else weight.T
+        return linear_weight(self)
 
     def candidates(self, adapter_name: str) -> list[tuple[int, torch.Tensor]]:
         """(memory index, delta) of every side memory a sequence may be routed to."""
