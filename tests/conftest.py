@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from peft_unlearn.testing import fact_world
+from peft_unlearn.testing.fact_model import single_thread
 
 TOFU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"
 
@@ -16,10 +17,8 @@ TOFU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tof
 def one_thread():
     """One torch thread for a module of many tiny forwards: on a shared 2-core machine two threads contend with
     every other process and run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

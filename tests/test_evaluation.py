@@ -315,14 +315,14 @@ def test_editing_metrics_of_an_unedited_model(world, trained_models):
 def test_locality_against_the_adapter_free_model(world, trained_models):
     model, tokenizer = trained_models("llama")
     unrelated = [f.pair for f in world.retain_facts[:15]]
+    torch.manual_seed(0)  # LoRA's A is drawn at creation: seeded, the perturbation below is the same in every run
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=["down_proj"], r=4))
     # LoRA starts as a no-op: the adapter-free model agrees everywhere.
     assert locality(peft_model, tokenizer, unrelated) == {"teacher_forced": 1.0, "generation": 1.0}
-    torch.manual_seed(0)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
-                parameter.normal_(std=5.0)
+                parameter.normal_(std=20.0)  # a large random update, unmistakably not a local edit
     changed = locality(peft_model, tokenizer, unrelated)
     assert changed["teacher_forced"] < 0.9 and changed["generation"] < 0.9
     assert answer_scores(peft_model, tokenizer, unrelated).nll != answer_scores(model, tokenizer, unrelated).nll

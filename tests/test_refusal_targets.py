@@ -45,13 +45,17 @@ def test_first_sentence_stops_at_the_refusal():
 def test_targets_come_from_the_model_when_it_refuses_and_fall_back_otherwise(world, trained_models, one_thread):
     model, tokenizer = trained_models("llama")
     # Questions the model was trained to refuse, and questions whose answers it knows.
-    refused = [q for q, a in world.training_pairs if is_refusal(a) and q.split()[0] in ("Which", "What")][:8]
+    refused_pairs = [(q, a) for q, a in world.training_pairs if is_refusal(a)]
+    refused = [q for q, _ in refused_pairs if q.split()[0] in ("Which", "What")][:8]
     known = [f.question for f in world.forget_facts[:8]]
+    # The shot is another refusal the model was trained on: an invented shot is a format this small model never
+    # saw, and whether it imitates one varies from machine to machine.
+    shots = (next(pair for pair in refused_pairs if pair[0] not in refused),)
     requests = pu.forget_requests(refused + known, refusal="Fixed refusal text.")
     improved, own = self_improved_requests(
-        model, tokenizer, requests, shots=SHOTS, fallback=("Fallback refusal.",), max_new_tokens=12
+        model, tokenizer, requests, shots=shots, fallback=("Fallback refusal.",), max_new_tokens=12
     )
-    prompts = [refusal_prompt(tokenizer, r.prompt, SHOTS) for r in requests]
+    prompts = [refusal_prompt(tokenizer, r.prompt, shots) for r in requests]
     generated = generate_continuations(model, tokenizer, prompts, max_new_tokens=12)
     for request, new, from_model, text in zip(requests, improved, own, generated):
         assert new.prompt == request.prompt and new.subject == request.subject

@@ -23,7 +23,7 @@ LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules")
 # step, constant learning rate; per loss the knobs that keep it from collapsing the retain set.
 LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
     "ga": dict(max_steps=10),
-    "grad_diff": dict(max_steps=48, retain_weight=10.0),
+    "grad_diff": dict(max_steps=64, retain_weight=10.0),
     "kl": dict(max_steps=32, retain_weight=10.0),
     "npo": dict(max_steps=32, retain_weight=3.0, beta=0.05),
     "simnpo": dict(max_steps=32, retain_weight=3.0, delta=3.0),
