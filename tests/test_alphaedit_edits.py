@@ -60,9 +60,23 @@ def test_three_sequential_batches_keep_the_first(world, trained_models, one_thre
     first_before = answer_accuracy(model, tokenizer, first)
     for start in (0, 10, 20):
         pu.edit(model, tokenizer, requests[start : start + 10], progress=False)
-    assert first_before < 0.8
+    assert first_before < 0.8 and generation_match(base, tokenizer, first) == 0
     assert answer_accuracy(model, tokenizer, first) >= 0.9
+    assert generation_match(model, tokenizer, first) >= 0.9
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests]) >= 0.9
     assert answer_accuracy(model, tokenizer, retain) >= answer_accuracy(base, tokenizer, retain) - 0.02
+    # earlier requests are rehearsed from memory only (all 30 here: rehearse_edits defaults to 64)
+    assert len(model.base_model._rehearsal["default"]) == 30
+
+
+def test_rehearsal_is_capped_and_can_be_turned_off(world, trained_models, one_thread):
+    _, model, tokenizer, requests = setup(world, trained_models, "llama", n=6, rehearse_edits=4, refine_steps=2)
+    pu.edit(model, tokenizer, requests[:3], progress=False)
+    pu.edit(model, tokenizer, requests[3:], progress=False)
+    assert model.base_model._rehearsal["default"] == requests[2:]
+    _, model, tokenizer, requests = setup(world, trained_models, "llama", n=3, rehearse_edits=0, refine_steps=2)
+    pu.edit(model, tokenizer, requests, progress=False)
+    assert model.base_model._rehearsal["default"] == []
 
 
 def test_sequential_calls_accumulate_and_editing_resumes_after_reload(world, trained_models, tmp_path):

@@ -83,6 +83,13 @@ class AlphaEditConfig(PeftConfig):
         metadata={"help": "Weight of the refinement penalty: the change of the edited layers' outputs on the "
                   "preserved keys and on earlier edits' keys, relative to those outputs' energy."},
     )
+    rehearse_edits: int = field(
+        default=64,
+        metadata={"help": "Earlier requests of this session (the most recent, at most this many) whose targets "
+                  "refinement keeps reaching while it fits a new batch. Held in memory only, never saved, so "
+                  "forget texts stay out of adapter files; after a reload earlier edits are kept by their keys "
+                  "alone (0: off)."},
+    )
     v_steps: int = field(default=25, metadata={"help": "Adam steps of the target-value optimisation."})
     v_lr: float = field(
         default=0.5,
@@ -127,6 +134,8 @@ class AlphaEditConfig(PeftConfig):
         if self.refine_steps < 0 or self.refine_lr <= 0 or self.refine_margin < 0 or self.refine_preservation < 0:
             raise ValueError("refine_steps, refine_margin and refine_preservation must not be negative, refine_lr "
                              "must be positive")
+        if self.rehearse_edits < 0:
+            raise ValueError(f"rehearse_edits must not be negative, got {self.rehearse_edits}")
         if self.v_steps < 1 or self.n_context_templates < 1 or self.rounds < 1:
             raise ValueError("v_steps, rounds and n_context_templates must be at least 1")
         if self.rank < 0 or self.n_edits < 0:

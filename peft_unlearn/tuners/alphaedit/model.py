@@ -18,7 +18,7 @@ from ...capture import (
     mlp_output_projection_name,
     num_decoder_layers,
 )
-from ...requests import EditRequest
+from ...requests import EditRequest, tokenize_pairs
 from ...statistics import SecondMoments, null_space_projector
 from ..base import EditingTuner
 from .config import AlphaEditConfig
@@ -199,6 +199,7 @@ class AlphaEditModel(EditingTuner):
             for name, layer in layers.items()
         }
         final_nll, n_keys = [], 0
+        rehearsal = self.__dict__.setdefault("_rehearsal", {}).get(adapter_name, [])
         try:
             chunks = range(0, len(requests), batch_size)
             for start in tqdm(chunks, desc=f"{config.solver} edits", disable=not progress or len(chunks) == 1):
@@ -213,7 +214,8 @@ class AlphaEditModel(EditingTuner):
                     if bool((nll < EARLY_STOP_NLL).all()):
                         break
                 if config.refine_steps:
-                    nll = self._refine_values(rows, adapter_name, first_column)
+                    nll = self._refine_values(tokenizer, chunk, rows, adapter_name, first_column, rehearsal)
+                rehearsal = rehearsal + chunk
                 for layer in layers.values():
                     self._compress_factors(layer, adapter_name)
                 self._protect_edited_keys(rows, adapter_name)
@@ -225,6 +227,7 @@ class AlphaEditModel(EditingTuner):
                 layer.set_factors(adapter_name, B, A)
                 layer.set_edited_cov(adapter_name, edited)
             raise
+        self._rehearsal[adapter_name] = rehearsal[-config.rehearse_edits :] if config.rehearse_edits else []
         config.rank = next(iter(layers.values())).rank(adapter_name)
         first_id = config.n_edits
         config.n_edits += len(requests)
@@ -295,9 +298,18 @@ class AlphaEditModel(EditingTuner):
             self._append_factors(layer, adapter_name, B_new, A_new)
         return torch.cat([t.initial_nll for t in targets]), rows
 
-    def _refine_values(self, rows, adapter_name: str, first_column: dict[str, int]) -> torch.Tensor:
+    def _refine_values(
+        self,
+        tokenizer,
+        requests: list[EditRequest],
+        rows,
+        adapter_name: str,
+        first_column: dict[str, int],
+        rehearsal: list[EditRequest],
+    ) -> torch.Tensor:
         """Fit the value columns this batch added (from ``first_column`` on, per layer) end to end on the bare
-        prompts; returns the per-request target NLL afterwards."""
+        prompts, while the most recent earlier requests of this session (``rehearse_edits`` of ``rehearsal``) keep
+        reaching their targets; returns the batch's per-request target NLL afterwards."""
         config: AlphaEditConfig = self.peft_config[adapter_name]
         blocks = []
         for name, layer in self.edited_layers(adapter_name).items():
@@ -309,14 +321,20 @@ class AlphaEditModel(EditingTuner):
                 layer.edited_cov(adapter_name),
             )
             blocks.append(ValueBlock(layer.alphaedit_B[adapter_name], start, gram))
+        earlier = rehearsal[-config.rehearse_edits :] if config.rehearse_edits else []
+        batch = rows.batch.select(slice(0, rows.n_requests))
+        if earlier:
+            pairs = [(r.prompt, r.target) for r in list(requests) + earlier]
+            batch = tokenize_pairs(tokenizer, pairs).to(rows.batch.input_ids.device)
         return refine_values(
             self.model,
-            rows.batch.select(slice(0, rows.n_requests)),
+            batch,
             blocks,
             steps=config.refine_steps,
             lr=config.refine_lr,
             margin=config.refine_margin,
             preservation=config.refine_preservation,
+            n_new=len(requests),
         )
 
     def _protect_edited_keys(self, rows, adapter_name: str) -> None:

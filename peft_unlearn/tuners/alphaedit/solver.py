@@ -335,12 +335,14 @@ def refine_values(
     lr: float,
     margin: float,
     preservation: float,
+    n_new: int,
 ) -> torch.Tensor:
-    """Train the new value columns on the target loss itself, end to end, returning the per-request NLL.
+    """Train the new value columns on the target loss itself, end to end, returning the NLL of the first ``n_new``
+    rows (the batch's requests; any further rows are earlier edits to keep).
 
-    The loss is the mean over requests of ``max(NLL - margin, 0)`` plus ``preservation`` times the penalty: a
-    request that reaches its target stops pulling, and the penalty then shrinks the update to what the targets
-    need. Keys (``A``) stay as the closed form wrote them, so the delta keeps its rank and its null space.
+    The loss is ``max(NLL - margin, 0)`` summed over the rows and divided by ``n_new``, plus ``preservation`` times
+    the penalty: a request that reaches its target stops pulling, and the penalty then shrinks the update to what
+    the targets need. Keys (``A``) stay as the closed form wrote them, so the delta keeps its rank and null space.
     """
     for block in blocks:
         block.values.requires_grad_(True)
@@ -357,14 +359,14 @@ def refine_values(
                     ((block.values[:, block.start :] @ block.gram) * block.values[:, block.start :]).sum()
                     for block in blocks
                 )
-                loss = (nll - margin).clamp(min=0).mean() + preservation * penalty
+                loss = (nll - margin).clamp(min=0).sum() / n_new + preservation * penalty
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 for block in blocks:
                     block.values.grad[:, : block.start] = 0  # earlier edits' values are not touched
                 optimizer.step()
         with torch.no_grad():
-            return sequence_nll(model(**batch.model_inputs).logits, batch.labels)
+            return sequence_nll(model(**batch.model_inputs).logits, batch.labels)[:n_new]
     finally:
         for block in blocks:
             block.values.requires_grad_(False)
