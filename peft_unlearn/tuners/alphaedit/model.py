@@ -199,7 +199,8 @@ class AlphaEditModel(EditingTuner):
             for name, layer in layers.items()
         }
         final_nll, n_keys = [], 0
-        rehearsal = self.__dict__.setdefault("_rehearsal", {}).get(adapter_name, [])
+        rehearsal = self._most_recent(self.__dict__.setdefault("_rehearsal", {}).get(adapter_name, []),
+                                      config.rehearse_edits)
         try:
             chunks = range(0, len(requests), batch_size)
             for start in tqdm(chunks, desc=f"{config.solver} edits", disable=not progress or len(chunks) == 1):
@@ -213,9 +214,11 @@ class AlphaEditModel(EditingTuner):
                     )
                     if bool((nll < EARLY_STOP_NLL).all()):
                         break
+                for name, layer in layers.items():
+                    self._fold_new_keys(layer, adapter_name, first_column[name])
                 if config.refine_steps:
                     nll = self._refine_values(tokenizer, chunk, rows, adapter_name, first_column, rehearsal)
-                rehearsal = rehearsal + chunk
+                rehearsal = self._most_recent(rehearsal + chunk, config.rehearse_edits)
                 for layer in layers.values():
                     self._compress_factors(layer, adapter_name)
                 self._protect_edited_keys(rows, adapter_name)
@@ -227,7 +230,7 @@ class AlphaEditModel(EditingTuner):
                 layer.set_factors(adapter_name, B, A)
                 layer.set_edited_cov(adapter_name, edited)
             raise
-        self._rehearsal[adapter_name] = rehearsal[-config.rehearse_edits :] if config.rehearse_edits else []
+        self._rehearsal[adapter_name] = rehearsal
         config.rank = next(iter(layers.values())).rank(adapter_name)
         first_id = config.n_edits
         config.n_edits += len(requests)
@@ -308,8 +311,8 @@ class AlphaEditModel(EditingTuner):
         rehearsal: list[EditRequest],
     ) -> torch.Tensor:
         """Fit the value columns this batch added (from ``first_column`` on, per layer) end to end on the bare
-        prompts, while the most recent earlier requests of this session (``rehearse_edits`` of ``rehearsal``) keep
-        reaching their targets; returns the batch's per-request target NLL afterwards."""
+        prompts, while the session's recent earlier requests (``rehearsal``) keep reaching their targets; returns
+        the batch's per-request target NLL afterwards."""
         config: AlphaEditConfig = self.peft_config[adapter_name]
         blocks = []
         for name, layer in self.edited_layers(adapter_name).items():
@@ -321,10 +324,9 @@ class AlphaEditModel(EditingTuner):
                 layer.edited_cov(adapter_name),
             )
             blocks.append(ValueBlock(layer.alphaedit_B[adapter_name], start, gram))
-        earlier = rehearsal[-config.rehearse_edits :] if config.rehearse_edits else []
         batch = rows.batch.select(slice(0, rows.n_requests))
-        if earlier:
-            pairs = [(r.prompt, r.target) for r in list(requests) + earlier]
+        if rehearsal:
+            pairs = [(r.prompt, r.target) for r in list(requests) + rehearsal]
             batch = tokenize_pairs(tokenizer, pairs).to(rows.batch.input_ids.device)
         return refine_values(
             self.model,
@@ -351,10 +353,27 @@ class AlphaEditModel(EditingTuner):
             layer.set_edited_cov(adapter_name, layer.edited_cov(adapter_name) + K.T @ K)
 
     @staticmethod
+    def _most_recent(requests: list[EditRequest], limit: int) -> list[EditRequest]:
+        """The last ``limit`` requests (none for 0): what refinement rehearses."""
+        return list(requests[-limit:]) if limit else []
+
+    @staticmethod
     def _append_factors(layer: AlphaEditLayer, adapter_name: str, B_new: torch.Tensor, A_new: torch.Tensor) -> None:
         B = torch.cat([layer.alphaedit_B[adapter_name].data, B_new.to(layer.alphaedit_B[adapter_name].device)], 1)
         A = torch.cat([layer.alphaedit_A[adapter_name].data, A_new.to(layer.alphaedit_A[adapter_name].device)], 0)
         layer.set_factors(adapter_name, B, A)
+
+    @staticmethod
+    def _fold_new_keys(layer: AlphaEditLayer, adapter_name: str, start: int) -> None:
+        """More new keys than input dimensions: the batch's block ``B_new @ A_new`` (columns/rows ``start:``) is
+        refactored exactly on ``A_new``'s row space, so refinement and every forward work on at most ``d_in``
+        columns instead of one per key."""
+        B, A = layer.alphaedit_B[adapter_name].data, layer.alphaedit_A[adapter_name].data
+        if A.shape[0] - start <= layer.in_features:
+            return
+        U, S, Vh = torch.linalg.svd(A[start:].double(), full_matrices=False)
+        B_new = (B[:, start:].double() @ U) * S
+        layer.set_factors(adapter_name, torch.cat([B[:, :start], B_new.float()], 1), torch.cat([A[:start], Vh.float()]))
 
     @staticmethod
     def _compress_factors(layer: AlphaEditLayer, adapter_name: str) -> None:
