@@ -275,6 +275,8 @@ def test_two_processes_under_accelerate_launch_keep_one_adapter(tofu_dir, tmp_pa
             same = all(torch.equal(gathered[0], other) for other in gathered[1:])
             print("RESULT", trainer.accelerator.distributed_type.value, type(trainer.model_wrapped).__name__,
                   dist.get_world_size(), same, float(flat.abs().sum()))
+        # A process group left for interpreter exit can abort one rank while gloo's threads shut down.
+        dist.destroy_process_group()
         """
     ))
     # accelerate 1.x runs `--cpu` jobs in one process unless mpirun is set up; `--multi_gpu` on a machine whose
