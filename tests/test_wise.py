@@ -34,8 +34,8 @@ def edited(request, world, trained_models):
 
 def test_edits_are_routed_to_the_side_memory_and_raise_the_target(edited):
     # The issue's bar (generation >= 0.9, paraphrases >= 0.6, unrelated facts within 2 points) is not reached on
-    # these small models: see the issue note. This checks the mechanism: every edited prompt is routed to the
-    # side memory and the refusal becomes much more likely there.
+    # these small models: benchmarks/wise_facts.py measures why. This checks the mechanism: every edited prompt is
+    # routed to the side memory and the refusal becomes much more likely there.
     _, model, tokenizer, facts, result, before = edited
     assert before["forget"] >= 0.95  # the model knew the answers
     targets = [(r.prompt, r.target) for r in refusals(facts)]

@@ -1,0 +1,196 @@
+"""WISE against its issue's bar on the fact models, with the routing measured separately from the side memory.
+
+    python benchmarks/wise_facts.py
+
+For llama and gpt2 fact models: 50 refusal edits (one per forgotten person) with the default unrelated prompts
+(the model's own text) and with subject-swapped neighbours of the edit prompts as unrelated prompts; then 200
+sequential edits in four calls of 50 (merged and retrieve modes). Columns: generation match to the refusal on the
+edited prompts and on their paraphrases, paraphrase refusal rate, answer accuracy on the 100 kept facts before and
+after, the fraction of prompts routed to a side memory (edited, paraphrased, kept), and what the side memory does
+when every prompt is forced through it (edited generation match, kept-fact accuracy): routing and side memory
+each have to be right for the bar.
+
+A probe then asks whether any key-based router could meet the bar on these models: per MLP output projection, the
+paraphrases routed by the best threshold on "cosine to the nearest stored edit key" that routes at most 2% of the
+kept-fact questions (an oracle threshold), with keys read at the last prompt token or at the subject's last token
+(a question scores its most similar token). Writes benchmarks/results/wise_facts.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import table, write_json  # noqa: E402
+
+
+def neighbour_prompts(facts, per_fact: int = 2, seed: int = 0) -> list[str]:
+    """Each edit prompt about someone else: the subject's words swapped for other forgotten subjects' words."""
+    rng = random.Random(seed)
+    subjects = [f.subject.split() for f in facts]
+    taken = {f.subject for f in facts}
+    prompts = []
+    for fact, words in zip(facts, subjects):
+        made: set[str] = set()
+        while len(made) < per_fact:
+            donors = [rng.choice([s for s in subjects if s is not words]) for _ in words]
+            other = [donor[min(i, len(donor) - 1)] for i, donor in enumerate(donors)]
+            name = " ".join(w if rng.random() < 0.25 else o for w, o in zip(words, other))
+            if name not in taken:
+                made.add(name)
+        prompts += [fact.question.replace(fact.subject, name) for name in sorted(made)]
+    return prompts
+
+
+def routed_fraction(model, tokenizer, prompts: list[str]) -> float:
+    """Fraction of prompts whose score passes a side memory's threshold (the router's decision)."""
+    import torch
+
+    from peft_unlearn.tuners.wise.layer import WiseLayer
+
+    layer = next(m for m in model.modules() if isinstance(m, WiseLayer))
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        model(**batch)
+    scores = layer._running["default"]
+    relative = scores / layer.thresholds("default").to(scores.device)[None]
+    return float((relative.max(dim=1).values > 1).float().mean())
+
+
+def forced(model, function):
+    """``function()`` with every prompt sent through the (first) side memory, routing bypassed."""
+    from peft_unlearn.tuners.wise.layer import WiseLayer
+
+    layer = next(m for m in model.modules() if isinstance(m, WiseLayer))
+    layer._forced_delta = layer.candidates("default")[0][1]
+    try:
+        return function()
+    finally:
+        layer._forced_delta = None
+
+
+def fifty_edits(arch: str, world, base, tokenizer, unrelated_kind: str) -> dict:
+    from peft import get_peft_model
+
+    import peft_unlearn as pu
+    from peft_unlearn.evaluation import refusal_rate
+    from peft_unlearn.metrics import answer_accuracy, generation_match
+
+    facts = world.forget_facts
+    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    targets = [(r.prompt, r.target) for r in requests]
+    paraphrases = [(f.paraphrase, r.target) for f, r in zip(facts, requests)]
+    kept = [f.pair for f in world.retain_facts]
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig())
+    before = answer_accuracy(model, tokenizer, kept)
+    unrelated = neighbour_prompts(facts) if unrelated_kind == "neighbours" else None
+    result = pu.edit(model, tokenizer, requests, unrelated=unrelated, progress=False)
+    return {
+        "arch": arch, "setting": f"50 edits, unrelated={unrelated_kind}", "edits_per_second": result.edits_per_second,
+        "gen_edited": generation_match(model, tokenizer, targets),
+        "gen_paraphrase": generation_match(model, tokenizer, paraphrases),
+        "refusal_paraphrase": refusal_rate(model, tokenizer, paraphrases),
+        "kept_before": before, "kept_after": answer_accuracy(model, tokenizer, kept),
+        "routed_edited": routed_fraction(model, tokenizer, [p for p, _ in targets]),
+        "routed_paraphrase": routed_fraction(model, tokenizer, [p for p, _ in paraphrases]),
+        "routed_kept": routed_fraction(model, tokenizer, [q for q, _ in kept]),
+        "forced_gen_edited": forced(model, lambda: generation_match(model, tokenizer, targets)),
+        "forced_kept": forced(model, lambda: answer_accuracy(model, tokenizer, kept)),
+    }
+
+
+def sequential(arch: str, world, base, tokenizer, retrieve: bool) -> dict:
+    from peft import get_peft_model
+
+    import peft_unlearn as pu
+    from peft_unlearn.metrics import answer_accuracy, generation_match
+
+    first = world.forget_facts
+    rest = [f for f in world.all_forget_facts if f not in first]
+    facts = first + rest  # 200 edits; the first 50 are the ones measured at the end
+    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig(retrieve=retrieve))
+    seconds = 0.0
+    for start in range(0, len(requests), 50):
+        seconds += pu.edit(model, tokenizer, requests[start : start + 50], progress=False).seconds
+    first_targets = [(r.prompt, r.target) for r in requests[:50]]
+    return {
+        "arch": arch, "setting": f"200 sequential, {'retrieve' if retrieve else 'merged'}",
+        "edits_per_second": len(requests) / seconds,
+        "gen_first_50": generation_match(model, tokenizer, first_targets),
+        "gen_last_50": generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests[-50:]]),
+        "kept_after": answer_accuracy(model, tokenizer, [f.pair for f in world.retain_facts]),
+    }
+
+
+def oracle_key_routing(arch: str, world, base, tokenizer) -> list[dict]:
+    """Paraphrases an oracle-thresholded nearest-key router sends to the side memory when it routes <= 2% of the
+    kept-fact questions, per layer and key position."""
+    import torch
+
+    from peft_unlearn.capture import capture_at_positions, mlp_output_projection_name, num_decoder_layers
+    from peft_unlearn.requests import tokenize_prompts
+
+    facts = world.forget_facts
+    edited = tokenize_prompts(tokenizer, [f.question for f in facts], [f.subject for f in facts],
+                              padding_side="right")
+    asked = {"paraphrase": [f.paraphrase for f in facts], "kept": [f.question for f in world.retain_facts]}
+    rows = []
+    for layer in range(num_decoder_layers(base)):
+        module = {"mlp": base.get_submodule(mlp_output_projection_name(base, layer))}
+
+        def keys(batch):
+            with torch.no_grad():
+                hidden = capture_at_positions(base, module, batch.model_inputs, None)["mlp"].float()
+            return torch.nn.functional.normalize(hidden, dim=-1)
+
+        edit_keys = keys(edited)
+        rows_index = torch.arange(len(facts))
+        stored = {"last prompt token": edit_keys[rows_index, edited.prompt_last],
+                  "subject's last token": edit_keys[rows_index, edited.subject_last]}
+        for where, memory in stored.items():
+            best = {}
+            for name, prompts in asked.items():
+                batch = tokenize_prompts(tokenizer, prompts, padding_side="right")
+                similarity = keys(batch) @ memory.T  # [B, T, edits]
+                if where == "last prompt token":
+                    best[name] = similarity[torch.arange(len(prompts)), batch.prompt_last].amax(-1)
+                else:
+                    valid = batch.attention_mask.bool()
+                    best[name] = similarity.amax(-1).masked_fill(~valid, -1.0).amax(-1)
+            threshold = torch.quantile(best["kept"], 0.98)
+            rows.append({"arch": arch, "layer": layer, "keys": where,
+                         "paraphrases_routed": float((best["paraphrase"] > threshold).float().mean()),
+                         "kept_routed": float((best["kept"] > threshold).float().mean())})
+    return rows
+
+
+def main() -> None:
+    from peft_unlearn.testing import fact_world
+
+    world = fact_world()
+    rows, probe = [], []
+    for arch in ("llama", "gpt2"):
+        base, tokenizer = world.train_model(arch, progress=False)
+        probe += oracle_key_routing(arch, world, base, tokenizer)
+        for kind in ("own text", "neighbours"):
+            rows.append(fifty_edits(arch, world, base, tokenizer, kind))
+            print(table(rows[-1:], list(rows[-1])), flush=True)
+        for retrieve in (False, True):
+            rows.append(sequential(arch, world, base, tokenizer, retrieve))
+            print(table(rows[-1:], list(rows[-1])), flush=True)
+    columns = ["arch", "setting", "edits_per_second", "gen_edited", "gen_paraphrase", "refusal_paraphrase",
+               "kept_before", "kept_after", "routed_edited", "routed_paraphrase", "routed_kept", "forced_gen_edited",
+               "forced_kept", "gen_first_50", "gen_last_50"]
+    print(table(rows, columns))
+    print("oracle nearest-key routing (threshold routes <= 2% of kept-fact questions):")
+    print(table(probe, ["arch", "layer", "keys", "paraphrases_routed", "kept_routed"]))
+    print("written to", write_json("wise_facts", {"rows": rows, "oracle_key_routing": probe}))
+
+
+if __name__ == "__main__":
+    main()
