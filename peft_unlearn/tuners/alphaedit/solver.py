@@ -192,27 +192,40 @@ def optimize_target_values(
     scaled = torch.zeros(rows.n_keys, d, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([scaled], lr=lr)
     nll = torch.full((n,), float("inf"), device=device)
+    active = torch.ones(n, dtype=torch.bool, device=device)
     initial_nll = None
     step = 0
     for step in range(1, steps + 1):
+        # Only requests whose keys still move run forward: a batch costs what its unfinished requests cost, so
+        # batching never loses to one request at a time when a few requests need many more steps than the rest.
+        running = active.nonzero().squeeze(1)
+        selected = active[owner].nonzero().squeeze(1)
+        part = rows.batch.select(selected)
         delta = scaled[keys] * unit
-        with add_at_positions(layer_output_module, delta[owner], rows.positions):
-            logits = model(**rows.batch.model_inputs).logits
-        nll = sequence_nll(logits, rows.batch.labels).view(n_templates, n).mean(0)
+        with add_at_positions(layer_output_module, delta[owner[selected]], rows.positions[selected]):
+            logits = model(**part.model_inputs).logits
+        per_row = sequence_nll(logits, part.labels)
+        summed = torch.zeros(n, dtype=per_row.dtype, device=device).index_add(0, owner[selected], per_row)
+        nll = torch.where(active, summed / n_templates, nll.detach())
         if initial_nll is None:
             initial_nll = nll.detach()
         loss = nll.sum()
         if use_kl:
-            with add_at_positions(layer_output_module, delta[:, 0], kl.subject_last):
-                kl_logits = model(**kl.model_inputs).logits[rows_kl, kl.prompt_last]
+            with add_at_positions(layer_output_module, delta[running, 0], kl.subject_last[running]):
+                kl_logits = model(**kl.select(running).model_inputs).logits[
+                    torch.arange(len(running), device=device), kl.prompt_last[running]
+                ]
             kl_logprobs = torch.log_softmax(kl_logits.float(), dim=-1)
-            loss = loss + kl_factor * (kl_reference.exp() * (kl_reference - kl_logprobs)).sum()
+            reference = kl_reference[running]
+            loss = loss + kl_factor * (reference.exp() * (reference - kl_logprobs)).sum()
         loss = loss + weight_decay * scaled.pow(2).mean(-1).sum()
         reached = nll.detach() < EARLY_STOP_NLL
         if bool(reached.all()):
             break
-        # A key is finished once every request it serves reaches its target.
+        # A key is finished once every request it serves reaches its target; a request stops running once all
+        # of its keys are finished.
         done = rows.per_key(reached.float().unsqueeze(1).expand(keys.shape)) == 1
+        active = ~(done[keys] | ~rows.slots).all(dim=1)
         (grad,) = torch.autograd.grad(loss, [scaled])
         scaled.grad = grad
         previous = scaled.detach().clone()
