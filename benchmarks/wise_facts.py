@@ -50,22 +50,17 @@ def routed_fraction(model, tokenizer, prompts: list[str]) -> float:
     """Fraction of prompts whose score passes a side memory's threshold (the router's decision)."""
     import torch
 
-    from peft_unlearn.tuners.wise.layer import WiseLayer
-
-    layer = next(m for m in model.modules() if isinstance(m, WiseLayer))
+    layer = model.base_model.wise_layer("default")
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         model(**batch)
-    scores = layer._running["default"]
-    relative = scores / layer.thresholds("default").to(scores.device)[None]
-    return float((relative.max(dim=1).values > 1).float().mean())
+    _, routed = layer.route("default", layer._running["default"])  # the scores of the pass just run
+    return float(routed.float().mean())
 
 
 def forced(model, function):
     """``function()`` with every prompt sent through the (first) side memory, routing bypassed."""
-    from peft_unlearn.tuners.wise.layer import WiseLayer
-
-    layer = next(m for m in model.modules() if isinstance(m, WiseLayer))
+    layer = model.base_model.wise_layer("default")
     layer._forced_delta = layer.candidates("default")[0][1]
     try:
         return function()
@@ -138,7 +133,10 @@ def oracle_key_routing(arch: str, world, base, tokenizer) -> list[dict]:
     facts = world.forget_facts
     edited = tokenize_prompts(tokenizer, [f.question for f in facts], [f.subject for f in facts],
                               padding_side="right")
-    asked = {"paraphrase": [f.paraphrase for f in facts], "kept": [f.question for f in world.retain_facts]}
+    asked = {
+        "paraphrase": tokenize_prompts(tokenizer, [f.paraphrase for f in facts], padding_side="right"),
+        "kept": tokenize_prompts(tokenizer, [f.question for f in world.retain_facts], padding_side="right"),
+    }
     rows = []
     for layer in range(num_decoder_layers(base)):
         module = {"mlp": base.get_submodule(mlp_output_projection_name(base, layer))}
@@ -149,16 +147,16 @@ def oracle_key_routing(arch: str, world, base, tokenizer) -> list[dict]:
             return torch.nn.functional.normalize(hidden, dim=-1)
 
         edit_keys = keys(edited)
+        asked_keys = {name: keys(batch) for name, batch in asked.items()}
         rows_index = torch.arange(len(facts))
         stored = {"last prompt token": edit_keys[rows_index, edited.prompt_last],
                   "subject's last token": edit_keys[rows_index, edited.subject_last]}
         for where, memory in stored.items():
             best = {}
-            for name, prompts in asked.items():
-                batch = tokenize_prompts(tokenizer, prompts, padding_side="right")
-                similarity = keys(batch) @ memory.T  # [B, T, edits]
+            for name, batch in asked.items():
+                similarity = asked_keys[name] @ memory.T  # [B, T, edits]
                 if where == "last prompt token":
-                    best[name] = similarity[torch.arange(len(prompts)), batch.prompt_last].amax(-1)
+                    best[name] = similarity[torch.arange(len(batch)), batch.prompt_last].amax(-1)
                 else:
                     valid = batch.attention_mask.bool()
                     best[name] = similarity.amax(-1).masked_fill(~valid, -1.0).amax(-1)

@@ -101,6 +101,12 @@ class WiseLayer(BaseTunerLayer):
             self._thresholds[adapter_name] = torch.stack(values) if values else torch.empty(0)
         return self._thresholds[adapter_name]
 
+    def route(self, adapter_name: str, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's decision for sequence scores [B, K]: per row the candidate most above its threshold and
+        whether it passes (else the row stays on the main memory)."""
+        best_relative, best = (scores / self.thresholds(adapter_name).to(scores.device)[None]).max(dim=1)
+        return best, best_relative > 1
+
     def invalidate(self, adapter_name: str) -> None:
         self._thresholds.pop(adapter_name, None)
         self._running.pop(adapter_name, None)
@@ -159,8 +165,7 @@ class WiseLinear(nn.Module, WiseLayer):
         if length == 1 and running is not None and running.shape == scores.shape:
             scores = torch.maximum(scores, running)  # a decoding step continues its sequence
         self._running[adapter] = scores.detach()
-        best_relative, best = (scores / self.thresholds(adapter).to(scores.device)[None]).max(dim=1)
-        routed = best_relative > 1
+        best, routed = self.route(adapter, scores)
         if not bool(routed.any()):
             return main
         side = changes[best, torch.arange(batch, device=x.device)]  # [B, T, out]
