@@ -196,8 +196,8 @@ def optimize_target_values(
     initial_nll = None
     step = 0
     for step in range(1, steps + 1):
-        # Only requests whose keys still move run forward: a batch costs what its unfinished requests cost, so
-        # batching never loses to one request at a time when a few requests need many more steps than the rest.
+        # Only requests whose keys still move run forward: a step costs what the batch's unfinished requests cost,
+        # not what all of them cost, when a few requests need many more steps than the rest.
         running = active.nonzero().squeeze(1)
         selected = active[owner].nonzero().squeeze(1)
         part = rows.batch.select(selected)
