@@ -3,7 +3,8 @@
     python benchmarks/wise_facts.py
 
 For llama and gpt2 fact models: 50 refusal edits (one per forgotten person) with the default unrelated prompts
-(the model's own text) and with subject-swapped neighbours of the edit prompts as unrelated prompts; then 200
+(the model's own text), with subject-swapped neighbours of the edit prompts, and with questions about 12 of the
+kept people (then measured on the other 13 people's facts) as unrelated prompts; then 200
 sequential edits in four calls of 50 (merged and retrieve modes). Columns: generation match to the refusal on the
 edited prompts and on their paraphrases, paraphrase refusal rate, answer accuracy on the 100 kept facts before and
 after, the fraction of prompts routed to a side memory (edited, paraphrased, kept), and what the side memory does
@@ -13,7 +14,8 @@ each have to be right for the bar.
 A probe then asks whether any key-based router could meet the bar on these models: per MLP output projection, the
 paraphrases routed by the best threshold on "cosine to the nearest stored edit key" that routes at most 2% of the
 kept-fact questions (an oracle threshold), with keys read at the last prompt token or at the subject's last token
-(a question scores its most similar token). Writes benchmarks/results/wise_facts.json.
+(a question scores its most similar token). A second probe trains, per layer, a router of WISE's own form for
+routing alone (no refusal to fit) against the held-out people's questions. Writes benchmarks/results/wise_facts.json.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ def neighbour_prompts(facts, per_fact: int = 2, seed: int = 0) -> list[str]:
                 made.add(name)
         prompts += [fact.question.replace(fact.subject, name) for name in sorted(made)]
     return prompts
+
+
+def held_out_people(world, n_held: int = 12) -> tuple[list[str], list]:
+    """Questions (and paraphrases) about ``n_held`` of the kept people, to give WISE as unrelated prompts, and the
+    facts of the other kept people, on which it is measured: honest negatives that never meet the evaluation."""
+    people = list(dict.fromkeys(f.subject for f in world.retain_facts))
+    held = set(people[:n_held])
+    unrelated = [q for f in world.retain_facts if f.subject in held for q in (f.question, f.paraphrase)]
+    return unrelated, [f for f in world.retain_facts if f.subject not in held]
 
 
 def routed_fraction(model, tokenizer, prompts: list[str]) -> float:
@@ -79,17 +90,22 @@ def fifty_edits(arch: str, world, base, tokenizer, unrelated_kind: str) -> dict:
     requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
     targets = [(r.prompt, r.target) for r in requests]
     paraphrases = [(f.paraphrase, r.target) for f, r in zip(facts, requests)]
-    kept = [f.pair for f in world.retain_facts]
+    kept_facts = world.retain_facts
+    unrelated = None
+    if unrelated_kind == "neighbours":
+        unrelated = neighbour_prompts(facts)
+    elif unrelated_kind == "other people":
+        unrelated, kept_facts = held_out_people(world)
+    kept = [f.pair for f in kept_facts]
     model = get_peft_model(copy.deepcopy(base), pu.WiseConfig())
     before = answer_accuracy(model, tokenizer, kept)
-    unrelated = neighbour_prompts(facts) if unrelated_kind == "neighbours" else None
     result = pu.edit(model, tokenizer, requests, unrelated=unrelated, progress=False)
     return {
         "arch": arch, "setting": f"50 edits, unrelated={unrelated_kind}", "edits_per_second": result.edits_per_second,
         "gen_edited": generation_match(model, tokenizer, targets),
         "gen_paraphrase": generation_match(model, tokenizer, paraphrases),
         "refusal_paraphrase": refusal_rate(model, tokenizer, paraphrases),
-        "kept_before": before, "kept_after": answer_accuracy(model, tokenizer, kept),
+        "kept_facts": len(kept), "kept_before": before, "kept_after": answer_accuracy(model, tokenizer, kept),
         "routed_edited": routed_fraction(model, tokenizer, [p for p, _ in targets]),
         "routed_paraphrase": routed_fraction(model, tokenizer, [p for p, _ in paraphrases]),
         "routed_kept": routed_fraction(model, tokenizer, [q for q, _ in kept]),
@@ -167,27 +183,87 @@ def oracle_key_routing(arch: str, world, base, tokenizer) -> list[dict]:
     return rows
 
 
+def learned_router(arch: str, world, base, tokenizer, steps: int = 400) -> list[dict]:
+    """Per MLP output projection, a router of WISE's form trained for routing alone: a delta ``D`` whose score
+    (``max_t ||D x_t|| / ||W x_t||``) must clear WISE's default margins on the edit prompts against questions about
+    12 held-out kept people, with no refusal to fit. Measured on the paraphrases against the other kept people's
+    questions, at WISE's threshold (act_ratio x the smallest edit score) and at the oracle 2% threshold."""
+    import torch
+
+    import peft_unlearn as pu
+    from peft_unlearn.capture import capture_at_positions, mlp_output_projection_name, num_decoder_layers
+    from peft_unlearn.requests import tokenize_prompts
+    from peft_unlearn.tuners.wise.layer import activation_scores
+
+    config = pu.WiseConfig()
+    unrelated, kept_facts = held_out_people(world)
+    asked = {"edited": [f.question for f in world.forget_facts], "unrelated": unrelated,
+             "paraphrase": [f.paraphrase for f in world.forget_facts], "kept": [f.question for f in kept_facts]}
+    batches = {name: tokenize_prompts(tokenizer, prompts, padding_side="right") for name, prompts in asked.items()}
+    rows = []
+    for layer in range(num_decoder_layers(base)):
+        module = base.get_submodule(mlp_output_projection_name(base, layer))
+        seen = {"x": module, "main": module}
+        io = {}
+        for name, batch in batches.items():
+            with torch.no_grad():
+                got = capture_at_positions(base, seen, batch.model_inputs, None,
+                                           capture={"x": "input", "main": "output"})
+            io[name] = (got["x"].float(), got["main"].float(), batch.attention_mask.bool())
+
+        def scores(delta, name):
+            x, main, valid = io[name]
+            return activation_scores(x, delta, main).masked_fill(~valid, 0.0).amax(dim=1)
+
+        generator = torch.Generator().manual_seed(0)
+        shape = (io["edited"][1].shape[-1], io["edited"][0].shape[-1])  # [out, in], as a side memory
+        delta = (1e-3 * torch.randn(shape, generator=generator)).requires_grad_(True)
+        optimizer = torch.optim.Adam([delta], lr=1e-2)
+        for _ in range(steps):
+            s_in, s_out = scores(delta, "edited"), scores(delta, "unrelated")
+            loss = (torch.relu(s_out.max() - s_in + config.gamma).mean() + torch.relu(s_out - config.alpha).mean()
+                    + torch.relu(config.beta - s_in).mean())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            paraphrase, kept = scores(delta, "paraphrase"), scores(delta, "kept")
+            wise_threshold = config.act_ratio * scores(delta, "edited").min()
+            oracle = torch.quantile(kept, 0.98)
+        rows.append({"arch": arch, "layer": layer, "margin_loss": float(loss.detach()),
+                     "paraphrases_routed": float((paraphrase > wise_threshold).float().mean()),
+                     "kept_routed": float((kept > wise_threshold).float().mean()),
+                     "paraphrases_routed_oracle": float((paraphrase > oracle).float().mean())})
+    return rows
+
+
 def main() -> None:
     from peft_unlearn.testing import fact_world
 
     world = fact_world()
-    rows, probe = [], []
+    rows, probe, learned = [], [], []
     for arch in ("llama", "gpt2"):
         base, tokenizer = world.train_model(arch, progress=False)
         probe += oracle_key_routing(arch, world, base, tokenizer)
-        for kind in ("own text", "neighbours"):
+        learned += learned_router(arch, world, base, tokenizer)
+        print(table(learned[-4:], list(learned[-1])), flush=True)
+        for kind in ("own text", "neighbours", "other people"):
             rows.append(fifty_edits(arch, world, base, tokenizer, kind))
             print(table(rows[-1:], list(rows[-1])), flush=True)
         for retrieve in (False, True):
             rows.append(sequential(arch, world, base, tokenizer, retrieve))
             print(table(rows[-1:], list(rows[-1])), flush=True)
     columns = ["arch", "setting", "edits_per_second", "gen_edited", "gen_paraphrase", "refusal_paraphrase",
-               "kept_before", "kept_after", "routed_edited", "routed_paraphrase", "routed_kept", "forced_gen_edited",
-               "forced_kept", "gen_first_50", "gen_last_50"]
+               "kept_facts", "kept_before", "kept_after", "routed_edited", "routed_paraphrase", "routed_kept",
+               "forced_gen_edited", "forced_kept", "gen_first_50", "gen_last_50"]
     print(table(rows, columns))
     print("oracle nearest-key routing (threshold routes <= 2% of kept-fact questions):")
     print(table(probe, ["arch", "layer", "keys", "paraphrases_routed", "kept_routed"]))
-    print("written to", write_json("wise_facts", {"rows": rows, "oracle_key_routing": probe}))
+    print("WISE-form router trained on routing alone (held-out people as unrelated prompts):")
+    print(table(learned, ["arch", "layer", "margin_loss", "paraphrases_routed", "kept_routed",
+                          "paraphrases_routed_oracle"]))
+    results = {"rows": rows, "oracle_key_routing": probe, "learned_router": learned}
+    print("written to", write_json("wise_facts", results))
 
 
 if __name__ == "__main__":
