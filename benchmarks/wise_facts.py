@@ -194,7 +194,8 @@ def learned_router(arch: str, world, base, tokenizer, steps: int = 400) -> list[
     import peft_unlearn as pu
     from peft_unlearn.capture import capture_at_positions, mlp_output_projection_name, num_decoder_layers
     from peft_unlearn.requests import tokenize_prompts
-    from peft_unlearn.tuners.wise.layer import activation_scores
+    from peft_unlearn.tuners.wise.layer import sequence_scores
+    from peft_unlearn.tuners.wise.model import routing_margin
 
     config = pu.WiseConfig()
     unrelated, kept_facts = held_out_people(world)
@@ -214,16 +215,14 @@ def learned_router(arch: str, world, base, tokenizer, steps: int = 400) -> list[
 
         def scores(delta, name):
             x, main, valid = io[name]
-            return activation_scores(x, delta, main).masked_fill(~valid, 0.0).amax(dim=1)
+            return sequence_scores(x, delta, main, valid)
 
         generator = torch.Generator().manual_seed(0)
         shape = (io["edited"][1].shape[-1], io["edited"][0].shape[-1])  # [out, in], as a side memory
         delta = (1e-3 * torch.randn(shape, generator=generator)).requires_grad_(True)
         optimizer = torch.optim.Adam([delta], lr=1e-2)
         for _ in range(steps):
-            s_in, s_out = scores(delta, "edited"), scores(delta, "unrelated")
-            loss = (torch.relu(s_out.max() - s_in + config.gamma).mean() + torch.relu(s_out - config.alpha).mean()
-                    + torch.relu(config.beta - s_in).mean())
+            loss = routing_margin(scores(delta, "edited"), scores(delta, "unrelated"), config)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -21,6 +21,11 @@ def activation_scores(x: torch.Tensor, delta: torch.Tensor, main: torch.Tensor) 
     return change / main.float().norm(dim=-1).clamp(min=1e-6)
 
 
+def sequence_scores(x: torch.Tensor, delta: torch.Tensor, main: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """A sequence's score is its most reactive valid token's (``valid`` [B, T] marks the tokens that count)."""
+    return activation_scores(x, delta, main).masked_fill(~valid, 0.0).amax(dim=1)
+
+
 class WiseLayer(BaseTunerLayer):
     """Per adapter: the unfinished shard's delta (``wise_working``), the finished side memories' deltas
     (``wise_memories``: one merged memory, or one per shard in retrieve mode), and for every edit the layer input

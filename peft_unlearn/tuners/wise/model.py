@@ -16,7 +16,7 @@ from ...losses import sequence_nll
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
 from .config import WiseConfig
-from .layer import WORKING, WiseLayer, WiseLinear, activation_scores
+from .layer import WORKING, WiseLayer, WiseLinear, activation_scores, sequence_scores
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,7 @@ class WiseModel(SingleLayerTuner):
             return working if base is None else base + working
 
         def scores(io, valid) -> torch.Tensor:
-            token_scores = activation_scores(io["x"], side_delta(), io["main"]).masked_fill(~valid, 0.0)
-            return token_scores.amax(dim=1)
+            return sequence_scores(io["x"], side_delta(), io["main"], valid)
 
         # Adam steps in units of the main weight's RMS, so one learning rate fits any model's scale.
         step_unit = layer.main_weight().detach().float().pow(2).mean().sqrt()
@@ -123,12 +122,7 @@ class WiseModel(SingleLayerTuner):
                 layer._forced_delta = side_delta()
                 nll = sequence_nll(self.model(**edits.model_inputs).logits, edits.labels)
                 layer._forced_delta = None
-                s_in, s_out = scores(edit_io, in_prompt), scores(other_io, other_tokens)
-                margin = (
-                    torch.relu(s_out.max() - s_in + config.gamma).mean()
-                    + torch.relu(s_out - config.alpha).mean()
-                    + torch.relu(config.beta - s_in).mean()
-                )
+                margin = routing_margin(scores(edit_io, in_prompt), scores(other_io, other_tokens), config)
                 if bool((nll.detach() < EARLY_STOP_NLL).all()) and float(margin.detach()) == 0.0:
                     break
                 (grad,) = torch.autograd.grad(nll.mean() + margin, [working])
@@ -175,6 +169,16 @@ class WiseModel(SingleLayerTuner):
         config.n_memories += 1
         config.shard_edits = 0
         layer.invalidate(adapter_name)
+
+
+def routing_margin(in_scope: torch.Tensor, unrelated: torch.Tensor, config: WiseConfig) -> torch.Tensor:
+    """WISE's margin loss on sequence scores: unrelated prompts below ``alpha``, edit prompts above ``beta`` and
+    above the highest unrelated score by ``gamma``."""
+    return (
+        torch.relu(unrelated.max() - in_scope + config.gamma).mean()
+        + torch.relu(unrelated - config.alpha).mean()
+        + torch.relu(config.beta - in_scope).mean()
+    )
 
 
 def merge_deltas(deltas: list[torch.Tensor], method: str, density: float, seed: int = 0) -> torch.Tensor:
