@@ -4,13 +4,16 @@
     python benchmarks/wise_facts.py --wider    # the learned-router probe on a wider, deeper llama fact model
 
 For llama and gpt2 fact models: 50 refusal edits (one per forgotten person) with the default unrelated prompts (the
-model's own text), with subject-swapped neighbours of the edit prompts, and with questions about 12 of the kept
-people (then measured on the other 13 people's facts) as unrelated prompts; then 200 sequential edits in four calls
-of 50 (merged and retrieve modes). Columns: generation match to the refusal on the edited prompts and on their
-paraphrases, paraphrase refusal rate, answer accuracy on the kept facts (100, or 52 when 12 kept people are the
-unrelated prompts) before and after, the fraction of prompts routed to a side memory (edited, paraphrased, kept),
-and what the side memory does when every prompt is forced through it (edited generation match, kept-fact accuracy):
-routing and side memory each have to be right for the bar.
+model's own text), with subject-swapped neighbours of the edit prompts, with questions about 12 of the kept
+people (then measured on the other 13 people's facts) and with questions about all kept people (in-sample: the
+protocol of AlphaEdit's tests, whose preservation statistics come from the facts they measure) as unrelated prompts;
+then 200 sequential edits in four calls of 50 (merged and retrieve modes). For reference, AlphaEdit makes the same 50
+edits with preservation statistics from the 12 held-out people (measured on the other 13) and from all kept people.
+Columns: generation match to the refusal on the edited prompts and on their paraphrases, paraphrase refusal rate,
+answer accuracy on the kept facts (100, or 52 when 12 kept people are held out) before and after, the fraction of
+prompts routed to a side memory (edited, paraphrased, kept), and what the side memory does when every prompt is
+forced through it (edited generation match, kept-fact accuracy): routing and side memory each have to be right
+for the bar.
 
 A probe then asks whether any key-based router could meet the bar on these models: per MLP output projection, the
 paraphrases routed by the best threshold on "cosine to the nearest stored edit key" that routes at most 2% of the
@@ -80,9 +83,9 @@ def forced(model, function):
         layer._forced_delta = None
 
 
-def fifty_edits(arch: str, world, base, tokenizer, unrelated_kind: str) -> dict:
-    from peft import get_peft_model
-
+def edit_and_score(model, world, tokenizer, kept_facts, **edit_options) -> tuple[dict, list, list, list]:
+    """The 50 refusal edits on ``model`` and the bar's columns, with the (prompt, target) pairs they were measured on
+    (edited, paraphrased, kept) for further columns."""
     import peft_unlearn as pu
     from peft_unlearn.evaluation import refusal_rate
     from peft_unlearn.metrics import answer_accuracy, generation_match
@@ -91,28 +94,60 @@ def fifty_edits(arch: str, world, base, tokenizer, unrelated_kind: str) -> dict:
     requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
     targets = [(r.prompt, r.target) for r in requests]
     paraphrases = [(f.paraphrase, r.target) for f, r in zip(facts, requests)]
-    kept_facts = world.retain_facts
-    unrelated = None
-    if unrelated_kind == "neighbours":
-        unrelated = neighbour_prompts(facts)
-    elif unrelated_kind == "other people":
-        unrelated, kept_facts = held_out_people(world)
     kept = [f.pair for f in kept_facts]
-    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig())
     before = answer_accuracy(model, tokenizer, kept)
-    result = pu.edit(model, tokenizer, requests, unrelated=unrelated, progress=False)
-    return {
-        "arch": arch, "setting": f"50 edits, unrelated={unrelated_kind}", "edits_per_second": result.edits_per_second,
+    result = pu.edit(model, tokenizer, requests, progress=False, **edit_options)
+    row = {
+        "edits_per_second": result.edits_per_second,
         "gen_edited": generation_match(model, tokenizer, targets),
         "gen_paraphrase": generation_match(model, tokenizer, paraphrases),
         "refusal_paraphrase": refusal_rate(model, tokenizer, paraphrases),
         "kept_facts": len(kept), "kept_before": before, "kept_after": answer_accuracy(model, tokenizer, kept),
+    }
+    return row, targets, paraphrases, kept
+
+
+def fifty_edits(arch: str, world, base, tokenizer, unrelated_kind: str) -> dict:
+    from peft import get_peft_model
+
+    import peft_unlearn as pu
+    from peft_unlearn.metrics import answer_accuracy, generation_match
+
+    kept_facts = world.retain_facts
+    unrelated = None
+    if unrelated_kind == "neighbours":
+        unrelated = neighbour_prompts(world.forget_facts)
+    elif unrelated_kind == "other people":
+        unrelated, kept_facts = held_out_people(world)
+    elif unrelated_kind == "all kept people":
+        unrelated = [q for f in kept_facts for q in (f.question, f.paraphrase)]
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig())
+    row, targets, paraphrases, kept = edit_and_score(model, world, tokenizer, kept_facts, unrelated=unrelated)
+    return {
+        "arch": arch, "setting": f"50 edits, unrelated={unrelated_kind}", **row,
         "routed_edited": routed_fraction(model, tokenizer, [p for p, _ in targets]),
         "routed_paraphrase": routed_fraction(model, tokenizer, [p for p, _ in paraphrases]),
         "routed_kept": routed_fraction(model, tokenizer, [q for q, _ in kept]),
         "forced_gen_edited": forced(model, lambda: generation_match(model, tokenizer, targets)),
         "forced_kept": forced(model, lambda: answer_accuracy(model, tokenizer, kept)),
     }
+
+
+def alphaedit_fifty_edits(arch: str, world, base, tokenizer, statistics_from: str) -> dict:
+    """AlphaEdit's 50 edits under WISE's protocols: preservation statistics from the 12 held-out people (measured on
+    the other 13 people's facts) or from all kept people (measured on them, as in AlphaEdit's tests)."""
+    from peft import get_peft_model
+
+    import peft_unlearn as pu
+
+    kept_facts = preserved = world.retain_facts
+    if statistics_from == "other people":
+        _, kept_facts = held_out_people(world)
+        preserved = [f for f in world.retain_facts if f not in kept_facts]
+    model = get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig())
+    pu.collect_statistics(model, tokenizer, [f"{f.question} {f.answer}" for f in preserved], progress=False)
+    row, *_ = edit_and_score(model, world, tokenizer, kept_facts)
+    return {"arch": arch, "setting": f"AlphaEdit, 50 edits, statistics={statistics_from}", **row}
 
 
 def sequential(arch: str, world, base, tokenizer, retrieve: bool) -> dict:
@@ -265,8 +300,11 @@ def main() -> None:
         learned_here = learned_router(arch, world, base, tokenizer)
         learned += learned_here
         print(table(learned_here, list(learned_here[0])), flush=True)
-        for kind in ("own text", "neighbours", "other people"):
+        for kind in ("own text", "neighbours", "other people", "all kept people"):
             rows.append(fifty_edits(arch, world, base, tokenizer, kind))
+            print(table(rows[-1:], list(rows[-1])), flush=True)
+        for statistics_from in ("other people", "all kept people"):
+            rows.append(alphaedit_fifty_edits(arch, world, base, tokenizer, statistics_from))
             print(table(rows[-1:], list(rows[-1])), flush=True)
         for retrieve in (False, True):
             rows.append(sequential(arch, world, base, tokenizer, retrieve))
