@@ -52,13 +52,19 @@ def neighbour_prompts(facts, per_fact: int = 2, seed: int = 0) -> list[str]:
     return prompts
 
 
-def held_out_people(world, n_held: int = 12) -> tuple[list[str], list]:
-    """Questions (and paraphrases) about ``n_held`` of the kept people, to give WISE as unrelated prompts, and the
-    facts of the other kept people, on which it is measured: honest negatives that never meet the evaluation."""
+def held_out_people(world, n_held: int = 12) -> tuple[list, list]:
+    """The facts of ``n_held`` of the kept people, whose questions a method may learn from (unrelated prompts,
+    preservation statistics), and the facts of the other kept people, on which it is measured: honest negatives
+    that never meet the evaluation."""
     people = list(dict.fromkeys(f.subject for f in world.retain_facts))
     held = set(people[:n_held])
-    unrelated = [q for f in world.retain_facts if f.subject in held for q in (f.question, f.paraphrase)]
-    return unrelated, [f for f in world.retain_facts if f.subject not in held]
+    held_facts = [f for f in world.retain_facts if f.subject in held]
+    return held_facts, [f for f in world.retain_facts if f.subject not in held]
+
+
+def asked_prompts(facts) -> list[str]:
+    """Every way the facts are asked (question and paraphrase): unrelated prompts for WISE."""
+    return [q for f in facts for q in (f.question, f.paraphrase)]
 
 
 def routed_fraction(model, tokenizer, prompts: list[str]) -> float:
@@ -118,9 +124,10 @@ def fifty_edits(arch: str, world, base, tokenizer, unrelated_kind: str) -> dict:
     if unrelated_kind == "neighbours":
         unrelated = neighbour_prompts(world.forget_facts)
     elif unrelated_kind == "other people":
-        unrelated, kept_facts = held_out_people(world)
+        held, kept_facts = held_out_people(world)
+        unrelated = asked_prompts(held)
     elif unrelated_kind == "all kept people":
-        unrelated = [q for f in kept_facts for q in (f.question, f.paraphrase)]
+        unrelated = asked_prompts(kept_facts)
     model = get_peft_model(copy.deepcopy(base), pu.WiseConfig())
     row, targets, paraphrases, kept = edit_and_score(model, world, tokenizer, kept_facts, unrelated=unrelated)
     return {
@@ -142,8 +149,7 @@ def alphaedit_fifty_edits(arch: str, world, base, tokenizer, statistics_from: st
 
     kept_facts = preserved = world.retain_facts
     if statistics_from == "other people":
-        _, kept_facts = held_out_people(world)
-        preserved = [f for f in world.retain_facts if f not in kept_facts]
+        preserved, kept_facts = held_out_people(world)
     model = get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig())
     pu.collect_statistics(model, tokenizer, [f"{f.question} {f.answer}" for f in preserved], progress=False)
     row, *_ = edit_and_score(model, world, tokenizer, kept_facts)
@@ -233,8 +239,8 @@ def learned_router(arch: str, world, base, tokenizer, steps: int = 400) -> list[
     from peft_unlearn.tuners.wise.model import routing_margin
 
     config = pu.WiseConfig()
-    unrelated, kept_facts = held_out_people(world)
-    asked = {"edited": [f.question for f in world.forget_facts], "unrelated": unrelated,
+    held, kept_facts = held_out_people(world)
+    asked = {"edited": [f.question for f in world.forget_facts], "unrelated": asked_prompts(held),
              "paraphrase": [f.paraphrase for f in world.forget_facts], "kept": [f.question for f in kept_facts]}
     batches = {name: tokenize_prompts(tokenizer, prompts, padding_side="right") for name, prompts in asked.items()}
     rows = []

@@ -15,10 +15,14 @@ from .config import WiseConfig
 WORKING = -1  # the memory index of edits in the unfinished shard
 
 
+def relative_change(change: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
+    """Per token ``||change|| / ||main||`` in float32: a side memory's output change against the main memory's."""
+    return change.float().norm(dim=-1) / main.float().norm(dim=-1).clamp(min=1e-6)
+
+
 def activation_scores(x: torch.Tensor, delta: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
-    """Per-token routing score ``||delta x|| / ||W x||`` (float32): how strongly a side memory reacts."""
-    change = nn.functional.linear(x.float(), delta.float()).norm(dim=-1)
-    return change / main.float().norm(dim=-1).clamp(min=1e-6)
+    """Per-token routing score ``||delta x|| / ||W x||``: how strongly a side memory reacts."""
+    return relative_change(nn.functional.linear(x.float(), delta.float()), main)
 
 
 def sequence_scores(x: torch.Tensor, delta: torch.Tensor, main: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -162,7 +166,7 @@ class WiseLinear(nn.Module, WiseLayer):
         mask = self._attention_mask
         mask = mask[:, -length:].to(x.device).bool() if mask is not None and mask.shape[0] == batch else None
         changes = torch.stack([nn.functional.linear(x, delta.to(x.dtype)) for _, delta in candidates])  # [K,B,T,o]
-        token_scores = changes.float().norm(dim=-1) / main.float().norm(dim=-1).clamp(min=1e-6)[None]
+        token_scores = relative_change(changes, main[None])
         if mask is not None:
             token_scores = token_scores.masked_fill(~mask[None], 0.0)
         scores = token_scores.amax(dim=2).T  # [B, K]: a sequence's score is its most reactive token
