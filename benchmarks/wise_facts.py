@@ -19,7 +19,9 @@ A probe then asks whether any key-based router could meet the bar on these model
 paraphrases routed by the best threshold on "cosine to the nearest stored edit key" that routes at most 2% of the
 kept-fact questions (an oracle threshold), with keys read at the last prompt token or at the subject's last token
 (a question scores its most similar token). A second probe trains, per layer, a router of WISE's own form for
-routing alone (no refusal to fit) against the held-out people's questions. Writes benchmarks/results/wise_facts.json.
+routing alone (no refusal to fit) against the held-out people's questions. A third bounds every router: per layer, a
+side memory fit to the refusals alone, with every prompt forced through it (a perfect router's best case).
+Writes benchmarks/results/wise_facts.json.
 """
 
 from __future__ import annotations
@@ -278,6 +280,34 @@ def learned_router(arch: str, world, base, tokenizer, steps: int = 400) -> list[
     return rows
 
 
+def perfect_router_bound(arch: str, world, base, tokenizer) -> list[dict]:
+    """Per MLP output projection, the most a perfect router could give: a side memory fit to the 50 refusals alone
+    (margins that never bind, 300 steps, every entry trainable) with every prompt sent through it. Its generation
+    match on the paraphrases bounds what any router can reach with WISE's side memory on these models."""
+    from peft import get_peft_model
+
+    import peft_unlearn as pu
+    from peft_unlearn.capture import num_decoder_layers
+    from peft_unlearn.evaluation import refusal_rate
+    from peft_unlearn.metrics import generation_match
+
+    facts = world.forget_facts
+    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    targets = [(r.prompt, r.target) for r in requests]
+    paraphrases = [(f.paraphrase, r.target) for f, r in zip(facts, requests)]
+    unbound = dict(alpha=1e9, beta=0.0, gamma=-1e9)  # every margin term is zero: nothing but the refusals to fit
+    rows = []
+    for layer in range(num_decoder_layers(base)):
+        config = pu.WiseConfig(layer=layer, n_iter=300, mask_ratio=1.0, **unbound)
+        model = get_peft_model(copy.deepcopy(base), config)
+        pu.edit(model, tokenizer, requests, progress=False, unrelated=[world.retain_facts[0].question])
+        rows.append({"arch": arch, "layer": layer,
+                     "forced_gen_edited": forced(model, lambda: generation_match(model, tokenizer, targets)),
+                     "forced_gen_paraphrase": forced(model, lambda: generation_match(model, tokenizer, paraphrases)),
+                     "forced_refusal_paraphrase": forced(model, lambda: refusal_rate(model, tokenizer, paraphrases))})
+    return rows
+
+
 WIDER_MODEL = dict(hidden_size=256, num_layers=8, num_heads=8, intermediate_size=1024)
 
 
@@ -299,10 +329,13 @@ def main() -> None:
         wider_model_router()
         return
     world = fact_world()
-    rows, probe, learned = [], [], []
+    rows, probe, learned, bound = [], [], [], []
     for arch in ("llama", "gpt2"):
         base, tokenizer = world.train_model(arch, progress=False)
         probe += oracle_key_routing(arch, world, base, tokenizer)
+        bound_here = perfect_router_bound(arch, world, base, tokenizer)
+        bound += bound_here
+        print(table(bound_here, list(bound_here[0])), flush=True)
         learned_here = learned_router(arch, world, base, tokenizer)
         learned += learned_here
         print(table(learned_here, list(learned_here[0])), flush=True)
@@ -324,7 +357,9 @@ def main() -> None:
     print("WISE-form router trained on routing alone (held-out people as unrelated prompts):")
     print(table(learned, ["arch", "layer", "margin_loss", "paraphrases_routed", "kept_routed",
                           "paraphrases_routed_oracle"]))
-    results = {"rows": rows, "oracle_key_routing": probe, "learned_router": learned}
+    print("perfect router (side memory fit alone, every prompt forced through it):")
+    print(table(bound, ["arch", "layer", "forced_gen_edited", "forced_gen_paraphrase", "forced_refusal_paraphrase"]))
+    results = {"rows": rows, "oracle_key_routing": probe, "learned_router": learned, "perfect_router": bound}
     print("written to", write_json("wise_facts", results))
 
 
