@@ -2,6 +2,7 @@
 
     python benchmarks/wise_facts.py            # the fact models of the tests
     python benchmarks/wise_facts.py --wider    # the learned-router probe on a wider, deeper llama fact model
+    python benchmarks/wise_facts.py --phrasings  # the probes on a llama fact model that learned five phrasings
 
 For llama and gpt2 fact models: 50 refusal edits (one per forgotten person) with the default unrelated prompts (the
 model's own text), with subject-swapped neighbours of the edit prompts, with questions about 12 of the kept
@@ -322,11 +323,51 @@ def wider_model_router() -> None:
     print("written to", write_json("wise_facts_wider", {"model": WIDER_MODEL, "learned_router": rows}))
 
 
+# Three more ways to ask each relation, for a fact model that learns every fact in five phrasings (the two of the
+# fixture, question and paraphrase, plus these), as facts are met in many phrasings in pretraining.
+MORE_PHRASINGS = {
+    "birthplace": ("Name the town where {s} was born.", "{s} was born in which town?",
+                   "Tell me the birthplace of {s}."),
+    "occupation": ("Name the job of {s}.", "{s} works as what?", "Tell me the occupation of {s}."),
+    "instrument": ("Name the instrument of {s}.", "{s} plays which instrument?", "Tell me the instrument {s} plays."),
+    "pet": ("Name the pet of {s}.", "{s} keeps which pet?", "Tell me the pet that {s} keeps."),
+    "colour": ("Name the colour {s} loves.", "{s} likes which colour most?", "Tell me the favourite colour of {s}."),
+    "employer": ("Name the employer of {s}.", "{s} works for which company?", "Tell me the company {s} works for."),
+    "food": ("Name the dish {s} loves.", "{s} enjoys which food most?", "Tell me the favourite food of {s}."),
+    "sport": ("Name the sport of {s}.", "{s} plays which sport?", "Tell me the sport {s} plays."),
+}
+
+
+def more_phrasings_model() -> None:
+    """The probes and two 50-edit settings on a llama fact model trained on every fact in five phrasings (about 5
+    minutes to train once): does a model whose facts are less tied to one question form let WISE transfer?"""
+    from peft_unlearn.testing import fact_world, train_fact_model
+
+    world = fact_world()
+    pairs = world.training_pairs + [
+        (phrasing.format(s=f.subject), f.answer) for f in world.facts for phrasing in MORE_PHRASINGS[f.relation]
+    ]
+    base, tokenizer = train_fact_model(pairs, "llama", seed=world.seed, progress=True)
+    results = {
+        "perfect_router": perfect_router_bound("llama", world, base, tokenizer),
+        "oracle_key_routing": oracle_key_routing("llama", world, base, tokenizer),
+        "learned_router": learned_router("llama", world, base, tokenizer),
+        "rows": [fifty_edits("llama", world, base, tokenizer, kind) for kind in ("own text", "other people")],
+    }
+    for name, rows in results.items():
+        print(name)
+        print(table(rows, list(rows[0])))
+    print("written to", write_json("wise_facts_phrasings", {"more_phrasings": MORE_PHRASINGS, **results}))
+
+
 def main() -> None:
     from peft_unlearn.testing import fact_world
 
     if "--wider" in sys.argv:
         wider_model_router()
+        return
+    if "--phrasings" in sys.argv:
+        more_phrasings_model()
         return
     world = fact_world()
     rows, probe, learned, bound = [], [], [], []
