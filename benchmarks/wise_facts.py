@@ -92,6 +92,18 @@ def forced(model, function):
         layer._forced_delta = None
 
 
+def refusal_edits(world) -> tuple[list, list, list]:
+    """The 50 refusal edit requests (one per forgotten person) and the (prompt, refusal) pairs of the bar: the edited
+    questions and their paraphrases, each to be answered with its edit's refusal."""
+    import peft_unlearn as pu
+
+    facts = world.forget_facts
+    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    targets = [(r.prompt, r.target) for r in requests]
+    paraphrases = [(f.paraphrase, r.target) for f, r in zip(facts, requests)]
+    return requests, targets, paraphrases
+
+
 def edit_and_score(model, world, tokenizer, kept_facts, **edit_options) -> tuple[dict, list, list, list]:
     """The 50 refusal edits on ``model`` and the bar's columns, with the (prompt, target) pairs they were measured on
     (edited, paraphrased, kept) for further columns."""
@@ -99,10 +111,7 @@ def edit_and_score(model, world, tokenizer, kept_facts, **edit_options) -> tuple
     from peft_unlearn.evaluation import refusal_rate
     from peft_unlearn.metrics import answer_accuracy, generation_match
 
-    facts = world.forget_facts
-    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
-    targets = [(r.prompt, r.target) for r in requests]
-    paraphrases = [(f.paraphrase, r.target) for f, r in zip(facts, requests)]
+    requests, targets, paraphrases = refusal_edits(world)
     kept = [f.pair for f in kept_facts]
     before = answer_accuracy(model, tokenizer, kept)
     result = pu.edit(model, tokenizer, requests, progress=False, **edit_options)
@@ -292,15 +301,13 @@ def perfect_router_bound(arch: str, world, base, tokenizer) -> list[dict]:
     from peft_unlearn.evaluation import refusal_rate
     from peft_unlearn.metrics import generation_match
 
-    facts = world.forget_facts
-    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
-    targets = [(r.prompt, r.target) for r in requests]
-    paraphrases = [(f.paraphrase, r.target) for f, r in zip(facts, requests)]
+    requests, targets, paraphrases = refusal_edits(world)
     unbound = dict(alpha=1e9, beta=0.0, gamma=-1e9)  # every margin term is zero: nothing but the refusals to fit
     rows = []
     for layer in range(num_decoder_layers(base)):
         config = pu.WiseConfig(layer=layer, n_iter=300, mask_ratio=1.0, **unbound)
         model = get_peft_model(copy.deepcopy(base), config)
+        # One unrelated prompt only so that none is generated: with unbound margins it has no effect on the fit.
         pu.edit(model, tokenizer, requests, progress=False, unrelated=[world.retain_facts[0].question])
         rows.append({"arch": arch, "layer": layer,
                      "forced_gen_edited": forced(model, lambda: generation_match(model, tokenizer, targets)),
