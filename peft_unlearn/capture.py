@@ -19,7 +19,9 @@ MLP_OUTPUT_PROJECTIONS: tuple[str, ...] = (
     "mlp.c_proj",  # GPT-2 (Conv1D)
     "mlp.dense_4h_to_h",  # GPT-NeoX, Pythia
     "mlp.fc2",  # Phi, OPT-style
-    "mlp.fc_out",  # GPT-J
+    "mlp.fc_out",  # GPT-J, CodeGen
+    "fc2",  # OPT (the MLP sits directly in the decoder layer)
+    "ffn.down_proj",  # MPT
 )
 
 # Attribute paths of the decoder-layer list, tried in order.
@@ -30,6 +32,7 @@ DECODER_LAYER_PATHS: tuple[str, ...] = (
     "gpt_neox.layers",
     "model.decoder.layers",
     "transformer.layers",
+    "transformer.blocks",  # MPT
 )
 
 
@@ -72,7 +75,7 @@ def mlp_output_projection_name(model: nn.Module, layer: int) -> str:
     """Module name of the MLP output projection of decoder layer ``layer`` (the module that editing methods change).
 
     Llama/Mistral/Qwen2 ``mlp.down_proj``, GPT-2 ``mlp.c_proj`` (Conv1D), GPT-NeoX ``mlp.dense_4h_to_h``,
-    Phi ``mlp.fc2``, GPT-J ``mlp.fc_out``.
+    Phi ``mlp.fc2``, GPT-J ``mlp.fc_out``, OPT ``fc2``, MPT ``ffn.down_proj``.
     """
     base = unwrap_model(model)
     layer_name = decoder_layer_name(model, layer)
@@ -125,6 +128,25 @@ def _first_tensor(value):
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
+def batch_rows(inputs: Mapping[str, torch.Tensor]) -> int | None:
+    """Number of rows of a batch of model inputs (from ``input_ids``, ``inputs_embeds`` or ``attention_mask``)."""
+    for key in ("input_ids", "inputs_embeds", "attention_mask"):
+        value = inputs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[0]
+    return None
+
+
+def token_grid(hidden: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """``hidden`` as [B, T, d]. OPT's decoder layers flatten the batch to [B*T, d] around their MLP, so a 2-D
+    tensor whose length is a multiple of the batch's ``rows`` is unflattened; any other 2-D tensor is one sequence."""
+    if hidden.dim() != 2:
+        return hidden
+    if rows and hidden.shape[0] % rows == 0:
+        return hidden.view(rows, hidden.shape[0] // rows, hidden.shape[1])
+    return hidden[None]
+
+
 def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``hidden[b, positions[b]]`` for a [B, T, d] tensor and [B] or [B, K] positions, batched."""
     rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -161,10 +183,11 @@ def capture_at_positions(
             raise ValueError(f"capture for {name!r} must be 'input' or 'output', got {kinds.get(name)!r}")
     captured: dict[str, torch.Tensor] = {}
     handles = []
+    rows = batch_rows(inputs)
 
     def make_hook(name: str):
         def hook(module, args, output):
-            value = _first_tensor(args if kinds[name] == "input" else output)
+            value = token_grid(_first_tensor(args if kinds[name] == "input" else output), rows)
             value = value if positions is None else gather_positions(value, positions)
             captured[name] = value if keep_graph else value.detach()
             if stop_early and len(captured) == len(modules):

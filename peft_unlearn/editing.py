@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from .metrics import evaluating
 from .refusal_targets import self_improved_requests
 from .requests import EditRequest, as_edit_requests
 
@@ -159,17 +160,13 @@ def edit(
         raise ValueError("requests is empty: give at least one EditRequest")
     check_tokenizer_matches(model, tokenizer)
     method = model.peft_config[adapter_name].peft_type.value.lower()
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
     extra: dict[str, Any] = {}
-    try:
+    with evaluating(model):
         if self_improve:
             requests, own = self_improved_requests(model, tokenizer, requests)
             extra = {"targets": [r.target for r in requests], "self_improved": sum(own)}
         outcome = tuner.apply_edits(tokenizer, requests, adapter_name, **options)
-    finally:
-        model.train(was_training)
     seconds = time.perf_counter() - start
     outcome = {**extra, **(outcome or {})}
     edit_ids = list(outcome.pop("edit_ids", []))

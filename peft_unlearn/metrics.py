@@ -14,15 +14,24 @@ from .requests import tokenize_pairs, tokenize_prompts
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Evaluate without gradients in eval mode, restoring the training flag afterwards."""
-    was_training = model.training
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for a while, then every module's own training flag back. One flag restored for all would be wrong:
+    ``get_peft_model`` leaves the wrapper in training mode around an eval-mode model, and ``train(True)`` on it
+    would switch the base model's dropout on."""
+    flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
-            yield model
+        yield model
     finally:
-        model.train(was_training)
+        for module, training in flags:
+            module.training = training
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Evaluate without gradients in eval mode, restoring every module's training flag afterwards."""
+    with evaluating(model), torch.no_grad():
+        yield model
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import capture_at_positions, linear_shape, unwrap_model
+from .metrics import evaluating
 from .requests import tokenize_pairs
 
 logger = logging.getLogger(__name__)
@@ -134,11 +135,9 @@ def second_moments(
     tokenizer.padding_side = "right"
     if pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    was_training = model.training
-    model.eval()
     try:
         bar = tqdm(total=total, desc="collecting statistics", disable=not progress or rank != 0, leave=False)
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             for items in _batched(texts, batch_size):
                 bar.update(len(items))
                 if token_budget is not None and count >= token_budget:
@@ -156,7 +155,6 @@ def second_moments(
         bar.close()
     finally:
         tokenizer.padding_side, tokenizer.pad_token = pad_side, pad_token
-        model.train(was_training)
     if world > 1:
         import torch.distributed as dist
 

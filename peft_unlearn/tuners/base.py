@@ -3,10 +3,11 @@ trained by an outer optimiser, and they target modules by exact name."""
 
 from __future__ import annotations
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..capture import mlp_output_projection_name, num_decoder_layers
+from ..capture import batch_rows, mlp_output_projection_name, num_decoder_layers, token_grid
 from ..editing import EditableTuner
 
 
@@ -24,12 +25,40 @@ class EditingTuner(BaseTuner, EditableTuner):
             parameter.requires_grad = False
 
 
+class BatchAwareLayer:
+    """A tuner layer whose decisions concern whole sequences. Before every forward its tuner hands it the batch's
+    attention mask (padding never counts) and number of rows, from which :meth:`token_grid` recovers [B, T, d]
+    where the model flattened the batch (OPT runs its MLP on [B*T, d])."""
+
+    _attention_mask: torch.Tensor | None = None
+    _batch_rows: int | None = None
+
+    def token_grid(self, hidden: torch.Tensor) -> torch.Tensor:
+        return token_grid(hidden, self._batch_rows)
+
+
+def _share_batch_layout(module: nn.Module, args, kwargs) -> None:
+    inputs = dict(kwargs)
+    if args and isinstance(args[0], torch.Tensor):
+        inputs.setdefault("input_ids", args[0])
+    mask, rows = inputs.get("attention_mask"), batch_rows(inputs)
+    for layer in module.modules():
+        if isinstance(layer, BatchAwareLayer):
+            layer._attention_mask, layer._batch_rows = mask, rows
+
+
 class SingleLayerTuner(EditingTuner):
     """A method that wraps one MLP output projection, chosen by ``layer`` (default: ``default_depth`` of the way
     up the decoder) or by an explicit module name. Subclasses set ``tuner_layer_cls`` and ``linear_cls``."""
 
     linear_cls: type
     default_depth: float
+
+    def __init__(self, model, peft_config, adapter_name, **kwargs) -> None:
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        if not getattr(self.model, "_batch_layout_hook", False):
+            self.model.register_forward_pre_hook(_share_batch_layout, with_kwargs=True)
+            self.model._batch_layout_hook = True
 
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         if peft_config.target_modules:

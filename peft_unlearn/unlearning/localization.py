@@ -22,7 +22,7 @@ from typing_extensions import Self
 
 from ..capture import capture_at_positions, decoder_layers_path, unwrap_model
 from ..losses import sequence_nll
-from ..metrics import batches, model_device
+from ..metrics import batches, evaluating, model_device
 from ..requests import IGNORE_INDEX
 from .data import ForgetRetainCollator, TokenizedRow, as_rows, row_format, tokenize_rows
 
@@ -171,17 +171,13 @@ def parameter_masks(
             "requires grad (are the base weights frozen, e.g. under a PEFT adapter?)"
         )
     device = model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if rule == "activation":
             scores = _activation_scores(model, modules, data, device, progress)
         elif rule == "gradient":
             scores = _gradient_scores(model, modules, data, device, progress)
         else:
             scores = _random_scores(modules, seed)
-    finally:
-        model.train(was_training)
     masks = {
         f"{name}.weight": _top_fraction(scores[name], fraction).to(module.weight.device)
         for name, module in modules.items()

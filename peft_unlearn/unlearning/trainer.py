@@ -17,6 +17,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..data.refusals import REFUSALS
+from ..metrics import evaluating
 from .data import (
     ForgetRetainCollator,
     ForgetRetainDataset,
@@ -226,13 +227,8 @@ class UnlearningTrainer(Trainer):
             yield self.reference_model
             return
         unwrapped = self.accelerator.unwrap_model(model)
-        was_training = model.training
-        model.eval()
-        try:
-            with unwrapped.disable_adapter():
-                yield model
-        finally:
-            model.train(was_training)
+        with evaluating(model), unwrapped.disable_adapter():
+            yield model
 
     def compute_loss(
         self,

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...capture import linear_shape
+from ..base import BatchAwareLayer
 from .config import GraceConfig
 
 NO_MATCH = -1
@@ -39,7 +40,7 @@ def replacement_mask(length: int, start: torch.Tensor, replacement: str) -> torc
     return where & (start >= 0)
 
 
-class GraceLayer(BaseTunerLayer):
+class GraceLayer(BaseTunerLayer, BatchAwareLayer):
     """Per adapter: trained values (``grace_values``, a parameter) and, as saved buffers, the keys, radii, labels
     (one id per target text), the id of the edit that created each entry, and a log of radius changes (expansions
     and splits) so that edits can be rolled back."""
@@ -136,6 +137,8 @@ class GraceLinear(nn.Module, GraceLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        flat_shape = result.shape
+        x, result = self.token_grid(x), self.token_grid(result)
         if self._training_values is not None:
             positions, values, valid = self._training_values
             replacement = self.grace_replacement[self.active_adapters[0]]
@@ -143,11 +146,9 @@ class GraceLinear(nn.Module, GraceLayer):
                 rows = torch.arange(result.shape[0], device=result.device)[:, None].expand_as(positions)
                 # Replace by adding (value - output); padding slots repeat a position with a zero change.
                 change = (values.to(result.dtype) - result[rows, positions]) * valid[..., None]
-                return result + torch.zeros_like(result).index_put((rows, positions), change, accumulate=True)
-            return self._replace(result, positions[:, 0], values[:, 0], replacement)
-        squeeze = result.dim() == 2
-        if squeeze:
-            x, result = x[None], result[None]
+                result = result + torch.zeros_like(result).index_put((rows, positions), change, accumulate=True)
+                return result.reshape(flat_shape)
+            return self._replace(result, positions[:, 0], values[:, 0], replacement).reshape(flat_shape)
         for adapter in self.active_adapters:
             if adapter not in self.grace_keys or self.size(adapter) == 0:
                 continue
@@ -157,7 +158,8 @@ class GraceLinear(nn.Module, GraceLayer):
             nearest, inside = nearest.view(batch, length), inside.view(batch, length)
             # First matching token per row, and its entry.
             any_match = inside.any(dim=1)
-            first = torch.where(any_match, inside.float().argmax(dim=1), torch.full_like(any_match, -1, dtype=torch.long))
+            no_match = torch.full_like(any_match, NO_MATCH, dtype=torch.long)
+            first = torch.where(any_match, inside.float().argmax(dim=1), no_match)
             entry = nearest.gather(1, first.clamp(min=0)[:, None]).squeeze(1)
             entry = torch.where(any_match, entry, torch.full_like(entry, NO_MATCH))
             following = self._following.get(adapter)
@@ -173,7 +175,7 @@ class GraceLinear(nn.Module, GraceLayer):
                 values = self.grace_values[adapter][entry.clamp(min=0)]
                 result = self._replace(result, torch.where(entry >= 0, first, entry), values, replacement)
             self._following[adapter] = entry
-        return result[0] if squeeze else result
+        return result.reshape(flat_shape)
 
     def __repr__(self) -> str:
         return "grace." + super().__repr__()

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...capture import linear_shape, linear_weight
+from ..base import BatchAwareLayer
 from .config import WiseConfig
 
 WORKING = -1  # the memory index of edits in the unfinished shard
@@ -30,7 +31,7 @@ def sequence_scores(x: torch.Tensor, delta: torch.Tensor, main: torch.Tensor, va
     return activation_scores(x, delta, main).masked_fill(~valid, 0.0).amax(dim=1)
 
 
-class WiseLayer(BaseTunerLayer):
+class WiseLayer(BaseTunerLayer, BatchAwareLayer):
     """Per adapter: the unfinished shard's delta (``wise_working``), the finished side memories' deltas
     (``wise_memories``: one merged memory, or one per shard in retrieve mode), and for every edit the layer input
     that scored highest on its prompt (``wise_keys``) with the memory it lives in (``wise_key_memory``), from which
@@ -50,8 +51,6 @@ class WiseLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
         self.in_features, self.out_features = linear_shape(self.get_base_layer())
-        # Set by the tuner before every forward: which tokens are real (padding never routes).
-        self._attention_mask: torch.Tensor | None = None
         # While editing: the delta every row uses (routing bypassed).
         self._forced_delta: torch.Tensor | None = None
         # Per adapter and row, the running maximum score per memory over a generated sequence.
@@ -162,6 +161,8 @@ class WiseLinear(nn.Module, WiseLayer):
         return result
 
     def _route(self, adapter: str, x: torch.Tensor, main: torch.Tensor, candidates) -> torch.Tensor:
+        flat_shape = main.shape
+        x, main = self.token_grid(x), self.token_grid(main)
         batch, length = x.shape[0], x.shape[1]
         mask = self._attention_mask
         mask = mask[:, -length:].to(x.device).bool() if mask is not None and mask.shape[0] == batch else None
@@ -176,9 +177,9 @@ class WiseLinear(nn.Module, WiseLayer):
         self._running[adapter] = scores.detach()
         best, routed = self.route(adapter, scores)
         if not bool(routed.any()):
-            return main
+            return main.reshape(flat_shape)
         side = changes[best, torch.arange(batch, device=x.device)]  # [B, T, out]
-        return torch.where(routed[:, None, None], main + side.to(main.dtype), main)
+        return torch.where(routed[:, None, None], main + side.to(main.dtype), main).reshape(flat_shape)
 
     def __repr__(self) -> str:
         return "wise." + super().__repr__()

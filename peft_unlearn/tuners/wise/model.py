@@ -32,13 +32,6 @@ class WiseModel(SingleLayerTuner):
     linear_cls = WiseLinear
     default_depth = 0.75
 
-    def __init__(self, model, peft_config, adapter_name, **kwargs) -> None:
-        super().__init__(model, peft_config, adapter_name, **kwargs)
-        if not getattr(self.model, "_wise_mask_hook", False):
-            # Routing must ignore padding: hand every WISE layer the attention mask of each forward pass.
-            self.model.register_forward_pre_hook(_share_attention_mask, with_kwargs=True)
-            self.model._wise_mask_hook = True
-
     def wise_layer(self, adapter_name: str) -> WiseLayer:
         return self.wrapped_layer(adapter_name)[1]
 
@@ -191,10 +184,3 @@ def merge_deltas(deltas: list[torch.Tensor], method: str, density: float, seed: 
             torch.manual_seed(seed)
             return merge_utils.dare_ties(deltas, weights, density)
     return merge_utils.task_arithmetic(deltas, weights)
-
-
-def _share_attention_mask(module: nn.Module, args, kwargs):
-    mask = kwargs.get("attention_mask")
-    for layer in module.modules():
-        if isinstance(layer, WiseLayer):
-            layer._attention_mask = mask

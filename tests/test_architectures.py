@@ -1,0 +1,102 @@
+"""Every editing method on tiny random models of the decoder families people fine-tune: the default layer is found,
+the edit pulls its prompt towards its target, batching does not change any row, and disable / save / reload are exact.
+
+Random models cannot show that a method works (they know nothing): the fact-model tests do that. These catch layouts
+that break the machinery: OPT flattens the batch around its MLP, MPT keeps its blocks elsewhere, GPT-2 uses Conv1D
+and (like BigCode) keeps dropout on in its config, Gemma 2 and OLMo 2 normalise the MLP output, GQA, tied embeddings."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from peft import PeftModel, get_peft_model
+
+import peft_unlearn as pu
+from peft_unlearn.losses import sequence_nll
+from peft_unlearn.requests import tokenize_requests
+from peft_unlearn.testing import train_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXTS = ["w1 w2 w3 w4", "w5 w6 w7 w8", "w2 w4 w6 w8", "w9 w3 w5 w7"]
+REQUEST = pu.EditRequest("w1 w2 w3", "w4 w5", subject="w2")
+UNRELATED = ["w6 w7 w8 w9", "w3 w6 w9 w7", "w8 w2 w6 w9"]  # what must stay: never the edit's target words
+HIDDEN, FFN, LAYERS, HEADS = 32, 64, 3, 4
+GQA = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+           num_key_value_heads=2)
+ARCHITECTURES = {
+    "llama": lambda: tf.LlamaConfig(**GQA),
+    "mistral": lambda: tf.MistralConfig(**GQA),
+    "qwen2": lambda: tf.Qwen2Config(**GQA),
+    "qwen3": lambda: tf.Qwen3Config(**GQA, head_dim=8),
+    "gemma": lambda: tf.GemmaConfig(**GQA, head_dim=8),
+    "gemma2": lambda: tf.Gemma2Config(**GQA, head_dim=8),
+    "phi3": lambda: tf.Phi3Config(**GQA),
+    "olmo2": lambda: tf.Olmo2Config(**GQA),
+    "phi": lambda: tf.PhiConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                                num_attention_heads=HEADS),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                                         num_attention_heads=HEADS),
+    "opt": lambda: tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                word_embed_proj_dim=HIDDEN),
+    "gpt2": lambda: tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS),
+    "gpt_bigcode": lambda: tf.GPTBigCodeConfig(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS),
+    "gptj": lambda: tf.GPTJConfig(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, rotary_dim=4),
+    "bloom": lambda: tf.BloomConfig(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS),
+    "falcon": lambda: tf.FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS),
+    "mpt": lambda: tf.MptConfig(d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, expansion_ratio=2, max_seq_len=64),
+}
+METHODS = {"alphaedit": pu.AlphaEditConfig, "grace": pu.GraceConfig, "wise": pu.WiseConfig}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS, "word", vocab_size=40)
+
+
+def tiny_model(arch: str, tokenizer):
+    config = ARCHITECTURES[arch]()
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def target_nll(model, tokenizer, request: pu.EditRequest) -> float:
+    batch = tokenize_requests(tokenizer, [request])
+    with torch.no_grad():
+        return float(sequence_nll(model(**batch.model_inputs).logits, batch.labels)[0])
+
+
+def last_logits(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        return model(**batch).logits[:, -1]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_method_runs_on_architecture(arch, method, tokenizer, tmp_path):
+    base = tiny_model(arch, tokenizer)
+    model = get_peft_model(copy.deepcopy(base), METHODS[method]())
+    if method == "alphaedit":
+        pu.collect_statistics(model, tokenizer, UNRELATED, progress=False)
+    before = target_nll(model, tokenizer, REQUEST)
+    pu.edit(model, tokenizer, [REQUEST], progress=False, **({"unrelated": UNRELATED} if method == "wise" else {}))
+    # A direction check: random heads cap how far any edit can go (and WISE's margins hold it back most on the
+    # random Bloom and Gemma, where the edit's tokens look like the unrelated ones).
+    assert target_nll(model, tokenizer, REQUEST) < before - 1e-3, "the edit does not pull towards its target"
+
+    prompts = [REQUEST.prompt, "w6 w7 w8"]  # one length: GPT-2-style models do not place positions by the padding
+    original, edited = last_logits(base, tokenizer, prompts), last_logits(model, tokenizer, prompts)
+    for row, prompt in enumerate(prompts):
+        torch.testing.assert_close(edited[row], last_logits(model, tokenizer, [prompt])[0], rtol=1e-4, atol=1e-4)
+    with model.disable_adapter():
+        torch.testing.assert_close(last_logits(model, tokenizer, prompts), original, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(last_logits(reloaded, tokenizer, prompts), edited, rtol=1e-5, atol=1e-5)
