@@ -6,6 +6,7 @@ methods read keys from (last prompt token, last subject token) are defined once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -121,6 +122,17 @@ class TokenizedBatch:
         """Rows of this batch (positions stay valid because padding is per row)."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return TokenizedBatch(**{k: None if v is None else v[index] for k, v in moved.items()})
+
+    def trimmed(self) -> "TokenizedBatch":
+        """Without the trailing columns that are padding in every row: a subset of a right-padded batch is often
+        narrower than the batch, and a forward over its padding is wasted. Positions stay valid."""
+        used = self.attention_mask.any(dim=0).nonzero()
+        width = int(used.max()) + 1 if len(used) else 1
+        if width == self.input_ids.shape[1]:
+            return self
+        labels = None if self.labels is None else self.labels[:, :width]
+        return dataclasses.replace(self, input_ids=self.input_ids[:, :width],
+                                   attention_mask=self.attention_mask[:, :width], labels=labels)
 
     @property
     def model_inputs(self) -> dict[str, torch.Tensor]:

@@ -117,3 +117,23 @@ def test_slow_tokenizers_are_refused():
 
     with pytest.raises(TypeError, match="fast"):
         tokenize_pairs(Slow(), PAIRS)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_trimmed_drops_only_columns_that_are_padding_in_every_row(padding_side):
+    tokenizer = train_tokenizer(CORPUS, "byte_bpe", vocab_size=200)
+    batch = tokenize_pairs(tokenizer, PAIRS, SUBJECTS, padding_side=padding_side)
+    lengths = batch.attention_mask.sum(-1)
+    shortest = int(lengths.argmin())
+    assert int(lengths[shortest]) < batch.input_ids.shape[1]  # the corpus has rows of different lengths
+    row = batch.select([shortest])
+    trimmed = row.trimmed()
+    if padding_side == "right":
+        assert trimmed.input_ids.shape[1] == int(lengths[shortest])
+        assert trimmed.input_ids.tolist() == row.input_ids[:, : int(lengths[shortest])].tolist()
+        assert trimmed.labels.tolist() == row.labels[:, : int(lengths[shortest])].tolist()
+    else:
+        assert trimmed is row  # left padding ends every row with real tokens: nothing to drop
+    for name in ("prompt_last", "target_start", "target_end", "subject_last"):
+        assert getattr(trimmed, name).tolist() == getattr(row, name).tolist()
+    assert batch.trimmed() is batch  # the longest row uses every column

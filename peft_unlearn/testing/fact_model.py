@@ -163,10 +163,8 @@ def _train(pairs: list[tuple[str, str]], spec: FactModelSpec, seed: int, progres
         model.train()
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, spec.batch_size):
-            batch = data.select(order[start : start + spec.batch_size])
-            width = int(batch.attention_mask.sum(-1).max())
-            logits = model(input_ids=batch.input_ids[:, :width], attention_mask=batch.attention_mask[:, :width]).logits
-            loss = token_nll(logits, batch.labels[:, :width])
+            batch = data.select(order[start : start + spec.batch_size]).trimmed()
+            loss = token_nll(model(**batch.model_inputs).logits, batch.labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

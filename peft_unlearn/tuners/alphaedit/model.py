@@ -324,7 +324,7 @@ class AlphaEditModel(EditingTuner):
                 layer.edited_cov(adapter_name),
             )
             blocks.append(ValueBlock(layer.alphaedit_B[adapter_name], start, gram))
-        batch = rows.batch.select(slice(0, rows.n_requests))
+        batch = rows.batch.select(slice(0, rows.n_requests)).trimmed()  # the bare prompts, without templates' width
         if rehearsal:
             pairs = [(r.prompt, r.target) for r in list(requests) + rehearsal]
             batch = tokenize_pairs(tokenizer, pairs).to(rows.batch.input_ids.device)

@@ -200,7 +200,7 @@ def optimize_target_values(
         # not what all of them cost, when a few requests need many more steps than the rest.
         running = active.nonzero().squeeze(1)
         selected = active[owner].nonzero().squeeze(1)
-        part = rows.batch.select(selected)
+        part = rows.batch.select(selected).trimmed()
         delta = scaled[keys] * unit
         with add_at_positions(layer_output_module, delta[owner[selected]], rows.positions[selected]):
             logits = model(**part.model_inputs).logits
@@ -212,7 +212,7 @@ def optimize_target_values(
         loss = nll.sum()
         if use_kl:
             with add_at_positions(layer_output_module, delta[running, 0], kl.subject_last[running]):
-                kl_logits = model(**kl.select(running).model_inputs).logits[
+                kl_logits = model(**kl.select(running).trimmed().model_inputs).logits[
                     torch.arange(len(running), device=device), kl.prompt_last[running]
                 ]
             kl_logprobs = torch.log_softmax(kl_logits.float(), dim=-1)
