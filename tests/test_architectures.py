@@ -15,8 +15,7 @@ import transformers as tf
 from peft import PeftModel, get_peft_model
 
 import peft_unlearn as pu
-from peft_unlearn.losses import sequence_nll
-from peft_unlearn.requests import tokenize_requests
+from peft_unlearn.evaluation.scores import answer_scores
 from peft_unlearn.testing import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,9 +66,7 @@ def tiny_model(arch: str, tokenizer):
 
 
 def target_nll(model, tokenizer, request: pu.EditRequest) -> float:
-    batch = tokenize_requests(tokenizer, [request])
-    with torch.no_grad():
-        return float(sequence_nll(model(**batch.model_inputs).logits, batch.labels)[0])
+    return answer_scores(model, tokenizer, [(request.prompt, request.target)]).nll[0]
 
 
 def last_logits(model, tokenizer, prompts: list[str]) -> torch.Tensor:

@@ -46,4 +46,3 @@ def test_editing_leaves_every_module_in_its_own_mode(config):
     ids = tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(model(**ids).logits, model(**ids).logits, rtol=0, atol=0)
-
