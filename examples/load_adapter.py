@@ -16,8 +16,10 @@ tokenizer = AutoTokenizer.from_pretrained(base_name)
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_name), adapter)
 # transformers' own path works too: AutoModelForCausalLM.from_pretrained(base_name).load_adapter(adapter)
 
-prompt = input("prompt> ") if sys.stdin.isatty() else sys.stdin.readline()
-batch = tokenizer([prompt.strip()], return_tensors="pt")
+prompt = (input("prompt> ") if sys.stdin.isatty() else sys.stdin.readline()).strip()
+if not prompt:
+    sys.exit("no prompt given: type one, or pipe it in (echo 'Where was Alve Kelby born?' | python ...)")
+batch = tokenizer([prompt], return_tensors="pt")
 with torch.no_grad():
     output = model.generate(**batch, max_new_tokens=24, do_sample=False)
 print(tokenizer.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True))
