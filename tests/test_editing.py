@@ -46,3 +46,39 @@ def test_editing_leaves_every_module_in_its_own_mode(config):
     ids = tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(model(**ids).logits, model(**ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("make_config", [lambda: peft_unlearn.GraceConfig(replacement="all"),
+                                         peft_unlearn.WiseConfig], ids=["grace-all", "wise"])
+def test_sequence_state_carries_over_only_on_a_filled_cache(world, trained_models, arch, make_config):
+    """GRACE ('all') and WISE carry a sequence's routing from one forward to the next while decoding. Only a call on
+    a filled key/value cache continues the previous call: a new one-token sequence (a one-word prompt without a
+    BOS token) starts fresh, and cached generation equals generation without the cache."""
+    import copy
+
+    from peft_unlearn.metrics import generation_match
+
+    base, tokenizer = trained_models(arch)
+    model = get_peft_model(copy.deepcopy(base), make_config()).eval()
+    facts = world.forget_facts[:6]
+    requests = peft_unlearn.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    edit(model, tokenizer, requests, progress=False)
+    one_token = {"input_ids": torch.tensor([[tokenizer.bos_token_id]]), "attention_mask": torch.ones(1, 1).long()}
+    with torch.no_grad():
+        alone = model(**one_token).logits
+        model(**tokenizer([requests[0].prompt], return_tensors="pt"))  # routed to the edit
+        torch.testing.assert_close(model(**one_token).logits, alone, rtol=0, atol=0)
+        prompts = [requests[0].prompt, world.retain_facts[0].question, requests[1].prompt]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        texts = [
+            tokenizer.batch_decode(
+                model.generate(**batch, max_new_tokens=12, do_sample=False, use_cache=use_cache,
+                               pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:],
+                skip_special_tokens=True,
+            )
+            for use_cache in (True, False)
+        ]
+    assert texts[0] == texts[1]
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests]) > 0

@@ -3,6 +3,8 @@ trained by an outer optimiser, and they target modules by exact name."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
@@ -27,14 +29,21 @@ class EditingTuner(BaseTuner, EditableTuner):
 
 class BatchAwareLayer:
     """A tuner layer whose decisions concern whole sequences. Before every forward its tuner hands it the batch's
-    attention mask (padding never counts) and number of rows, from which :meth:`token_grid` recovers [B, T, d]
-    where the model flattened the batch (OPT runs its MLP on [B*T, d])."""
+    attention mask (padding never counts); its number of rows, from which :meth:`token_grid` recovers [B, T, d]
+    where the model flattened the batch (OPT runs its MLP on [B*T, d]); and whether the call continues the
+    previous call's sequences (a decoding step on a filled key/value cache) or starts new ones."""
 
     _attention_mask: torch.Tensor | None = None
     _batch_rows: int | None = None
+    _continues_sequences: bool = False
 
     def token_grid(self, hidden: torch.Tensor) -> torch.Tensor:
         return token_grid(hidden, self._batch_rows)
+
+
+def cached_length(cache: Any) -> int:
+    """Tokens already held by a transformers key/value ``Cache``; 0 without one."""
+    return int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
 
 
 def _share_batch_layout(module: nn.Module, args, kwargs) -> None:
@@ -42,9 +51,11 @@ def _share_batch_layout(module: nn.Module, args, kwargs) -> None:
     if args and isinstance(args[0], torch.Tensor):
         inputs.setdefault("input_ids", args[0])
     mask, rows = inputs.get("attention_mask"), batch_rows(inputs)
+    # Recent transformers pass the cache as `cache`, earlier 5.x releases as `past_key_values`.
+    continues = cached_length(inputs.get("cache", inputs.get("past_key_values"))) > 0
     for layer in module.modules():
         if isinstance(layer, BatchAwareLayer):
-            layer._attention_mask, layer._batch_rows = mask, rows
+            layer._attention_mask, layer._batch_rows, layer._continues_sequences = mask, rows, continues
 
 
 class SingleLayerTuner(EditingTuner):

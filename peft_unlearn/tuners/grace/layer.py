@@ -163,7 +163,8 @@ class GraceLinear(nn.Module, GraceLayer):
             entry = nearest.gather(1, first.clamp(min=0)[:, None]).squeeze(1)
             entry = torch.where(any_match, entry, torch.full_like(entry, NO_MATCH))
             following = self._following.get(adapter)
-            if replacement == "all" and length == 1 and following is not None and following.shape[0] == batch:
+            if (replacement == "all" and self._continues_sequences and following is not None
+                    and following.shape[0] == batch):
                 # A decoding step: rows already following an entry keep its value from the prompt on.
                 continuing = following >= 0
                 first = torch.where(continuing, torch.zeros_like(first), first)

@@ -172,7 +172,7 @@ class WiseLinear(nn.Module, WiseLayer):
             token_scores = token_scores.masked_fill(~mask[None], 0.0)
         scores = token_scores.amax(dim=2).T  # [B, K]: a sequence's score is its most reactive token
         running = self._running.get(adapter)
-        if length == 1 and running is not None and running.shape == scores.shape:
+        if self._continues_sequences and running is not None and running.shape == scores.shape:
             scores = torch.maximum(scores, running)  # a decoding step continues its sequence
         self._running[adapter] = scores.detach()
         best, routed = self.route(adapter, scores)
