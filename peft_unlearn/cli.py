@@ -1,23 +1,22 @@
 """The ``peft-unlearn`` command line: the offline demo, and edit / unlearn / eval for real models.
 
 The CLI only parses arguments and calls the public API. Every command writes into a temporary folder and moves it
-into place at the end, so a failure leaves no half-written output; bad input ends with one line on stderr and a
+into place at the end, so a failure leaves no half-written output; ``--output`` must be new, empty or an earlier
+output (a folder holding other files is refused before any work); bad input ends with one line on stderr and a
 non-zero exit status.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from . import __version__
+from .outputs import check_replaceable, staged_output
 
 EDIT_METHODS = ("alphaedit", "memit", "rome", "grace", "wise")
 UNLEARN_LOSSES = ("ga", "grad_diff", "kl", "npo", "simnpo", "idk_dpo", "refusal")
@@ -88,23 +87,6 @@ def load_model(name: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def staged_output(output: str) -> Iterator[Path]:
-    """A temporary folder that replaces ``output`` only if the command succeeds."""
-    target = Path(output)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():
-        shutil.rmtree(target)
-    staging.chmod(0o755)
-    staging.rename(target)
 
 
 def _config_for(method: str, options: dict):
@@ -328,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "output", None):
+            check_replaceable(args.output)  # before any work: a run never deletes the user's files
         return args.handler(args)
     except (UsageError, FileNotFoundError, ValueError, TypeError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ from .evaluation import plot_tradeoff
 from .evaluation.report import EvaluationReport
 from .evaluation.scores import refusal_rate
 from .metrics import answer_accuracy, generation_match
+from .outputs import check_replaceable, staged_output
 from .requests import forget_requests
 from .statistics import collect_statistics
 from .testing.world import FactWorld, fact_world
@@ -99,7 +98,7 @@ def run_demo(
     """Run the demo and write ``output/{report.json, results.md, tradeoff.png, adapters/<method>/}``.
 
     Everything is written to a temporary folder first and moved into place at the end, so a failed run leaves
-    no half-written output.
+    no half-written output; ``output`` must be new, empty or an earlier demo's folder.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -107,15 +106,14 @@ def run_demo(
     world = fact_world()
     if not 1 <= n_subjects <= world.n_forget_subjects:
         raise ValueError(f"n_subjects must be between 1 and {world.n_forget_subjects}")
-    output = Path(output)
+    check_replaceable(output)  # before the work, not after it
     base, tokenizer = world.train_model(arch, progress=progress)
     forget_subjects = set(world.forget_subjects[:n_subjects])
     forget = [f for f in world.facts if f.subject in forget_subjects]
     retain = world.retain_facts
     runners = _runners()
 
-    staging = Path(tempfile.mkdtemp(prefix=".peft-unlearn-demo-", dir=output.parent if output.parent.exists() else None))
-    try:
+    with staged_output(output) as staging:
         rows = [{"method": "original", **measure(base, tokenizer, forget, retain), "seconds": 0.0, "adapter_kb": 0}]
         for method in methods:
             logger.info("forgetting %d facts about %d people with %s", len(forget), n_subjects, method)
@@ -144,13 +142,6 @@ def run_demo(
         (staging / "results.md").write_text(demo_table(rows) + "\n")
         plot_tradeoff({row["method"]: row for row in rows}, staging / "tradeoff.png", y="forgotten", x="retain",
                       title="forgetting versus keeping (fact world)")
-        if output.exists():
-            shutil.rmtree(output)
-        staging.chmod(0o755)
-        shutil.move(str(staging), str(output))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 

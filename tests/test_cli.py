@@ -94,6 +94,37 @@ def test_edit_writes_an_adapter_and_a_card_without_forget_texts(tmp_path, model_
     assert result["n_requests"] == 3
 
 
+def test_output_never_replaces_files_it_did_not_write(tmp_path, model_dir, world, monkeypatch, capsys):
+    facts = world.forget_facts[:2]
+    requests = [{"prompt": r.prompt, "target": r.target, "subject": r.subject}
+                for r in pu.forget_requests([f.question for f in facts], [f.subject for f in facts])]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    request_file = write_jsonl(inputs / "requests.jsonl", requests)
+    (inputs / "notes.txt").write_text("mine")
+
+    def edit_into(output):
+        return main(["edit", "--model", str(model_dir), "--method", "grace", "--requests", str(request_file),
+                     "--output", str(output)])
+
+    # A folder of the user's files, the current folder, a folder holding it, a file: refused before any work.
+    for cwd, output, message in [(tmp_path, inputs, "did not write"), (inputs, ".", "current folder"),
+                                 (inputs, tmp_path, "current folder"), (tmp_path, request_file, "is a file")]:
+        monkeypatch.chdir(cwd)
+        assert edit_into(output) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert sorted(p.name for p in inputs.iterdir()) == ["notes.txt", "requests.jsonl"]
+    # A new or empty folder is written; an earlier output is replaced by the next run.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapter").mkdir()
+    assert edit_into("adapter") == 0 and (tmp_path / "adapter" / "adapter_config.json").is_file()
+    (tmp_path / "adapter" / "stale.txt").write_text("from the first run's folder")
+    assert edit_into("adapter") == 0 and not (tmp_path / "adapter" / "stale.txt").exists()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "inputs"]  # no staging folder left
+
+
 def test_model_card_reports_metrics_not_texts():
     card = model_card("wise", "org/base", 12, {"refusal_rate": 0.93})
     assert "base_model: org/base" in card and "| refusal_rate | 0.93 |" in card
@@ -151,6 +182,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (folder / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     for method in ("alphaedit", "grace", "wise", "npo_uipe"):
         assert (folder / "adapters" / method / "adapter_config.json").is_file()
+    # Running again replaces the demo's own folder, never one holding other files.
+    assert main(["demo", "--output", str(folder), "--subjects", "1", "--methods", "grace", "--quiet"]) == 0
+    assert sorted(p.name for p in (folder / "adapters").iterdir()) == ["grace"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert main(["demo", "--output", str(tmp_path / "mine"), "--methods", "grace", "--quiet"]) == 2
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_unlearn_trains_a_uipe_adapter_and_selects_alpha(tmp_path, model_dir, world):
@@ -159,7 +197,8 @@ def test_unlearn_trains_a_uipe_adapter_and_selects_alpha(tmp_path, model_dir, wo
     config = tmp_path / "options.yaml"
     config.write_text("max_steps: 4\nr: 4\n")
     code = main(["unlearn", "--model", str(model_dir), "--method", "npo", "--forget",
-                 str(write_jsonl(tmp_path / "f.jsonl", forget)), "--retain", str(write_jsonl(tmp_path / "r.jsonl", retain)),
+                 str(write_jsonl(tmp_path / "f.jsonl", forget)),
+                 "--retain", str(write_jsonl(tmp_path / "r.jsonl", retain)),
                  "--config", str(config), "--output", str(tmp_path / "out")])
     assert code == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

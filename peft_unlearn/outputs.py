@@ -1,0 +1,50 @@
+"""Output folders written all at once: staged in a temporary folder, moved into place only when the work succeeded,
+and never replacing a folder that holds anything this library did not write."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+# Written into every output folder: a folder holding it (or an empty one) may be replaced by the next run.
+OUTPUT_MARKER = ".peft-unlearn-output"
+
+
+def check_replaceable(output: str | Path) -> None:
+    """Raise ``ValueError`` unless ``output`` is new, empty or an earlier output of this library: a run must never
+    delete the user's own files (their inputs, the current folder) to make room for its results."""
+    target = Path(output).resolve()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"output {str(output)!r} is a file, not a folder")
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise ValueError(f"output {str(output)!r} is the current folder or holds it; name a new folder")
+    if target.is_dir() and any(target.iterdir()) and not (target / OUTPUT_MARKER).is_file():
+        raise ValueError(
+            f"output folder {str(output)!r} already holds files that peft_unlearn did not write; name a new or "
+            "empty folder (or delete it)"
+        )
+
+
+@contextlib.contextmanager
+def staged_output(output: str | Path) -> Iterator[Path]:
+    """A temporary folder next to ``output`` that replaces it only if the block succeeds; on failure it is removed
+    and ``output`` is left as it was."""
+    target = Path(output)
+    check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        (staging / OUTPUT_MARKER).write_text("written by peft_unlearn; the next run may replace this folder\n")
+        check_replaceable(target)  # nothing appeared there while the work ran
+        if target.exists():
+            shutil.rmtree(target)
+        staging.chmod(0o755)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
