@@ -12,7 +12,7 @@ from torch import nn
 
 from .metrics import evaluating
 from .refusal_targets import self_improved_requests
-from .requests import EditRequest, as_edit_requests
+from .requests import EditRequest, as_edit_requests, tokenize_requests
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +139,42 @@ def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
         )
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The number of positions the model can attend over, from its config (None when it does not say)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_requests_fit(model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> None:
+    """Refuse requests whose prompt and target together exceed the model's context."""
+    limit = context_length(model)
+    if limit is None:
+        return
+    lengths = tokenize_requests(tokenizer, requests).attention_mask.sum(dim=1).tolist()
+    too_long = [i for i, length in enumerate(lengths) if length > limit]
+    if too_long:
+        raise ValueError(
+            f"requests {too_long[:10]} are {max(lengths[i] for i in too_long)} tokens long (prompt and target), "
+            f"more than the model's context of {limit} positions; shorten them"
+        )
+
+
+def check_not_merged(model: nn.Module, adapter_name: str) -> None:
+    """Refuse to edit an adapter whose delta is merged into the base weights: the edit would change the unmerged
+    factors only, and unmerging would then subtract a delta that was never added."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(m, BaseTunerLayer) and adapter_name in m.merged_adapters for m in model.modules()):
+        raise ValueError(
+            f"adapter {adapter_name!r} is merged into the base weights; call model.unmerge_adapter() before "
+            "editing (and merge again afterwards)"
+        )
+
+
 def edit(
     model: nn.Module,
     tokenizer,
@@ -159,6 +195,8 @@ def edit(
     if not requests:
         raise ValueError("requests is empty: give at least one EditRequest")
     check_tokenizer_matches(model, tokenizer)
+    check_not_merged(model, adapter_name)
+    check_requests_fit(model, tokenizer, requests)
     method = model.peft_config[adapter_name].peft_type.value.lower()
     start = time.perf_counter()
     extra: dict[str, Any] = {}

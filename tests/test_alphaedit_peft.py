@@ -187,6 +187,32 @@ def test_bad_input_is_refused_and_leaves_the_model_untouched(word_tokenizer):
     assert layer.moment("default") is None and layer.rank("default") == 0
 
 
+def test_requests_must_fit_the_context_and_a_merged_adapter_is_not_edited(word_tokenizer):
+    base = tiny_llama(vocab_size=len(word_tokenizer), layers=3)  # 64 positions
+    model = get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig(layers=[1], refine_steps=2))
+    pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
+    words = [f"w{i % 50}" for i in range(80)]
+    too_long = pu.EditRequest(" ".join(words), "w1", subject="w7")
+    with pytest.raises(ValueError, match="context of 64 positions"):
+        pu.edit(model, word_tokenizer, [pu.EditRequest("w1 w7 w3", "w1", subject="w7"), too_long])
+    assert model.peft_config["default"].n_edits == 0
+    # It fits alone but not behind the context templates' prefixes: the prefixes are dropped, not the edit.
+    near_limit = pu.EditRequest(" ".join(words[:58] + ["w7"]), "w1 w2", subject="w7")
+    assert len(word_tokenizer(f"{near_limit.prompt} {near_limit.target}")["input_ids"]) <= 64
+    pu.edit(model, word_tokenizer, [near_limit], progress=False)
+    assert model.peft_config["default"].n_edits == 1
+    ids = torch.randint(0, len(word_tokenizer), (2, 6))
+    with torch.no_grad():
+        edited = model(ids).logits
+        model.merge_adapter()
+        with pytest.raises(ValueError, match="unmerge_adapter"):
+            pu.edit(model, word_tokenizer, [pu.EditRequest("w1 w7 w3", "w1", subject="w7")])
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(ids).logits, edited, rtol=1e-5, atol=1e-5)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_architecture_needs_explicit_modules():
     from torch import nn
 

@@ -131,6 +131,31 @@ def test_explicit_unrelated_prompts_and_bad_input(world, trained_models):
     assert wrapped.peft_config["default"].n_edits == 1
 
 
+def test_a_failed_call_leaves_no_shard_behind(world, trained_models, monkeypatch):
+    base, tokenizer = trained_models("gpt2")
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig(shard_size=2, n_iter=5))
+    pu.edit(model, tokenizer, refusals(world.forget_facts[:1]), progress=False)
+    batch = tokenizer([f.question for f in world.forget_facts[:4]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**batch).logits
+    train_shard = type(model.base_model)._train_shard
+    calls = []
+
+    def failing_second_shard(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return train_shard(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.base_model), "_train_shard", failing_second_shard)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        pu.edit(model, tokenizer, refusals(world.forget_facts[1:5]), progress=False)
+    config = model.peft_config["default"]
+    assert len(calls) == 2 and (config.n_edits, config.shard_edits, config.n_memories) == (1, 1, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=0)
+
+
 def test_wise_wraps_gpt2_conv1d():
     model = get_peft_model(tiny_gpt2(layers=4), pu.WiseConfig())
     assert model.peft_config["default"].target_modules == ["transformer.h.3.mlp.c_proj"]

@@ -28,6 +28,7 @@ from .solver import (
     ValueBlock,
     context_templates,
     edit_rows,
+    fitting_templates,
     keys_and_outputs,
     optimize_target_values,
     preservation_gram,
@@ -192,6 +193,7 @@ class AlphaEditModel(EditingTuner):
             )
         if templates is None:
             templates = self._templates(tokenizer, config.n_context_templates)
+        templates = fitting_templates(self.model, tokenizer, requests, templates)
         batch_size = batch_size or len(requests)
         snapshot = {
             name: (layer.alphaedit_B[adapter_name].data.clone(), layer.alphaedit_A[adapter_name].data.clone(),

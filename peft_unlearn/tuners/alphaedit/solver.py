@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ...capture import add_at_positions, capture_at_positions
+from ...editing import context_length
 from ...losses import sequence_nll
 from ...metrics import sample_texts
 from ...requests import EditRequest, TokenizedBatch, tokenize_pairs, tokenize_prompts
@@ -85,6 +86,25 @@ class EditRows:
         sums.index_add_(0, index, flat)
         counts = torch.bincount(index, minlength=self.n_keys).to(flat.dtype)
         return sums / counts.view(-1, *([1] * (flat.dim() - 1)))
+
+
+def fitting_templates(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str]
+) -> list[str]:
+    """The context templates under which every request still fits the model's context: a long prompt drops the
+    prefixes rather than run past the position embeddings (the bare ``"{}"`` fits whenever the request does)."""
+    limit = context_length(model)
+    if limit is None:
+        return list(templates)
+    kept = []
+    for template in templates:
+        pairs = [(template.format(r.prompt), r.target) for r in requests]
+        if template == "{}" or int(tokenize_pairs(tokenizer, pairs).attention_mask.sum(dim=1).max()) <= limit:
+            kept.append(template)
+    if len(kept) < len(templates):
+        logger.warning("%d of %d context templates dropped: with them the longest request exceeds the model's "
+                       "context of %d positions", len(templates) - len(kept), len(templates), limit)
+    return kept
 
 
 def edit_rows(

@@ -2,9 +2,10 @@
 
 from ...registration import register_method
 from .config import UIPELoraConfig
-from .model import UIPELoraModel, export_lora, extrapolate
+from .model import UIPELoraModel, export_lora, extrapolate, load_uipe_keys_through_transformers
 from .selection import AlphaSelection, select_alpha
 
 __all__ = ["AlphaSelection", "UIPELoraConfig", "UIPELoraModel", "export_lora", "extrapolate", "select_alpha"]
 
 register_method(name="uipe_lora", config_cls=UIPELoraConfig, model_cls=UIPELoraModel)
+load_uipe_keys_through_transformers()

@@ -60,6 +60,33 @@ class UIPELoraModel(LoraModel):
             set_layer_extrapolation(layer, adapter_name, alpha)
 
 
+def load_uipe_keys_through_transformers() -> None:
+    """Let transformers' ``load_adapter`` read UIPE checkpoints.
+
+    transformers renames a checkpoint's adapter keys into the model's (``...lora_A.weight`` ->
+    ``...lora_A.<adapter>.weight``) by the method's registered prefix, ``uipe_lora_``; UIPE checkpoints keep LoRA's
+    names, so nothing matched and the adapter silently stayed at its initialisation. PEFT builds that renaming in one
+    function, which is wrapped here to add LoRA's prefix for UIPE configs (idempotent).
+    """
+    from peft.utils import transformers_weight_conversion as conversion
+    from transformers.core_model_loading import WeightRenaming
+
+    original = conversion.build_peft_weight_mapping
+    if getattr(original, "_reads_uipe_keys", False):
+        return
+
+    def build_peft_weight_mapping(weight_conversions, adapter_name: str, peft_config=None):
+        mapping = original(weight_conversions, adapter_name, peft_config=peft_config)
+        if mapping and isinstance(peft_config, UIPELoraConfig):
+            lora_keys = rf"({LORA_PREFIX}[^\.]*)"
+            # Beside the prefix renaming, before the model's own conversions.
+            mapping.insert(2, WeightRenaming(source_patterns=lora_keys, target_patterns=rf"\1.{adapter_name}"))
+        return mapping
+
+    build_peft_weight_mapping._reads_uipe_keys = True
+    conversion.build_peft_weight_mapping = build_peft_weight_mapping
+
+
 def uipe_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, UIPELoraConfig]:
     """The name and config of a UIPE adapter of ``model`` (the active one by default), or a clear error."""
     if not isinstance(model, PeftModel):

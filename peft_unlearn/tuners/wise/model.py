@@ -58,21 +58,41 @@ class WiseModel(SingleLayerTuner):
         else:
             unrelated = own_unrelated_prompts(self, tokenizer, requests, config.seed + config.n_edits)
         first_id = config.n_edits
+        snapshot = self._snapshot(adapter_name, layer)
         start = 0
         bar = tqdm(total=len(requests), desc="WISE edits", disable=not progress, leave=False)
-        while start < len(requests):
-            room = config.shard_size - config.shard_edits
-            chunk = requests[start : start + room]
-            self._train_shard(tokenizer, chunk, unrelated, adapter_name, layer)
-            config.shard_edits += len(chunk)
-            config.n_edits += len(chunk)
-            if config.shard_edits == config.shard_size:
-                self._finish_shard(adapter_name, layer)
-            start += len(chunk)
-            bar.update(len(chunk))
-        bar.close()
-        layer.invalidate(adapter_name)
+        try:
+            while start < len(requests):
+                room = config.shard_size - config.shard_edits
+                chunk = requests[start : start + room]
+                self._train_shard(tokenizer, chunk, unrelated, adapter_name, layer)
+                config.shard_edits += len(chunk)
+                config.n_edits += len(chunk)
+                if config.shard_edits == config.shard_size:
+                    self._finish_shard(adapter_name, layer)
+                start += len(chunk)
+                bar.update(len(chunk))
+        except BaseException:
+            self._restore(adapter_name, layer, snapshot)  # a failed call leaves no shard of it behind
+            raise
+        finally:
+            bar.close()
+            layer.invalidate(adapter_name)
         return {"edit_ids": list(range(first_id, config.n_edits)), "n_memories": config.n_memories}
+
+    _STATE = ("wise_working", "wise_memories", "wise_keys", "wise_key_memory")
+    _COUNTERS = ("n_memories", "n_edits", "shard_edits")
+
+    def _snapshot(self, adapter_name: str, layer: WiseLayer) -> dict[str, Any]:
+        config = self.peft_config[adapter_name]
+        state = {name: getattr(layer, name)[adapter_name] for name in self._STATE}  # replaced, never changed in place
+        return {**state, **{name: getattr(config, name) for name in self._COUNTERS}}
+
+    def _restore(self, adapter_name: str, layer: WiseLayer, snapshot: dict[str, Any]) -> None:
+        for name in self._STATE:
+            getattr(layer, name)[adapter_name] = snapshot[name]
+        for name in self._COUNTERS:
+            setattr(self.peft_config[adapter_name], name, snapshot[name])
 
     def _shard_mask(self, config: WiseConfig, layer: WiseLayer) -> torch.Tensor:
         """The entries this shard may change: a random mask, fixed per shard (knowledge sharding)."""
