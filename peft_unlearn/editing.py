@@ -163,6 +163,18 @@ def check_requests_fit(model: nn.Module, tokenizer, requests: Sequence[EditReque
         )
 
 
+def check_consistent_targets(requests: Sequence[EditRequest]) -> None:
+    """Refuse one call that asks for two different targets for the same prompt (a later call may re-edit it)."""
+    first: dict[str, int] = {}
+    for index, request in enumerate(requests):
+        earlier = first.setdefault(request.prompt, index)
+        if requests[earlier].target != request.target:
+            raise ValueError(
+                f"requests {earlier} and {index} give the same prompt two targets ({requests[earlier].target!r}, "
+                f"{request.target!r}); keep one (a later call may edit the prompt again)"
+            )
+
+
 def check_not_merged(model: nn.Module, adapter_name: str) -> None:
     """Refuse to edit an adapter whose delta is merged into the base weights: the edit would change the unmerged
     factors only, and unmerging would then subtract a delta that was never added."""
@@ -196,6 +208,7 @@ def edit(
         raise ValueError("requests is empty: give at least one EditRequest")
     check_tokenizer_matches(model, tokenizer)
     check_not_merged(model, adapter_name)
+    check_consistent_targets(requests)
     check_requests_fit(model, tokenizer, requests)
     method = model.peft_config[adapter_name].peft_type.value.lower()
     start = time.perf_counter()

@@ -120,6 +120,8 @@ def second_moments(
     """
     if not module_names:
         raise ValueError("no modules to collect statistics for")
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of texts, not one string (it would be read character by character)")
     base = unwrap_model(model)
     modules = {name: base.get_submodule(name) for name in module_names}
     device = next(model.parameters()).device
@@ -142,6 +144,9 @@ def second_moments(
                 bar.update(len(items))
                 if token_budget is not None and count >= token_budget:
                     break
+                items = [item for item in items if not isinstance(item, str) or item.strip()]  # blank texts: no keys
+                if not items:
+                    continue
                 inputs, mask = _token_rows(tokenizer, items, max_length, device)
                 captured = capture_at_positions(base, modules, inputs, None, capture="input", stop_early=True)
                 take = int(mask.sum())
@@ -167,7 +172,7 @@ def second_moments(
             dist.all_reduce(sums[name])
         count = int(total_count.item())
     if count == 0:
-        raise ValueError("texts is empty: no tokens to collect statistics from")
+        raise ValueError("texts is empty (or blank): no tokens to collect statistics from")
     logger.info("collected second moments of %d modules over %d tokens", len(sums), count)
     return SecondMoments({name: (s / count).cpu() for name, s in sums.items()}, {name: count for name in sums})
 

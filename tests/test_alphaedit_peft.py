@@ -169,6 +169,10 @@ def test_bad_input_is_refused_and_leaves_the_model_untouched(word_tokenizer):
         pu.RomeConfig(layers=[0, 1])
 
     wrapped = get_peft_model(model, pu.AlphaEditConfig(layers=[1]))
+    with pytest.raises(TypeError, match="not one string"):
+        pu.collect_statistics(wrapped, word_tokenizer, "w1 w2 w3", progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        pu.collect_statistics(wrapped, word_tokenizer, ["", "  "], progress=False)
     request = pu.EditRequest("w1 w7 w3", "w1", subject="w7")
     with pytest.raises(ValueError, match="collect_statistics"):
         pu.edit(wrapped, word_tokenizer, [request])

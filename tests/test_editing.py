@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -56,8 +58,6 @@ def test_sequence_state_carries_over_only_on_a_filled_cache(world, trained_model
     """GRACE ('all') and WISE carry a sequence's routing from one forward to the next while decoding. Only a call on
     a filled key/value cache continues the previous call: a new one-token sequence (a one-word prompt without a
     BOS token) starts fresh, and cached generation equals generation without the cache."""
-    import copy
-
     from peft_unlearn.metrics import generation_match
 
     base, tokenizer = trained_models(arch)
@@ -82,3 +82,19 @@ def test_sequence_state_carries_over_only_on_a_filled_cache(world, trained_model
         ]
     assert texts[0] == texts[1]
     assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests]) > 0
+
+
+@pytest.mark.parametrize("config_cls", [peft_unlearn.GraceConfig, peft_unlearn.WiseConfig])
+def test_an_explicit_layer_reloads_and_must_agree_with_target_modules(config_cls, tmp_path):
+    from peft import PeftModel
+
+    base = tiny_llama(layers=3)
+    model = get_peft_model(copy.deepcopy(base), config_cls(layer=1))
+    assert model.peft_config["default"].target_modules == ["model.layers.1.mlp.down_proj"]
+    model.save_pretrained(tmp_path)  # the saved config holds the layer and the module it names
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert reloaded.peft_config["default"].target_modules == ["model.layers.1.mlp.down_proj"]
+    plain = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="layer=0 names"):
+        get_peft_model(plain, config_cls(layer=0, target_modules="model.layers.2.mlp.down_proj"))
+    assert not any("base_layer" in name for name, _ in plain.named_modules())

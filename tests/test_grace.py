@@ -101,6 +101,28 @@ def test_removing_edits_restores_original_answers(edited):
         pu.remove_edits(model, [999])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_later_call_edits_a_prompt_again_and_rollback_restores_the_first_target(world, trained_models, arch):
+    base, tokenizer = trained_models(arch)
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig())
+    facts = world.forget_facts[:3]
+    first = pu.forget_requests([f.question for f in facts], [f.subject for f in facts],
+                               refusal="I don't know who that is.")
+    again = pu.forget_requests([facts[0].question], [facts[0].subject],
+                               refusal="Sorry, I cannot provide that information.")
+    pu.edit(model, tokenizer, first, progress=False)
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in first]) == 1.0
+    result = pu.edit(model, tokenizer, again, progress=False)  # the same key, another target: it takes over
+    assert generation_match(model, tokenizer, [(again[0].prompt, again[0].target)]) == 1.0
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in first[1:]]) == 1.0
+    pu.remove_edits(model, result.edit_ids)
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in first]) == 1.0
+    size = model.peft_config["default"].codebook_size
+    with pytest.raises(ValueError, match="two targets"):
+        pu.edit(model, tokenizer, [first[1], again[0], pu.EditRequest(first[1].prompt, "No comment.")])
+    assert model.peft_config["default"].codebook_size == size
+
+
 def test_lookup_is_vectorised_and_exact():
     layer = get_peft_model(tiny_llama(), pu.GraceConfig(layer=1)).base_model.grace_layer("default")[1]
     keys = torch.randn(500, layer.in_features)
@@ -113,7 +135,7 @@ def test_lookup_is_vectorised_and_exact():
     assert inside.tolist() == [True] * 7 + [False] * 5
 
 
-def test_codebook_rules_add_expand_and_split():
+def test_codebook_rules_add_expand_split_and_take_over():
     model = get_peft_model(tiny_llama(), pu.GraceConfig(layer=1, eps_init=1.0))
     _, layer = model.base_model.grace_layer("default")
     book = {k: getattr(layer, f"grace_{k}")["default"].clone() for k in
@@ -123,15 +145,23 @@ def test_codebook_rules_add_expand_and_split():
     origin[1] = 1.0
     step = origin.clone()
     step[0] = 1.5
-    assert place(layer, "default", book, origin, label_of("A"), 0, 1.0) == (0, True)  # add
-    assert place(layer, "default", book, step, label_of("A"), 1, 1.0) == (0, False)  # same label: expand
+    assert place(layer, "default", book, origin, label_of("A"), 0, 1.0) == 0  # add
+    assert place(layer, "default", book, step, label_of("A"), 1, 1.0) == 0  # same label: expand
     assert book["eps"].tolist() == [1.5] and book["keys"].shape[0] == 1
     other = origin.clone()
     other[0] = -1.5
-    assert place(layer, "default", book, other, label_of("B"), 2, 1.0) == (1, True)  # conflict: split
+    assert place(layer, "default", book, other, label_of("B"), 2, 1.0) == 1  # conflict: split
     assert book["eps"].tolist() == [0.75, 0.75]
     assert book["labels"].tolist() == [label_of("A"), label_of("B")]  # labels in the order of keys
     assert book["change_ids"].tolist() == [[1, 0], [2, 0]] and book["change_eps"].tolist() == [1.0, 1.5]
+    # The same key with another label (a prompt edited again): a new entry takes over the old one's radius,
+    # the old one rests at radius 0 and no lookup reaches it.
+    assert place(layer, "default", book, other + 1e-6, label_of("C"), 3, 1.0) == 2
+    assert book["eps"].tolist() == [0.75, 0.0, 0.75]
+    assert book["change_ids"].tolist()[-1] == [3, 2] and book["change_eps"].tolist()[-1] == 0.75
+    layer.set_codebook("default", **book)
+    nearest, inside = layer.lookup("default", other[None])
+    assert nearest.tolist() == [2] and inside.tolist() == [True]
 
 
 def test_bad_input_leaves_the_model_untouched(trained_models):

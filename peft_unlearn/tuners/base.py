@@ -74,6 +74,13 @@ class SingleLayerTuner(EditingTuner):
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         if peft_config.target_modules:
             self.model.get_submodule(peft_config.target_modules[0])  # a clear AttributeError for a wrong name
+            if peft_config.layer is not None:  # a saved config holds both; they must name the same module
+                named = mlp_output_projection_name(self.model, peft_config.layer)
+                if named != peft_config.target_modules[0]:
+                    raise ValueError(
+                        f"layer={peft_config.layer} names {named!r} but target_modules names "
+                        f"{peft_config.target_modules[0]!r}; give one of them"
+                    )
         else:
             layer = peft_config.layer
             if layer is None:

@@ -55,8 +55,6 @@ class GraceConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = peft_type_member("grace")
-        if self.layer is not None and self.target_modules is not None:
-            raise ValueError("give either `layer` or `target_modules`, not both")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         if self.target_modules is not None and len(self.target_modules) != 1:

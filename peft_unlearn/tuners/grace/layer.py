@@ -27,6 +27,14 @@ def key_distances(kind: str, queries: torch.Tensor, keys: torch.Tensor) -> torch
     return torch.cdist(queries, keys)
 
 
+def nearest_live_entries(distance: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query (rows of ``distance`` [M, N]) the distance to and index of the nearest entry with a positive
+    radius: an entry whose key a later edit took over keeps radius 0 (so removing that edit restores it) and serves
+    nothing meanwhile."""
+    distance = distance.masked_fill(eps.to(distance.device)[None] <= 0, float("inf"))
+    return distance.min(dim=-1)
+
+
 def replacement_mask(length: int, start: torch.Tensor, replacement: str) -> torch.Tensor:
     """[B, length] mask of the tokens a value replaces when a row matches at ``start`` (-1: no match)."""
     columns = torch.arange(length, device=start.device)[None]
@@ -104,10 +112,11 @@ class GraceLayer(BaseTunerLayer, BatchAwareLayer):
                 getattr(self, f"grace_{name}")[adapter_name] = tensor.contiguous()
 
     def lookup(self, adapter_name: str, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest entry of each query and whether the query lies within its radius (vectorised)."""
+        """Nearest live entry of each query and whether the query lies within its radius (vectorised)."""
+        eps = self.grace_eps[adapter_name].float()
         distance = key_distances(self.grace_distance[adapter_name], queries, self.grace_keys[adapter_name])
-        nearest_distance, nearest = distance.min(dim=-1)
-        inside = nearest_distance <= self.grace_eps[adapter_name].float()[nearest] * (1 + RADIUS_SLACK)
+        nearest_distance, nearest = nearest_live_entries(distance, eps)
+        inside = nearest_distance <= eps[nearest] * (1 + RADIUS_SLACK)
         return nearest, inside
 
 

@@ -16,11 +16,13 @@ from ...losses import sequence_nll
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
 from .config import GraceConfig
-from .layer import RADIUS_SLACK, GraceLayer, GraceLinear, key_distances
+from .layer import RADIUS_SLACK, GraceLayer, GraceLinear, key_distances, nearest_live_entries
 
 logger = logging.getLogger(__name__)
 
 EARLY_STOP_NLL = 1e-2
+# Keys closer than this (relative, as eps_init) are the same key: a prompt edited again.
+SAME_KEY = 1e-4
 
 
 def key_positions(batch, per_answer_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,9 +97,9 @@ class GraceModel(SingleLayerTuner):
         book = {k: getattr(layer, f"grace_{k}")[adapter_name].detach().clone() for k in
                 ("keys", "values", "eps", "labels", "edit_ids", "change_ids", "change_eps")}
         book["keys"], book["values"], book["eps"] = book["keys"].float(), book["values"].float(), book["eps"].float()
-        # Which entry serves each (request, slot), and whether it is new (its value must be trained).
+        # Which entry serves each (request, slot); entries from n_old on are new (their values are trained).
+        n_old = layer.size(adapter_name)
         entry = torch.full(valid.shape, -1, dtype=torch.long)
-        is_new = torch.zeros(valid.shape, dtype=torch.bool)
         labels = torch.zeros(valid.shape, dtype=torch.long)
         for row, request in enumerate(requests):
             for slot in valid[row].nonzero().flatten().tolist():
@@ -105,47 +107,56 @@ class GraceModel(SingleLayerTuner):
                     labels[row, slot] = int(batch.input_ids[row, positions[row, slot] + 1])  # the token predicted
                 else:
                     labels[row, slot] = label_of(request.target)
-                entry[row, slot], is_new[row, slot] = self._place(
+                entry[row, slot] = self._place(
                     layer, adapter_name, book, queries[row, slot], int(labels[row, slot]), edit_ids[row],
                     config.eps_init,
                 )
-        self._cover_uncovered(layer, adapter_name, book, queries, valid, entry, is_new, labels, edit_ids, config)
-        n_old = layer.size(adapter_name)
+        self._cover_uncovered(layer, adapter_name, book, queries, valid, entry, labels, edit_ids, config)
+        self._drop_unread_entries(book, entry, valid, n_old)
         self._keep_clear_of(layer, adapter_name, book, n_old, self._unrelated_keys(tokenizer, unrelated, layer))
-        trained = self._train_values(layer, batch, positions, valid, entry, is_new, book["values"], current, n_old,
-                                     config, progress)
+        trained = self._train_values(layer, batch, positions, valid, entry, book["values"], current, n_old, config,
+                                     progress)
         book["values"][n_old:] = trained.to(book["values"])
         layer.set_codebook(adapter_name, **book)
         config.codebook_size = book["keys"].shape[0]
         config.n_changes = book["change_ids"].shape[0]
         config.n_edits = first_id + len(requests)
-        return {"edit_ids": edit_ids, "codebook_size": config.codebook_size, "new_entries": int(is_new.sum())}
+        new_entries = config.codebook_size - n_old
+        return {"edit_ids": edit_ids, "codebook_size": config.codebook_size, "new_entries": new_entries}
 
     @staticmethod
-    def _place(layer, adapter_name, book, query, label, edit_id, eps_init) -> tuple[int, bool]:
+    def _place(layer, adapter_name, book, query, label, edit_id, eps_init) -> int:
         """Apply GRACE's rule for one new key: add an entry, expand a same-label entry, or split on a conflict.
-        Returns the entry that now serves the key and whether it is new."""
+        Returns the entry that now serves the key."""
         device = book["keys"].device
-        eps_init = initial_radius(layer.grace_distance[adapter_name], query, eps_init)
+        kind = layer.grace_distance[adapter_name]
+        same_key = initial_radius(kind, query, SAME_KEY)
+        eps_init = initial_radius(kind, query, eps_init)
         if book["keys"].shape[0]:
-            distance = key_distances(layer.grace_distance[adapter_name], query[None], book["keys"])
-            nearest_distance, nearest = distance[0].min(0)
-            d, j = float(nearest_distance), int(nearest)
+            distance = key_distances(kind, query[None], book["keys"])
+            nearest_distance, nearest = nearest_live_entries(distance, book["eps"])
+            d, j = float(nearest_distance[0]), int(nearest[0])
             if d <= eps_init + float(book["eps"][j]):
                 log = torch.tensor([[edit_id, int(book["edit_ids"][j])]], device=device)
                 book["change_ids"] = torch.cat([book["change_ids"], log])
                 book["change_eps"] = torch.cat([book["change_eps"], book["eps"][j : j + 1].to(book["change_eps"])])
                 if int(book["labels"][j]) == label:
                     book["eps"][j] = max(float(book["eps"][j]), d)  # expand the coverage
-                    return j, False
-                book["eps"][j] = d / 2  # split: both entries shrink to half the distance
-                eps_init = d / 2
+                    return j
+                if d <= same_key:
+                    # The same key with a new target (an edit edited again): the new entry takes over the old one's
+                    # coverage; the old one rests at radius 0 until the new edit is removed.
+                    eps_init = float(book["eps"][j])
+                    book["eps"][j] = 0.0
+                else:
+                    book["eps"][j] = d / 2  # split: both entries shrink to half the distance
+                    eps_init = d / 2
         book["keys"] = torch.cat([book["keys"], query[None]])
         book["values"] = torch.cat([book["values"], torch.zeros(1, book["values"].shape[1], device=device)])
         book["eps"] = torch.cat([book["eps"], torch.tensor([eps_init], device=device)])
         book["labels"] = torch.cat([book["labels"], torch.tensor([label], device=device)])
         book["edit_ids"] = torch.cat([book["edit_ids"], torch.tensor([edit_id], device=device)])
-        return book["keys"].shape[0] - 1, True
+        return book["keys"].shape[0] - 1
 
     def _unrelated_keys(self, tokenizer, prompts: list[str], layer) -> torch.Tensor:
         """The layer's inputs at every token of ordinary prompts: keys no edit may capture."""
@@ -163,40 +174,57 @@ class GraceModel(SingleLayerTuner):
         book["eps"][n_old:] = torch.minimum(book["eps"][n_old:], distance.to(book["eps"]) / 2)
 
     @staticmethod
-    def _cover_uncovered(layer, adapter_name, book, queries, valid, entry, is_new, labels, edit_ids, config) -> None:
+    def _cover_uncovered(layer, adapter_name, book, queries, valid, entry, labels, edit_ids, config) -> None:
         """A later split can shrink an entry that an earlier key of the same call was relying on; give every key
         left uncovered (or covered by an entry of another label) an entry of its own, so each edit holds."""
         kind = layer.grace_distance[adapter_name]
         for row, slot in valid.nonzero().tolist():
-            distance = key_distances(kind, queries[row, slot][None], book["keys"])[0]
-            nearest_distance, nearest = distance.min(0)
-            j = int(nearest)
-            covered = float(nearest_distance) <= float(book["eps"][j]) * (1 + RADIUS_SLACK)
+            distance = key_distances(kind, queries[row, slot][None], book["keys"])
+            nearest_distance, nearest = nearest_live_entries(distance, book["eps"])
+            j = int(nearest[0])
+            covered = float(nearest_distance[0]) <= float(book["eps"][j]) * (1 + RADIUS_SLACK)
             if covered and int(book["labels"][j]) == int(labels[row, slot]):
                 entry[row, slot] = j
                 continue
-            radius = min(initial_radius(kind, queries[row, slot], config.eps_init), float(nearest_distance) / 2)
+            radius = min(initial_radius(kind, queries[row, slot], config.eps_init), float(nearest_distance[0]) / 2)
             device = book["keys"].device
             book["keys"] = torch.cat([book["keys"], queries[row, slot][None]])
             book["values"] = torch.cat([book["values"], torch.zeros(1, book["values"].shape[1], device=device)])
             book["eps"] = torch.cat([book["eps"], torch.tensor([radius], device=device)])
             book["labels"] = torch.cat([book["labels"], labels[row, slot][None].to(device)])
             book["edit_ids"] = torch.cat([book["edit_ids"], torch.tensor([edit_ids[row]], device=device)])
-            entry[row, slot], is_new[row, slot] = book["keys"].shape[0] - 1, True
+            entry[row, slot] = book["keys"].shape[0] - 1
 
-    def _train_values(self, layer, batch, positions, valid, entry, is_new, values, current, n_old, config,
+    @staticmethod
+    def _drop_unread_entries(book, entry, valid, n_old: int) -> None:
+        """Drop new entries that no key of this call reads any more (a later split moved their key to an entry of
+        its own): they would otherwise stay in the codebook untrained."""
+        read = torch.zeros(book["keys"].shape[0], dtype=torch.bool)
+        read[:n_old] = True
+        read[entry[valid]] = True
+        if bool(read.all()):
+            return
+        for name in ("keys", "values", "eps", "labels", "edit_ids"):
+            book[name] = book[name][read.to(book[name].device)]
+        entry[valid] = (torch.cumsum(read.long(), 0) - 1)[entry[valid]]
+
+    def _train_values(self, layer, batch, positions, valid, entry, values, current, n_old, config,
                       progress) -> torch.Tensor:
         """Train the values of the new entries together: one forward/backward per step for the whole batch.
         A slot reads its entry's value exactly as at inference: old entries are fixed, and a slot that expanded a
         new entry shares that entry's trainable value. Returns the new entries' values, in entry order."""
         device = current.device
         entry, valid = entry.to(device), valid.to(device)
-        creators = is_new.to(device)
-        n_new = int(creators.sum())
-        if n_new == 0:
+        n_new = int(entry[valid].max()) + 1 - n_old if bool(valid.any()) else 0
+        if n_new <= 0:
             return current[:0, 0]
-        order = torch.argsort(entry[creators])  # creating slots sorted by the entry they created
-        created = current[creators][order]  # [n_new, d]: the layer's output where each new key was read
+        # The layer's output at the first key that reads each new entry (the key that created it), [n_new, d].
+        created = torch.empty(n_new, current.shape[-1], device=device)
+        filled = torch.zeros(n_new, dtype=torch.bool)
+        for row, slot in valid.nonzero().tolist():
+            new = int(entry[row, slot]) - n_old
+            if new >= 0 and not filled[new]:
+                created[new], filled[new] = current[row, slot], True
         scale = (created.norm(dim=-1, keepdim=True) / created.shape[-1] ** 0.5).clamp(min=1e-6)
         if config.value_init == "warm":
             start = created
