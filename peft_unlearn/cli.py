@@ -9,6 +9,7 @@ non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -89,15 +90,51 @@ def load_model(name: str):
     return model, tokenizer
 
 
+def _alpha_or_auto(text: str) -> float | str:
+    """``--uipe-alpha``: 'auto' or a number >= 0, checked when the arguments are parsed."""
+    if text == "auto":
+        return text
+    try:
+        alpha = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}") from None
+    if not alpha >= 0 or alpha == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a finite number >= 0, got {text!r}")
+    return alpha
+
+
+def _check_option_types(method: str, config_cls: type, options: dict) -> None:
+    """Name the option whose value has the wrong type (a config would fail later, on a comparison)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    for name, value in options.items():
+        default = defaults.get(name)
+        expected = (bool,) if isinstance(default, bool) else (int,) if isinstance(default, int) else \
+            (int, float) if isinstance(default, float) else (str,) if isinstance(default, str) else None
+        if expected and (not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected)):
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[expected[-1]]
+            raise UsageError(f"option {name!r} of {method} must be {kind}, got {value!r}")
+
+
 def _config_for(method: str, options: dict):
     import peft_unlearn as pu
 
     configs = {"alphaedit": pu.AlphaEditConfig, "memit": pu.MemitConfig, "rome": pu.RomeConfig,
                "grace": pu.GraceConfig, "wise": pu.WiseConfig}
+    _check_option_types(method, configs[method], options)
     try:
         return configs[method](**options)
     except TypeError as error:
         raise UsageError(f"bad option for {method}: {error}") from None
+
+
+def _wrap(model, config, method: str):
+    """``get_peft_model``, with a wrong module name in the config reported as bad input."""
+    import peft
+
+    try:
+        return peft.get_peft_model(model, config)
+    except AttributeError as error:  # torch's get_submodule: the model has no module of that name
+        raise UsageError(f"bad target_modules for {method}: {error}") from None
 
 
 def _finish(model, folder: Path, args, method: str, base_model: str, n_edits, metrics, forget_texts) -> None:
@@ -127,7 +164,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    import peft
     import peft_unlearn as pu
 
     rows = read_records(args.requests, "requests")
@@ -146,8 +182,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.method} needs --preserve: texts whose knowledge must stay (JSON/JSONL/txt)")
         preserve = _read_texts(args.preserve)
     model, tokenizer = load_model(args.model)
+    model = _wrap(model, config, args.method)
     with staged_output(args.output) as folder:
-        model = peft.get_peft_model(model, config)
         if preserve is not None:
             pu.collect_statistics(model, tokenizer, preserve)
         result = pu.edit(model, tokenizer, requests, **edit_options)
@@ -278,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--forget", required=True, help="forget set: JSON/JSONL file or Hub dataset name[:config]")
     unlearn.add_argument("--retain", help="retain set: JSON/JSONL file or Hub dataset name[:config]")
     unlearn.add_argument("--config", help="YAML/JSON file of training options (UnlearningArguments, LoRA fields)")
-    unlearn.add_argument("--uipe-alpha", default="auto",
+    unlearn.add_argument("--uipe-alpha", default="auto", type=_alpha_or_auto,
                          help="extrapolation alpha, or 'auto' to select it on the retain set (default: %(default)s)")
     unlearn.add_argument("--output", required=True, help="output folder")
     unlearn.add_argument("--push-to-hub", metavar="REPO", help="upload the adapter with a generated model card")

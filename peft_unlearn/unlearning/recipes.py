@@ -14,6 +14,7 @@ from peft import get_peft_model
 
 from ..metrics import answer_accuracy
 from ..tuners.uipe import UIPELoraConfig, extrapolate, select_alpha
+from ..tuners.uipe.config import check_extrapolation_alpha
 from .trainer import UnlearningArguments, UnlearningTrainer
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ def unlearn_with_lora(
     """
     if loss not in LOSS_DEFAULTS:
         raise ValueError(f"unknown unlearning loss {loss!r}; choose from {sorted(LOSS_DEFAULTS)}")
+    if uipe_alpha != "auto":
+        uipe_alpha = check_extrapolation_alpha(uipe_alpha)  # before training, not after it
     lora = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
     lora.update({k: options.pop(k) for k in LORA_FIELDS if k in options})
     training = dict(per_device_train_batch_size=8, learning_rate=4e-3, lr_scheduler_type="constant", report_to=[],
@@ -89,7 +92,8 @@ def unlearn_with_lora(
                                     retain_dataset=list(retain) if retain else None, processing_class=tokenizer)
         trainer.train()
     peft_model.eval()
-    summary: dict[str, Any] = {"loss": loss, "steps": training["max_steps"], **{f"before_{k}": v for k, v in before.items()}}
+    summary: dict[str, Any] = {"loss": loss, "steps": training["max_steps"],
+                               **{f"before_{k}": v for k, v in before.items()}}
     if uipe_alpha == "auto":
         if forget_pairs and retain_pairs:
             selection = select_alpha(peft_model, tokenizer, forget_pairs, retain_pairs, utility_floor=utility_floor,
@@ -100,8 +104,8 @@ def unlearn_with_lora(
             logger.warning("uipe_alpha='auto' needs question/answer forget and retain rows; keeping alpha = 0")
             summary["alpha"] = 0.0
     else:
-        summary["alpha"] = float(uipe_alpha)
-        extrapolate(peft_model, summary["alpha"])
+        summary["alpha"] = uipe_alpha
+        extrapolate(peft_model, uipe_alpha)
     if forget_pairs:
         summary["forget_accuracy"] = answer_accuracy(peft_model, tokenizer, forget_pairs)
     if retain_pairs:
