@@ -12,7 +12,7 @@ from torch import nn
 
 from .metrics import evaluating
 from .refusal_targets import self_improved_requests
-from .requests import EditRequest, as_edit_requests, tokenize_requests
+from .requests import EditRequest, as_edit_requests, chat_formatted, tokenize_requests
 
 logger = logging.getLogger(__name__)
 
@@ -193,14 +193,17 @@ def edit(
     requests: Iterable[EditRequest | Mapping | Sequence],
     *,
     self_improve: bool = False,
+    chat_template: bool = False,
     **options: Any,
 ) -> EditResult:
     """Apply edit requests to the active adapter of a ``PeftModel`` and return what was done.
 
     Calling it again adds further edits (sequential editing). ``self_improve=True`` first replaces every target
     with the model's own refusal of the prompt (see :mod:`peft_unlearn.refusal_targets`); the targets used are in
-    ``EditResult.details["targets"]``. Method-specific options (e.g. ``unrelated`` for WISE, ``merge_queries``
-    for AlphaEdit/MEMIT/ROME, ``batch_size``) are passed through to the method.
+    ``EditResult.details["targets"]``. ``chat_template=True`` edits each prompt as a user turn of the tokenizer's
+    chat template answered by the target (as the metrics' ``chat_template=True`` read it); everything the method
+    tokenizes, unrelated prompts included, is formatted the same way. Method-specific options (e.g. ``unrelated``
+    for WISE, ``merge_queries`` for AlphaEdit/MEMIT/ROME, ``batch_size``) are passed through to the method.
     """
     tuner, adapter_name = _editing_tuner(model, "peft_unlearn.edit")
     requests = as_edit_requests(requests)
@@ -209,13 +212,13 @@ def edit(
     check_tokenizer_matches(model, tokenizer)
     check_not_merged(model, adapter_name)
     check_consistent_targets(requests)
-    check_requests_fit(model, tokenizer, requests)
     method = model.peft_config[adapter_name].peft_type.value.lower()
     start = time.perf_counter()
     extra: dict[str, Any] = {}
-    with evaluating(model):
+    with evaluating(model), chat_formatted(chat_template):
+        check_requests_fit(model, tokenizer, requests)
         if self_improve:
-            requests, own = self_improved_requests(model, tokenizer, requests)
+            requests, own = self_improved_requests(model, tokenizer, requests, chat_template=chat_template)
             extra = {"targets": [r.target for r in requests], "self_improved": sum(own)}
         outcome = tuner.apply_edits(tokenizer, requests, adapter_name, **options)
     seconds = time.perf_counter() - start

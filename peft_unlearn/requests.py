@@ -6,8 +6,10 @@ methods read keys from (last prompt token, last subject token) are defined once.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -147,6 +149,21 @@ def _pad_id(tokenizer) -> int:
     raise ValueError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
 
 
+# Whether tokenize_pairs / tokenize_prompts format prompts with the chat template when a call does not say:
+# peft_unlearn.edit(..., chat_template=True) sets it for everything a method tokenizes while it edits.
+_CHAT_FORMAT: contextvars.ContextVar[bool] = contextvars.ContextVar("peft_unlearn_chat_format", default=False)
+
+
+@contextlib.contextmanager
+def chat_formatted(enabled: bool = True) -> Iterator[None]:
+    """Within the block, prompts tokenized without an explicit ``chat_template`` go through the chat template."""
+    token = _CHAT_FORMAT.set(enabled)
+    try:
+        yield
+    finally:
+        _CHAT_FORMAT.reset(token)
+
+
 def _format_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
     if not chat_template:
         return prompt
@@ -184,7 +201,7 @@ def _encode_rows(
     targets: Sequence[str] | None,
     subjects: Sequence[str | None] | None,
     *,
-    chat_template: bool,
+    chat_template: bool | None,
     append_eos: bool,
 ) -> list[tuple[list[int], int, int | None]]:
     """Per row: (token ids, number of prompt tokens, index of the subject's last token or None)."""
@@ -193,6 +210,7 @@ def _encode_rows(
             "peft_unlearn needs a fast (Rust) tokenizer to locate target and subject tokens exactly; "
             "load it with use_fast=True"
         )
+    chat_template = _CHAT_FORMAT.get() if chat_template is None else chat_template
     prompt_texts = [_format_prompt(tokenizer, p, chat_template) for p in prompts]
     add_special = not chat_template
     encoded_prompts = tokenizer(
@@ -294,11 +312,12 @@ def tokenize_pairs(
     subjects: Sequence[str | None] | None = None,
     *,
     padding_side: str = "right",
-    chat_template: bool = False,
+    chat_template: bool | None = None,
     append_eos: bool = False,
     max_length: int | None = None,
 ) -> TokenizedBatch:
-    """Tokenize (prompt, target) pairs joined as ``prompt + " " + target`` (or through the chat template).
+    """Tokenize (prompt, target) pairs joined as ``prompt + " " + target``, or through the chat template
+    (``chat_template=None``: as the enclosing :func:`chat_formatted` block says, plain outside one).
 
     The prompt tokens are exactly those the tokenizer gives for the prompt alone, so teacher forcing sees the same
     prompt as ``generate()``; the target span is every token after them.
@@ -328,7 +347,7 @@ def tokenize_prompts(
     subjects: Sequence[str | None] | None = None,
     *,
     padding_side: str = "left",
-    chat_template: bool = False,
+    chat_template: bool | None = None,
 ) -> TokenizedBatch:
     """Tokenize prompts alone (for generation or key reading); left padding by default."""
     if len(prompts) == 0:

@@ -98,3 +98,28 @@ def test_an_explicit_layer_reloads_and_must_agree_with_target_modules(config_cls
     with pytest.raises(ValueError, match="layer=0 names"):
         get_peft_model(plain, config_cls(layer=0, target_modules="model.layers.2.mlp.down_proj"))
     assert not any("base_layer" in name for name, _ in plain.named_modules())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_cls", [peft_unlearn.GraceConfig, peft_unlearn.AlphaEditConfig])
+def test_chat_template_edits_the_prompts_as_the_metrics_read_them(world, trained_models, config_cls):
+    """edit(chat_template=True) writes each prompt as a user turn answered by the target, exactly as the metrics'
+    chat_template=True read it (teacher forcing and generation agree), and leaves the plain prompts' answers."""
+    from peft_unlearn.metrics import answer_accuracy, generation_match
+
+    base, tokenizer = trained_models("llama")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %} Please answer:{% endif %}")
+    facts = world.forget_facts[:8]
+    requests = peft_unlearn.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    targets = [(r.prompt, r.target) for r in requests]
+    model = get_peft_model(copy.deepcopy(base), config_cls())
+    if config_cls is peft_unlearn.AlphaEditConfig:
+        peft_unlearn.collect_statistics(model, tokenizer, [f"{f.question} {f.answer}" for f in world.retain_facts],
+                                        progress=False)
+    assert generation_match(model, tokenizer, targets, chat_template=True) == 0
+    edit(model, tokenizer, requests, chat_template=True, progress=False)
+    assert answer_accuracy(model, tokenizer, targets, chat_template=True) >= 0.95
+    assert generation_match(model, tokenizer, targets, chat_template=True) >= 0.875
+    assert generation_match(model, tokenizer, [f.pair for f in facts]) == 1.0  # the plain questions still answer
