@@ -297,6 +297,33 @@ def test_two_processes_under_accelerate_launch_keep_one_adapter(tofu_dir, tmp_pa
 # --- data and pairing ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("loss", ["grad_diff", "kl", "npo", "simnpo", "idk_dpo", "refusal"])
+def test_gradient_accumulation_gives_the_same_step_as_one_batch(tofu, tmp_path, loss):
+    """Token means (GA, the retain NLL and KL, refusal NLL) and example means (NPO, SimNPO, DPO) are taken over
+    the whole optimizer step, so splitting its rows into micro-batches does not change the update."""
+    updates, logged = [], []
+    for batch_size, accumulation in ((4, 1), (2, 2), (1, 4)):
+        model = lora_model(tofu)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # LoRA starts with B = 0; a random B makes every factor's gradient count
+                torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(0))
+        before = adapter_weights(model)
+        args = make_args(tmp_path / f"{batch_size}", loss, per_device_train_batch_size=batch_size,
+                         gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.1, max_steps=1,
+                         logging_steps=1)
+        trainer = make_trainer(tofu, model, args)
+        trainer.train()
+        updates.append({name: weight - before[name] for name, weight in adapter_weights(model).items()})
+        logged.append(trainer.state.log_history[0])
+    for other in updates[1:]:
+        for name, update in updates[0].items():
+            torch.testing.assert_close(other[name], update, rtol=1e-4, atol=1e-7)
+    assert max(update.abs().max() for update in updates[0].values()) > 1e-5
+    for other in logged[1:]:
+        for key in ("loss", "forget_loss"):
+            assert other[key] == pytest.approx(logged[0][key], rel=1e-4)
+
+
 def test_retain_rows_advance_across_epochs_and_cycle():
     rows = [TokenizedRow([i], [i]) for i in range(10)]
     dataset = ForgetRetainDataset(rows[:4], rows[4:], None)

@@ -9,13 +9,13 @@ reference.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..losses import sequence_nll, token_nll
+from ..losses import sequence_nll, shifted_token_logprobs
 from ..requests import IGNORE_INDEX
 
 FORGET = "forget"
@@ -34,13 +34,37 @@ class LossCoefficients:
     delta: float = 0.0
 
 
+@dataclass(frozen=True)
+class AccumulationWindow:
+    """Sizes of the batch parts over the micro-batches of one optimizer step. Losses divide their sums by these
+    sizes, so a step's objective does not depend on how its rows are split into micro-batches (gradient
+    accumulation): batch 2 with no accumulation and batch 1 with 2 steps give the same update."""
+
+    micro_batches: int
+    examples: dict[str, int]
+    tokens: dict[str, int]
+
+    @classmethod
+    def of(cls, batches: Sequence[dict]) -> AccumulationWindow:
+        examples: dict[str, int] = {}
+        tokens: dict[str, int] = {}
+        for batch in batches:
+            for part, inputs in batch.items():
+                labels = inputs["labels"]
+                examples[part] = examples.get(part, 0) + labels.shape[0]
+                tokens[part] = tokens.get(part, 0) + int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return cls(len(batches), examples, tokens)
+
+
 @dataclass
 class UnlearningOutputs:
-    """Logits of the trained model and of the reference on the parts of one batch, with the parts' labels."""
+    """Logits of the trained model and of the reference on the parts of one batch, with the parts' labels, and the
+    accumulation window the batch belongs to (None: the batch alone)."""
 
     logits: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
     reference_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    window: AccumulationWindow | None = None
 
     def nll(self, part: str, average: bool = True) -> torch.Tensor:
         """Per-example NLL of the labelled span: token mean, or the sum over tokens if not ``average``."""
@@ -49,9 +73,20 @@ class UnlearningOutputs:
     def reference_nll(self, part: str, average: bool = True) -> torch.Tensor:
         return sequence_nll(self.reference_logits[part], self.labels[part], average=average)
 
+    def example_mean(self, part: str, values: torch.Tensor) -> torch.Tensor:
+        """The mean of per-example ``values`` over the examples of the part in the window."""
+        count = self.window.examples[part] if self.window is not None else values.shape[0]
+        return values.sum() / max(count, 1)
+
+    def token_mean(self, part: str, total: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``total`` (a sum over this batch's labelled tokens, ``mask``) divided by the part's tokens in the window."""
+        count = self.window.tokens[part] if self.window is not None else int(mask.sum())
+        return total / max(count, 1)
+
     def token_nll(self, part: str) -> torch.Tensor:
         """Mean NLL over every labelled token of the part (the usual causal-LM loss)."""
-        return token_nll(self.logits[part], self.labels[part])
+        logprobs, mask = shifted_token_logprobs(self.logits[part], self.labels[part])
+        return self.token_mean(part, -logprobs.sum(), mask)
 
 
 LossFunction = Callable[[UnlearningOutputs, LossCoefficients], torch.Tensor]
@@ -144,14 +179,14 @@ def negative_preference(outputs: UnlearningOutputs, coefficients: LossCoefficien
     reference and goes to 0 as the forget answers become unlikely, so it decays instead of diverging like GA."""
     beta = _beta(coefficients)
     log_ratio = outputs.nll(FORGET, average=False) - outputs.reference_nll(FORGET, average=False)
-    return -(2.0 / beta) * F.logsigmoid(beta * log_ratio).mean()
+    return outputs.example_mean(FORGET, -(2.0 / beta) * F.logsigmoid(beta * log_ratio))
 
 
 def simple_negative_preference(outputs: UnlearningOutputs, coefficients: LossCoefficients) -> torch.Tensor:
     """SimNPO (Fan et al. 2024): ``-(2/beta) log sigmoid(beta (NLL/|y| - delta))``: length-normalised NLL and no
     reference model (open-unlearning's form; the paper's margin gamma is ``beta * delta``)."""
     beta = _beta(coefficients)
-    return -(2.0 / beta) * F.logsigmoid(beta * (outputs.nll(FORGET) - coefficients.delta)).mean()
+    return outputs.example_mean(FORGET, -(2.0 / beta) * F.logsigmoid(beta * (outputs.nll(FORGET) - coefficients.delta)))
 
 
 def refusal_preference(outputs: UnlearningOutputs, coefficients: LossCoefficients) -> torch.Tensor:
@@ -160,7 +195,7 @@ def refusal_preference(outputs: UnlearningOutputs, coefficients: LossCoefficient
     beta = _beta(coefficients)
     preferred = outputs.reference_nll(FORGET_REFUSAL, average=False) - outputs.nll(FORGET_REFUSAL, average=False)
     rejected = outputs.reference_nll(FORGET, average=False) - outputs.nll(FORGET, average=False)
-    return -(2.0 / beta) * F.logsigmoid(beta * (preferred - rejected)).mean()
+    return outputs.example_mean(FORGET, -(2.0 / beta) * F.logsigmoid(beta * (preferred - rejected)))
 
 
 def refusal_nll(outputs: UnlearningOutputs, coefficients: LossCoefficients) -> torch.Tensor:
@@ -183,7 +218,7 @@ def retain_kl(outputs: UnlearningOutputs, coefficients: LossCoefficients) -> tor
     kl = F.kl_div(
         torch.log_softmax(logits, dim=-1), torch.log_softmax(reference, dim=-1), log_target=True, reduction="none"
     ).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    return outputs.token_mean(RETAIN, (kl * mask).sum(), mask)
 
 
 RETAIN_NLL = LossTerm(retain_nll, (RETAIN,))

@@ -27,7 +27,7 @@ from .data import (
     tokenize_rows,
 )
 from .localization import restrict_to_masks
-from .losses import LossCoefficients, UnlearningOutputs, get_unlearning_loss
+from .losses import AccumulationWindow, LossCoefficients, UnlearningOutputs, get_unlearning_loss
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,9 @@ class UnlearningTrainer(Trainer):
     ``trainer.masked_gradients.remove()``.
     """
 
+    # compute_loss divides by the whole optimizer step's sizes: the Trainer must not divide by the steps again.
+    loss_is_scaled_for_ga = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -146,8 +149,6 @@ class UnlearningTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
-        # compute_loss returns a per-batch mean: the Trainer divides it by the accumulation steps.
-        self.loss_is_scaled_for_ga = False
         self.add_callback(RetainPairingCallback(dataset))
         self._logged_terms: dict[str, list[float]] = {}
 
@@ -230,13 +231,22 @@ class UnlearningTrainer(Trainer):
         with evaluating(model), unwrapped.disable_adapter():
             yield model
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device) -> tuple[list, AccumulationWindow]:
+        """The micro-batches of one optimizer step and their sizes, which compute_loss divides by."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batch_samples, AccumulationWindow.of(batch_samples)
+
     def compute_loss(
         self,
         model: nn.Module,
         inputs: dict[str, Any],
         return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
+        num_items_in_batch: AccumulationWindow | torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, UnlearningOutputs]:
+        """The objective on one micro-batch. In training its sums are divided by the sizes of the whole optimizer
+        step (``num_items_in_batch``, from :meth:`get_batch_samples`), so the micro-batches' losses add up to the
+        step's mean whatever the accumulation; called alone, the batch is its own window."""
+        window = num_items_in_batch if isinstance(num_items_in_batch, AccumulationWindow) else None
         loss = self.unlearning_loss
         reference_logits = {}
         reference_parts = loss.reference_parts(self.with_retain)
@@ -249,12 +259,14 @@ class UnlearningTrainer(Trainer):
             logits=logits,
             labels={part: part_inputs["labels"] for part, part_inputs in inputs.items()},
             reference_logits=reference_logits,
+            window=window,
         )
         terms = loss(outputs, self.args.coefficients, self.with_retain)
         if model.training:
+            share = window.micro_batches if window is not None else 1  # a micro-batch's part of the step's mean
             for name, value in terms.items():
                 if name != "loss":
-                    self._logged_terms.setdefault(name, []).append(value.item())
+                    self._logged_terms.setdefault(name, []).append(value.item() * share)
         return (terms["loss"], outputs) if return_outputs else terms["loss"]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
