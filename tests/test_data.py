@@ -15,6 +15,23 @@ def test_load_tofu_reads_the_local_sample(tofu_dir):
         load_tofu("nonexistent", data_dir=tofu_dir)
 
 
+def test_load_tofu_says_what_it_read_and_names_bad_files(tofu_dir, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="peft_unlearn.data.tofu"):
+        assert len(load_tofu("forget01", data_dir=tofu_dir)) == 300
+    assert "'forget01' read from forget.jsonl (300 rows)" in caplog.text
+    assert "perturbed_answer" in load_tofu("world_facts_perturbed", data_dir=tofu_dir).column_names
+    with pytest.raises(ValueError, match="no perturbed_answer column"):
+        load_tofu("forget05_perturbed", data_dir=tofu_dir)
+    (tmp_path / "forget.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": \n')
+    with pytest.raises(ValueError, match="forget.jsonl line 2 is not valid JSON"):
+        load_tofu("forget", data_dir=tmp_path)
+    (tmp_path / "retain.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"rows \[0, 1\] are not objects"):
+        load_tofu("retain", data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        load_tofu("forget", data_dir=tmp_path / "retain.json")
+
+
 def test_fictitious_facts_are_deterministic_and_well_formed():
     facts = fictitious_facts(20, seed=3)
     assert facts == fictitious_facts(20, seed=3)

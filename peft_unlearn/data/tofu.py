@@ -25,22 +25,37 @@ _LOCAL_ALIASES = (
 def _read_rows(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
-    if isinstance(data, dict):
-        data = next(iter(v for v in data.values() if isinstance(v, list)), None)
-    if not isinstance(data, list):
-        raise ValueError(f"{path} holds neither a JSON list of rows nor a JSONL file")
-    return data
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path} line {number} is not valid JSON: {error.msg}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if isinstance(data, dict):
+            data = next(iter(v for v in data.values() if isinstance(v, list)), None)
+        if not isinstance(data, list):
+            raise ValueError(f"{path} holds neither a JSON list of rows nor a JSONL file")
+        rows = data
+    not_rows = [i for i, row in enumerate(rows) if not isinstance(row, dict)]
+    if not_rows:
+        raise ValueError(f"{path}: rows {not_rows[:10]} are not objects with TOFU fields (question, answer, ...)")
+    return rows
 
 
-def _local_file(data_dir: Path, split: str) -> Path:
+def _local_file(data_dir: Path, split: str) -> tuple[Path, bool]:
+    """The file holding ``split`` and whether it was found under an alias (a file standing for several splits)."""
     stems = [split] + [stem for pattern, stem in _LOCAL_ALIASES if pattern.match(split)]
     for stem in stems:
         for suffix in (".jsonl", ".json"):
             candidate = data_dir / f"{stem}{suffix}"
             if candidate.is_file():
-                return candidate
+                return candidate, stem != split
     available = sorted(p.name for p in data_dir.glob("*.json*"))
     raise FileNotFoundError(f"no file for TOFU split {split!r} in {data_dir} (tried {stems}); found {available}")
 
@@ -48,17 +63,25 @@ def _local_file(data_dir: Path, split: str) -> Path:
 def load_tofu(split: str, data_dir: str | Path | None = None) -> datasets.Dataset:
     """Load one TOFU split as a ``datasets.Dataset`` with the TOFU schema (question, answer, ...).
 
-    With ``data_dir`` the split is read from ``{split}.jsonl``/``.json`` there (Hub names such as ``forget10`` map to
-    ``forget.jsonl``); otherwise it is the configuration ``split`` of the Hub dataset ``locuslab/TOFU``.
+    With ``data_dir`` the split is read from ``{split}.jsonl``/``.json`` there; Hub names such as ``forget10`` map to
+    ``forget.jsonl`` (with a warning: one local file stands for every forgetNN split), and ``*_perturbed`` splits
+    must have ``perturbed_answer``. Without ``data_dir`` it is the configuration ``split`` of the Hub dataset
+    ``locuslab/TOFU``.
     """
     if data_dir is None:
         logger.info("loading TOFU split %s from the Hub dataset %s", split, TOFU_HUB_ID)
         return datasets.load_dataset(TOFU_HUB_ID, split, split="train")
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"TOFU data_dir {data_dir} does not exist")
-    path = _local_file(data_dir, split)
+        problem = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise FileNotFoundError(f"TOFU data_dir {data_dir} {problem}")
+    path, aliased = _local_file(data_dir, split)
     rows = _read_rows(path)
     if not rows:
         raise ValueError(f"{path} is empty")
+    if aliased:
+        logger.warning("TOFU split %r read from %s (%d rows): in a local folder one file stands for every split of "
+                       "its kind", split, path.name, len(rows))
+    if split.endswith("_perturbed") and not all("perturbed_answer" in row for row in rows):
+        raise ValueError(f"TOFU split {split!r}: {path} has no perturbed_answer column, which that split needs")
     return datasets.Dataset.from_list(rows)

@@ -19,8 +19,9 @@ def tofu_pairs(
     data_dir: str | Path | None = None, n_forget: int = 40, n_retain: int = 100
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """The first ``n_forget`` forget and ``n_retain`` retain (question, answer) pairs of TOFU."""
-    forget = load_tofu("forget10", data_dir)
-    retain = load_tofu("retain90", data_dir)
+    local = data_dir is not None  # a local folder keeps one forget and one retain file
+    forget = load_tofu("forget" if local else "forget10", data_dir)
+    retain = load_tofu("retain" if local else "retain90", data_dir)
     if n_forget > len(forget) or n_retain > len(retain):
         raise ValueError(f"asked for {n_forget}/{n_retain} pairs, have {len(forget)}/{len(retain)}")
     take = lambda rows, n: [(rows[i]["question"], rows[i]["answer"]) for i in range(n)]  # noqa: E731
