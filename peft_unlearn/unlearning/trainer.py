@@ -231,9 +231,9 @@ class UnlearningTrainer(Trainer):
         with evaluating(model), unwrapped.disable_adapter():
             yield model
 
-    def get_batch_samples(self, epoch_iterator, num_batches: int, device) -> tuple[list, AccumulationWindow]:
+    def get_batch_samples(self, *args: Any, **kwargs: Any) -> tuple[list, AccumulationWindow]:
         """The micro-batches of one optimizer step and their sizes, which compute_loss divides by."""
-        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batch_samples, _ = super().get_batch_samples(*args, **kwargs)
         return batch_samples, AccumulationWindow.of(batch_samples)
 
     def compute_loss(
