@@ -58,8 +58,9 @@ class SecondMoments:
 
 def null_space_projector(second_moment: torch.Tensor, energy: float) -> torch.Tensor:
     """Projector onto the low-variance directions of the preserved keys: the eigenvectors of ``second_moment``
-    with the smallest eigenvalues whose sum is at most ``energy`` times the trace. An update restricted to them
-    changes the preserved keys' outputs by at most that fraction of their energy (scale-free across models)."""
+    with the smallest eigenvalues whose sum is at most ``energy`` times the trace (scale-free across models). The
+    preserved keys' component in that subspace, the only part an update restricted to it acts on, holds at most
+    that fraction of their energy; how much their outputs change also depends on the update's size."""
     eigenvalues, eigenvectors = torch.linalg.eigh(second_moment.double())  # ascending
     cumulative = torch.cumsum(eigenvalues.clamp(min=0), 0)
     keep = cumulative <= energy * cumulative[-1].clamp(min=1e-30)

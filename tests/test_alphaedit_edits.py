@@ -79,6 +79,22 @@ def test_rehearsal_is_capped_and_can_be_turned_off(world, trained_models, one_th
     assert model.base_model._rehearsal["default"] == []
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_editing_after_a_reload_equals_editing_on_in_memory(world, trained_models, tmp_path, arch):
+    """With save_projection=True (and no rehearsal, which lives in memory only) the next edits land exactly as in
+    the session that saved the adapter: context-template prefixes come from the original model, not the edited."""
+    base, model, tokenizer, requests = setup(world, trained_models, arch, n=10, save_projection=True,
+                                             rehearse_edits=0)
+    pu.edit(model, tokenizer, requests[:5], progress=False)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    pu.edit(model, tokenizer, requests[5:], progress=False)
+    pu.edit(reloaded, tokenizer, requests[5:], progress=False)
+    batch = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_sequential_calls_accumulate_and_editing_resumes_after_reload(world, trained_models, tmp_path):
     base, model, tokenizer, requests = setup(world, trained_models, "llama", n=10, save_projection=True, rounds=1)
     pu.edit(model, tokenizer, requests[:5], progress=False)
@@ -147,7 +163,8 @@ def test_query_merging_edits_one_key_per_subject(world, trained_models, one_thre
         pu.collect_statistics(model, tokenizer, preserve, progress=False)
         result = pu.edit(model, tokenizer, requests, merge_queries=merge, progress=False)
         outcome[merge] = (result, answer_accuracy(model, tokenizer, targets), answer_accuracy(model, tokenizer, retain))
-    (merged, merged_targets, merged_retain), (unmerged, unmerged_targets, unmerged_retain) = outcome[True], outcome[False]
+    (merged, merged_targets, merged_retain) = outcome[True]
+    (unmerged, unmerged_targets, unmerged_retain) = outcome[False]
     assert merged.details["edited_keys"] == 5 and merged.details["rank"] == 5 and merged.n_requests == 20
     assert unmerged.details["edited_keys"] == 20
     assert merged_retain >= 0.9 and merged_retain >= unmerged_retain + 0.1

@@ -217,6 +217,24 @@ def test_requests_must_fit_the_context_and_a_merged_adapter_is_not_edited(word_t
             torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_subject_that_ends_the_prompt_is_one_slot_and_an_empty_null_space_is_named(word_tokenizer):
+    from peft_unlearn.tuners.alphaedit.solver import edit_rows
+
+    requests = [pu.EditRequest("w1 w2 w7", "w3 w4", subject="w7"), pu.EditRequest("w7 w2 w5", "w3", subject="w7")]
+    rows = edit_rows(word_tokenizer, requests, ["{}", "w9 {}"], "subject+answer", "cpu")
+    for positions, mask in zip(rows.positions, rows.mask):
+        valid = positions[mask].tolist()
+        assert len(valid) == len(set(valid))  # no position edited twice
+    assert rows.mask.sum(dim=1).tolist() == [2, 2, 2, 2]  # ends the prompt: subject + 1 target; else 1 + 1
+
+    model = get_peft_model(tiny_llama(vocab_size=len(word_tokenizer), layers=3), pu.AlphaEditConfig(layers=[1]))
+    name = mlp_output_projection_name(model.base_model.model, 1)
+    flat = SecondMoments({name: torch.eye(64)}, {name: 100})  # every direction holds 1/64 of the energy
+    with pytest.raises(ValueError, match="no null space at nullspace_threshold=0.001"):
+        pu.attach_statistics(model, flat)
+    assert model.base_model.edited_layers("default")[name].moment("default") is None
+
+
 def test_unknown_architecture_needs_explicit_modules():
     from torch import nn
 

@@ -103,7 +103,8 @@ class AlphaEditConfig(PeftConfig):
         default=0.0625, metadata={"help": "Weight of the KL term that keeps '{subject} is a' predictions unchanged."}
     )
     n_context_templates: int = field(
-        default=4, metadata={"help": "Prompt variants (the bare prompt plus generated prefixes) keys are averaged over."}
+        default=4,
+        metadata={"help": "Prompt variants (the bare prompt plus generated prefixes) keys are averaged over."},
     )
     save_projection: bool = field(
         default=False,

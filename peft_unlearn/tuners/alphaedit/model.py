@@ -18,7 +18,8 @@ from ...capture import (
     mlp_output_projection_name,
     num_decoder_layers,
 )
-from ...requests import EditRequest, tokenize_pairs
+from ...editing import adapters_disabled
+from ...requests import EditRequest, chat_formatted, tokenize_pairs
 from ...statistics import SecondMoments, null_space_projector
 from ..base import EditingTuner
 from .config import AlphaEditConfig
@@ -139,12 +140,20 @@ class AlphaEditModel(EditingTuner):
                     f"statistics for {name} have dimension {statistics.dim(name)} but the layer's input has "
                     f"{layer.in_features} features: they were computed on another model"
                 )
+        moments = {name: statistics.moments[name].to(torch.float32) for name in layers}
+        projectors = dict.fromkeys(layers)
+        if config.solver == "alphaedit":
+            projectors = {name: null_space_projector(moment, config.nullspace_threshold)
+                          for name, moment in moments.items()}
+            empty = [name for name, projector in projectors.items() if not projector.any()]
+            if empty:
+                raise ValueError(
+                    f"the preserved keys of {empty} leave no null space at nullspace_threshold="
+                    f"{config.nullspace_threshold}: their weakest direction alone holds more than that share of their "
+                    "energy; raise nullspace_threshold (or preserve more varied texts)"
+                )
         for name, layer in layers.items():
-            moment = statistics.moments[name].to(torch.float32)
-            projector = None
-            if config.solver == "alphaedit":
-                projector = null_space_projector(moment, config.nullspace_threshold)
-            layer.set_preservation(adapter_name, moment, projector)
+            layer.set_preservation(adapter_name, moments[name], projectors[name])
 
     # --- editing ------------------------------------------------------------------------------------------------
 
@@ -245,10 +254,13 @@ class AlphaEditModel(EditingTuner):
         }
 
     def _templates(self, tokenizer, n_templates: int) -> list[str]:
+        """Prefixes the original model writes (adapter off, plain text): the same in every session, so editing
+        after a reload reads the keys it would have read in the session that saved the adapter."""
         cache = self.__dict__.setdefault("_template_cache", {})
         key = (id(tokenizer), n_templates)
         if key not in cache:
-            cache[key] = context_templates(self.model, tokenizer, n_templates)
+            with adapters_disabled(self), chat_formatted(False):
+                cache[key] = context_templates(self.model, tokenizer, n_templates)
         return cache[key]
 
     def _edit_batch(self, tokenizer, requests, adapter_name, templates, target_batch_size, merge_queries):

@@ -126,7 +126,10 @@ def edit_rows(
     for row in range(len(batch)):
         row_slots = [int(batch.subject_last[row])] if "subject" in mode else []
         if "answer" in mode:
-            row_slots += list(range(int(batch.prompt_last[row]), int(batch.target_end[row]) - 1))
+            # A subject that ends the prompt is read where the first target token is predicted: one slot, not two
+            # deltas added at one position that the solve would then fit as their average.
+            answer = range(int(batch.prompt_last[row]), int(batch.target_end[row]) - 1)
+            row_slots += [position for position in answer if position not in row_slots]
         slots.append(row_slots)
     width = max(len(row_slots) for row_slots in slots)
     positions = torch.zeros(len(batch), width, dtype=torch.long)
