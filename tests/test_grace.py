@@ -5,6 +5,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import peft_unlearn as pu
+from peft_unlearn.capture import capture_at_positions
 from peft_unlearn.metrics import answer_accuracy, generation_match
 from peft_unlearn.tuners.grace.layer import GraceLayer
 from peft_unlearn.tuners.grace.model import GraceModel, label_of
@@ -121,6 +122,31 @@ def test_a_later_call_edits_a_prompt_again_and_rollback_restores_the_first_targe
     with pytest.raises(ValueError, match="two targets"):
         pu.edit(model, tokenizer, [first[1], again[0], pu.EditRequest(first[1].prompt, "No comment.")])
     assert model.peft_config["default"].codebook_size == size
+
+
+@pytest.mark.parametrize("replacement", ["last", "answer"])
+def test_wide_radii_never_reach_unrelated_prompts_and_every_edit_keeps_a_radius(world, trained_models, replacement):
+    """With a large eps_init, same-target edits widen each other's entries across calls: every radius grown in a
+    call (new or widened) stays clear of the unrelated prompts, and a key whose covering entry had to shrink gets an
+    entry of its own."""
+    base, tokenizer = trained_models("llama")
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig(eps_init=0.3, replacement=replacement))
+    unrelated = [f.question for f in world.retain_facts[:40]]
+    batch = tokenizer(unrelated, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        original = model(**batch).logits
+    facts = world.forget_facts[:12]
+    for start in range(0, 12, 3):
+        requests = [pu.EditRequest(f.question, "I have no information about that person.", f.subject)
+                    for f in facts[start : start + 3]]
+        pu.edit(model, tokenizer, requests, unrelated=unrelated, progress=False)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits, original, rtol=0, atol=0)
+    _, layer = model.base_model.grace_layer("default")
+    prompts = tokenizer([f.question for f in facts], return_tensors="pt", padding=True, padding_side="left")
+    keys = capture_at_positions(model, {"key": layer}, prompts, None)["key"][:, -1]
+    _, inside = layer.lookup("default", keys)
+    assert bool(inside.all())  # every edited prompt's last token is within some entry's radius
 
 
 def test_lookup_is_vectorised_and_exact():

@@ -99,6 +99,7 @@ class GraceModel(SingleLayerTuner):
         book["keys"], book["values"], book["eps"] = book["keys"].float(), book["values"].float(), book["eps"].float()
         # Which entry serves each (request, slot); entries from n_old on are new (their values are trained).
         n_old = layer.size(adapter_name)
+        old_eps = book["eps"].clone()
         entry = torch.full(valid.shape, -1, dtype=torch.long)
         labels = torch.zeros(valid.shape, dtype=torch.long)
         for row, request in enumerate(requests):
@@ -111,9 +112,12 @@ class GraceModel(SingleLayerTuner):
                     layer, adapter_name, book, queries[row, slot], int(labels[row, slot]), edit_ids[row],
                     config.eps_init,
                 )
-        self._cover_uncovered(layer, adapter_name, book, queries, valid, entry, labels, edit_ids, config)
+        # Radii grown in this call stay clear of the unrelated keys; keys that a shrunk radius no longer covers
+        # then get entries of their own, clear of them too.
+        negatives = self._unrelated_keys(tokenizer, unrelated, layer)
+        self._keep_clear_of(layer, adapter_name, book, old_eps, negatives)
+        self._cover_uncovered(layer, adapter_name, book, queries, valid, entry, labels, edit_ids, config, negatives)
         self._drop_unread_entries(book, entry, valid, n_old)
-        self._keep_clear_of(layer, adapter_name, book, n_old, self._unrelated_keys(tokenizer, unrelated, layer))
         trained = self._train_values(layer, batch, positions, valid, entry, book["values"], current, n_old, config,
                                      progress)
         book["values"][n_old:] = trained.to(book["values"])
@@ -166,29 +170,40 @@ class GraceModel(SingleLayerTuner):
         return keys[batch.attention_mask.bool()].float()
 
     @staticmethod
-    def _keep_clear_of(layer, adapter_name, book, n_old: int, negatives: torch.Tensor) -> None:
-        """Shrink the new entries' radii to half their distance to the nearest unrelated key."""
-        if book["keys"].shape[0] == n_old or len(negatives) == 0:
+    def _keep_clear_of(layer, adapter_name, book, old_eps: torch.Tensor, negatives: torch.Tensor) -> None:
+        """Radii this call created or widened shrink to half their distance to the nearest unrelated key; a widened
+        entry keeps at least the radius it had before the call (earlier edits rely on it)."""
+        eps, n_old = book["eps"], old_eps.shape[0]
+        n_new = eps.shape[0] - n_old
+        grown = torch.cat([eps[:n_old] > old_eps, torch.ones(n_new, dtype=torch.bool, device=eps.device)])
+        if len(negatives) == 0 or not bool(grown.any()):
             return
-        distance = key_distances(layer.grace_distance[adapter_name], book["keys"][n_old:], negatives).min(1).values
-        book["eps"][n_old:] = torch.minimum(book["eps"][n_old:], distance.to(book["eps"]) / 2)
+        kind = layer.grace_distance[adapter_name]
+        clear = key_distances(kind, book["keys"][grown], negatives).min(1).values.to(eps) / 2
+        floor = torch.cat([old_eps, torch.zeros(n_new, dtype=eps.dtype, device=eps.device)])[grown]
+        eps[grown] = torch.maximum(floor, torch.minimum(eps[grown], clear))
 
     @staticmethod
-    def _cover_uncovered(layer, adapter_name, book, queries, valid, entry, labels, edit_ids, config) -> None:
-        """A later split can shrink an entry that an earlier key of the same call was relying on; give every key
-        left uncovered (or covered by an entry of another label) an entry of its own, so each edit holds."""
+    def _cover_uncovered(layer, adapter_name, book, queries, valid, entry, labels, edit_ids, config,
+                         negatives: torch.Tensor) -> None:
+        """A later split, or keeping clear of unrelated keys, can shrink an entry that a key of this call was
+        relying on; give every key left uncovered (or covered by an entry of another label) an entry of its own,
+        so each edit holds. Its radius reaches neither another entry's key nor an unrelated key."""
         kind = layer.grace_distance[adapter_name]
         for row, slot in valid.nonzero().tolist():
-            distance = key_distances(kind, queries[row, slot][None], book["keys"])
+            query = queries[row, slot]
+            distance = key_distances(kind, query[None], book["keys"])
             nearest_distance, nearest = nearest_live_entries(distance, book["eps"])
             j = int(nearest[0])
             covered = float(nearest_distance[0]) <= float(book["eps"][j]) * (1 + RADIUS_SLACK)
             if covered and int(book["labels"][j]) == int(labels[row, slot]):
                 entry[row, slot] = j
                 continue
-            radius = min(initial_radius(kind, queries[row, slot], config.eps_init), float(nearest_distance[0]) / 2)
+            radius = min(initial_radius(kind, query, config.eps_init), float(nearest_distance[0]) / 2)
+            if len(negatives):
+                radius = min(radius, float(key_distances(kind, query[None], negatives).min()) / 2)
             device = book["keys"].device
-            book["keys"] = torch.cat([book["keys"], queries[row, slot][None]])
+            book["keys"] = torch.cat([book["keys"], query[None]])
             book["values"] = torch.cat([book["values"], torch.zeros(1, book["values"].shape[1], device=device)])
             book["eps"] = torch.cat([book["eps"], torch.tensor([radius], device=device)])
             book["labels"] = torch.cat([book["labels"], labels[row, slot][None].to(device)])
