@@ -200,6 +200,8 @@ def test_bad_input_leaves_the_model_untouched(trained_models):
         pu.GraceConfig(target_modules=["a", "b"])
     with pytest.raises(ValueError, match="replacement"):
         pu.GraceConfig(replacement="everywhere")
+    with pytest.raises(ValueError, match="eps_init"):
+        pu.GraceConfig(eps_init=float("nan"))
     wrapped = get_peft_model(model, pu.GraceConfig())
     with pytest.raises(ValueError, match="empty"):
         pu.edit(wrapped, tokenizer, [])

@@ -119,6 +119,10 @@ def test_explicit_unrelated_prompts_and_bad_input(world, trained_models):
         pu.WiseConfig(merge="average")
     with pytest.raises(ValueError, match="mask_ratio"):
         pu.WiseConfig(mask_ratio=0)
+    for bad in ({"alpha": -0.1}, {"lr": float("nan")}, {"norm_constraint": float("inf")},
+                {"shard_size": 5, "shard_edits": 5}):
+        with pytest.raises(ValueError):
+            pu.WiseConfig(**bad)
     wrapped = get_peft_model(model, pu.WiseConfig())
     request = refusals(world.forget_facts[:1])
     with pytest.raises(ValueError, match="unrelated"):
@@ -154,6 +158,31 @@ def test_a_failed_call_leaves_no_shard_behind(world, trained_models, monkeypatch
     assert len(calls) == 2 and (config.n_edits, config.shard_edits, config.n_memories) == (1, 1, 0)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("merge", ["ties", "dare_ties"])
+def test_merged_memories_keep_the_norm_constraint(world, trained_models, merge):
+    base, tokenizer = trained_models("llama")
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig(shard_size=2, n_iter=30, norm_constraint=1e-3,
+                                                              merge=merge))
+    pu.edit(model, tokenizer, refusals(world.forget_facts[:6]), progress=False)  # three shards, two merges
+    layer = model.base_model.wise_layer("default")
+    assert model.peft_config["default"].n_memories == 3
+    assert float(layer.wise_memories["default"].abs().max()) <= 1e-3 * (1 + 1e-6)
+
+
+def test_loading_weights_into_an_adapter_refreshes_its_routing(world, trained_models, tmp_path):
+    base, tokenizer = trained_models("llama")
+    first = get_peft_model(copy.deepcopy(base), pu.WiseConfig(n_iter=20))
+    pu.edit(first, tokenizer, refusals(world.forget_facts[:2]), progress=False)
+    second = get_peft_model(copy.deepcopy(base), pu.WiseConfig(n_iter=20))
+    pu.edit(second, tokenizer, refusals(world.forget_facts[2:4]), progress=False)
+    second.save_pretrained(tmp_path)
+    batch = tokenizer([f.question for f in world.forget_facts[:4]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        first(**batch)  # routes with (and caches) the first adapter's thresholds
+        first.load_adapter(str(tmp_path), adapter_name="default")
+        torch.testing.assert_close(first(**batch).logits, second(**batch).logits, rtol=0, atol=0)
 
 
 def test_wise_wraps_gpt2_conv1d():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -65,7 +66,7 @@ class GraceConfig(PeftConfig):
             raise ValueError(f"replacement must be 'last', 'prompt', 'all' or 'answer', got {self.replacement!r}")
         if self.distance not in ("euclidean", "cosine"):
             raise ValueError(f"distance must be 'euclidean' or 'cosine', got {self.distance!r}")
-        if self.eps_init <= 0 or self.edit_lr <= 0 or self.n_iter < 1:
-            raise ValueError("eps_init and edit_lr must be positive and n_iter at least 1")
+        if not (0 < self.eps_init < math.inf and 0 < self.edit_lr < math.inf) or self.n_iter < 1:
+            raise ValueError("eps_init and edit_lr must be positive finite numbers and n_iter at least 1")
         if min(self.codebook_size, self.n_changes, self.n_edits) < 0:
             raise ValueError("codebook_size, n_changes and n_edits must not be negative")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -74,7 +75,14 @@ class WiseConfig(PeftConfig):
             raise ValueError("mask_ratio and merge_density must be in (0, 1]")
         if not 0 < self.act_ratio <= 1:
             raise ValueError("act_ratio must be in (0, 1]")
-        if self.lr <= 0 or self.n_iter < 1 or self.shard_size < 1 or self.norm_constraint <= 0:
-            raise ValueError("lr and norm_constraint must be positive; n_iter and shard_size at least 1")
+        finite_positive = 0 < self.lr < math.inf and 0 < self.norm_constraint < math.inf
+        if not finite_positive or self.n_iter < 1 or self.shard_size < 1:
+            raise ValueError("lr and norm_constraint must be positive finite numbers; n_iter and shard_size at least 1")
+        if not all(0 <= margin < math.inf for margin in (self.alpha, self.beta, self.gamma)):
+            raise ValueError(f"the margins alpha, beta, gamma must be finite and >= 0, got "
+                             f"{self.alpha}, {self.beta}, {self.gamma}")
         if min(self.n_memories, self.n_edits, self.shard_edits) < 0:
             raise ValueError("n_memories, n_edits and shard_edits must not be negative")
+        if self.shard_edits >= self.shard_size:
+            raise ValueError(f"shard_edits ({self.shard_edits}) must be below shard_size ({self.shard_size}): a full "
+                             "shard is stored as soon as it fills")

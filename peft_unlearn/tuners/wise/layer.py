@@ -56,6 +56,7 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
         # Per adapter and row, the running maximum score per memory over a generated sequence.
         self._running: dict[str, torch.Tensor] = {}
         self._thresholds: dict[str, torch.Tensor] = {}
+        self._threshold_stamps: dict[str, tuple] = {}
 
     def update_layer(self, adapter_name: str, config: WiseConfig) -> None:
         """Create ``adapter_name`` with the recorded number of memories and edits (so a saved adapter reloads)."""
@@ -94,8 +95,20 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
             found.append((WORKING, working))
         return found
 
+    def _state_stamp(self, adapter_name: str) -> tuple:
+        """What the thresholds depend on: the memories and keys (in-place loads bump their versions) and the config."""
+        tensors = (self.wise_working[adapter_name], self.wise_memories[adapter_name], self.wise_keys[adapter_name],
+                   self.wise_key_memory[adapter_name])
+        config = self.wise_config[adapter_name]
+        return tuple((t.data_ptr(), t._version) for t in tensors) + (config.act_ratio, config.retrieve)
+
     def thresholds(self, adapter_name: str) -> torch.Tensor:
-        """Per candidate: act_ratio x the smallest score of its own edits' keys (cached until the next edit)."""
+        """Per candidate: act_ratio x the smallest score of its own edits' keys (cached while the memories, keys
+        and config stay as they are)."""
+        stamp = self._state_stamp(adapter_name)
+        if self._threshold_stamps.get(adapter_name) != stamp:
+            self._thresholds.pop(adapter_name, None)
+            self._threshold_stamps[adapter_name] = stamp
         if adapter_name not in self._thresholds:
             config = self.wise_config[adapter_name]
             keys = self.wise_keys[adapter_name].float()

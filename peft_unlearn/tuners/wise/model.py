@@ -172,6 +172,8 @@ class WiseModel(SingleLayerTuner):
             if memories.shape[0]:
                 merged = merge_deltas([memories[0], working], config.merge, config.merge_density,
                                       seed=config.seed + config.n_memories)
+                # TIES averages and DARE rescales: the merged memory keeps the norm constraint too.
+                merged = merged.clamp(-config.norm_constraint, config.norm_constraint)
             else:
                 merged = working
             memories = merged[None]
