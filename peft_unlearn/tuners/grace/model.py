@@ -267,7 +267,12 @@ class GraceModel(SingleLayerTuner):
         return (start + offset * scale).detach()
 
     def remove_edits(self, edit_ids: Sequence[int], adapter_name: str) -> int:
-        """Roll back edits: drop the entries they created and undo the radius changes they made."""
+        """Roll back edits: drop the entries they created and undo the radius changes they made.
+
+        Exact when edits are removed newest first, and whenever no later edit widened or split the removed edits'
+        entries (none does at the default ``eps_init`` on the fact models). Otherwise an undone change restores the
+        radius of every entry of the edit that owned the changed one, and a kept edit that relied on a widened entry
+        of a removed edit loses that coverage: remove such edits newest first."""
         config: GraceConfig = self.peft_config[adapter_name]
         _, layer = self.grace_layer(adapter_name)
         removed = set(int(i) for i in edit_ids)
