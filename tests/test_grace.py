@@ -149,6 +149,26 @@ def test_wide_radii_never_reach_unrelated_prompts_and_every_edit_keeps_a_radius(
     assert bool(inside.all())  # every edited prompt's last token is within some entry's radius
 
 
+def test_rolling_back_a_change_restores_only_the_entry_it_changed(world, trained_models, tmp_path):
+    """An edit owns one entry per target token ('answer' mode); undoing a later edit's change to one of them
+    restores that entry's radius, not every entry of the edit."""
+    base, tokenizer = trained_models("llama")
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig())
+    question = world.forget_facts[0].question
+    pu.edit(model, tokenizer, [pu.EditRequest(question, "I don't know who that is.")], progress=False)
+    _, layer = model.base_model.grace_layer("default")
+    radii = layer.grace_eps["default"].clone()
+    assert len(set(radii.tolist())) > 1
+    again = pu.edit(model, tokenizer, [pu.EditRequest(question, "Sorry, no idea at all.")], progress=False)
+    assert model.peft_config["default"].n_changes >= 1  # it took over the first edit's entry at the prompt's end
+    model.save_pretrained(tmp_path)  # the change log travels with the adapter
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    for edited in (model, reloaded):
+        pu.remove_edits(edited, again.edit_ids)
+        _, layer = edited.base_model.grace_layer("default")
+        torch.testing.assert_close(layer.grace_eps["default"], radii, rtol=0, atol=0)
+
+
 def test_lookup_is_vectorised_and_exact():
     layer = get_peft_model(tiny_llama(), pu.GraceConfig(layer=1)).base_model.grace_layer("default")[1]
     keys = torch.randn(500, layer.in_features)
@@ -179,12 +199,13 @@ def test_codebook_rules_add_expand_split_and_take_over():
     assert place(layer, "default", book, other, label_of("B"), 2, 1.0) == 1  # conflict: split
     assert book["eps"].tolist() == [0.75, 0.75]
     assert book["labels"].tolist() == [label_of("A"), label_of("B")]  # labels in the order of keys
-    assert book["change_ids"].tolist() == [[1, 0], [2, 0]] and book["change_eps"].tolist() == [1.0, 1.5]
+    # (changing edit, owner edit, entry index: apply_edits turns it into the owner's ordinal at the end)
+    assert book["change_ids"].tolist() == [[1, 0, 0], [2, 0, 0]] and book["change_eps"].tolist() == [1.0, 1.5]
     # The same key with another label (a prompt edited again): a new entry takes over the old one's radius,
     # the old one rests at radius 0 and no lookup reaches it.
     assert place(layer, "default", book, other + 1e-6, label_of("C"), 3, 1.0) == 2
     assert book["eps"].tolist() == [0.75, 0.0, 0.75]
-    assert book["change_ids"].tolist()[-1] == [3, 2] and book["change_eps"].tolist()[-1] == 0.75
+    assert book["change_ids"].tolist()[-1] == [3, 2, 1] and book["change_eps"].tolist()[-1] == 0.75
     layer.set_codebook("default", **book)
     nearest, inside = layer.lookup("default", other[None])
     assert nearest.tolist() == [2] and inside.tolist() == [True]

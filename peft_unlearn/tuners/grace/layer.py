@@ -64,7 +64,8 @@ class GraceLayer(BaseTunerLayer, BatchAwareLayer):
         self.grace_eps = BufferDict({}, persistent=True)
         self.grace_labels = BufferDict({}, persistent=True)
         self.grace_edit_ids = BufferDict({}, persistent=True)
-        self.grace_change_ids = BufferDict({}, persistent=True)  # [C, 2]: (changing edit id, entry's edit id)
+        # [C, 3]: (changing edit id, entry's edit id, entry's ordinal among that edit's entries)
+        self.grace_change_ids = BufferDict({}, persistent=True)
         self.grace_change_eps = BufferDict({}, persistent=True)  # [C]: the entry's radius before the change
         self.grace_distance: dict[str, str] = {}
         self.grace_replacement: dict[str, str] = {}
@@ -89,7 +90,7 @@ class GraceLayer(BaseTunerLayer, BatchAwareLayer):
         self.grace_eps[adapter_name] = torch.zeros(n, device=device)
         self.grace_labels[adapter_name] = torch.zeros(n, dtype=torch.long, device=device)
         self.grace_edit_ids[adapter_name] = torch.zeros(n, dtype=torch.long, device=device)
-        self.grace_change_ids[adapter_name] = torch.zeros(c, 2, dtype=torch.long, device=device)
+        self.grace_change_ids[adapter_name] = torch.zeros(c, 3, dtype=torch.long, device=device)
         self.grace_change_eps[adapter_name] = torch.zeros(c, device=device)
         self.grace_distance[adapter_name] = config.distance
         self.grace_replacement[adapter_name] = config.replacement

@@ -98,7 +98,7 @@ class GraceModel(SingleLayerTuner):
                 ("keys", "values", "eps", "labels", "edit_ids", "change_ids", "change_eps")}
         book["keys"], book["values"], book["eps"] = book["keys"].float(), book["values"].float(), book["eps"].float()
         # Which entry serves each (request, slot); entries from n_old on are new (their values are trained).
-        n_old = layer.size(adapter_name)
+        n_old, n_logged = layer.size(adapter_name), book["change_ids"].shape[0]
         old_eps = book["eps"].clone()
         entry = torch.full(valid.shape, -1, dtype=torch.long)
         labels = torch.zeros(valid.shape, dtype=torch.long)
@@ -117,7 +117,7 @@ class GraceModel(SingleLayerTuner):
         negatives = self._unrelated_keys(tokenizer, unrelated, layer)
         self._keep_clear_of(layer, adapter_name, book, old_eps, negatives)
         self._cover_uncovered(layer, adapter_name, book, queries, valid, entry, labels, edit_ids, config, negatives)
-        self._drop_unread_entries(book, entry, valid, n_old)
+        self._drop_unread_entries(book, entry, valid, n_old, n_logged)
         trained = self._train_values(layer, batch, positions, valid, entry, book["values"], current, n_old, config,
                                      progress)
         book["values"][n_old:] = trained.to(book["values"])
@@ -141,7 +141,8 @@ class GraceModel(SingleLayerTuner):
             nearest_distance, nearest = nearest_live_entries(distance, book["eps"])
             d, j = float(nearest_distance[0]), int(nearest[0])
             if d <= eps_init + float(book["eps"][j]):
-                log = torch.tensor([[edit_id, int(book["edit_ids"][j])]], device=device)
+                # (changing edit, owner edit, entry index): the index becomes the owner's ordinal at the end
+                log = torch.tensor([[edit_id, int(book["edit_ids"][j]), j]], device=device)
                 book["change_ids"] = torch.cat([book["change_ids"], log])
                 book["change_eps"] = torch.cat([book["change_eps"], book["eps"][j : j + 1].to(book["change_eps"])])
                 if int(book["labels"][j]) == label:
@@ -211,17 +212,29 @@ class GraceModel(SingleLayerTuner):
             entry[row, slot] = book["keys"].shape[0] - 1
 
     @staticmethod
-    def _drop_unread_entries(book, entry, valid, n_old: int) -> None:
+    def _drop_unread_entries(book, entry, valid, n_old: int, n_logged: int) -> None:
         """Drop new entries that no key of this call reads any more (a later split moved their key to an entry of
-        its own): they would otherwise stay in the codebook untrained."""
+        its own): they would otherwise stay in the codebook untrained. Then this call's change-log rows name their
+        entry by its ordinal among its edit's entries, which stays valid when other edits' entries are removed."""
         read = torch.zeros(book["keys"].shape[0], dtype=torch.bool)
         read[:n_old] = True
         read[entry[valid]] = True
-        if bool(read.all()):
-            return
-        for name in ("keys", "values", "eps", "labels", "edit_ids"):
-            book[name] = book[name][read.to(book[name].device)]
-        entry[valid] = (torch.cumsum(read.long(), 0) - 1)[entry[valid]]
+        new_index = torch.cumsum(read.long(), 0) - 1
+        if not bool(read.all()):
+            for name in ("keys", "values", "eps", "labels", "edit_ids"):
+                book[name] = book[name][read.to(book[name].device)]
+            entry[valid] = new_index[entry[valid]]
+        rows = book["change_ids"][n_logged:]
+        if len(rows):
+            changed = rows[:, 2].cpu()
+            alive = read[changed]  # a change to a dropped entry is gone with it
+            owners = book["edit_ids"].cpu()
+            ordinals = [int((owners[: int(new_index[j])] == owners[int(new_index[j])]).sum()) for j in changed[alive]]
+            rows = rows[alive.to(rows.device)].clone()
+            rows[:, 2] = torch.tensor(ordinals, dtype=rows.dtype, device=rows.device)
+            keep = torch.cat([torch.ones(n_logged, dtype=torch.bool), alive])
+            book["change_ids"] = torch.cat([book["change_ids"][:n_logged], rows])
+            book["change_eps"] = book["change_eps"][keep.to(book["change_eps"].device)]
 
     def _train_values(self, layer, batch, positions, valid, entry, values, current, n_old, config,
                       progress) -> torch.Tensor:
@@ -270,9 +283,8 @@ class GraceModel(SingleLayerTuner):
         """Roll back edits: drop the entries they created and undo the radius changes they made.
 
         Exact when edits are removed newest first, and whenever no later edit widened or split the removed edits'
-        entries (none does at the default ``eps_init`` on the fact models). Otherwise an undone change restores the
-        radius of every entry of the edit that owned the changed one, and a kept edit that relied on a widened entry
-        of a removed edit loses that coverage: remove such edits newest first."""
+        entries (none does at the default ``eps_init`` on the fact models). Otherwise a kept edit that relied on a
+        widened entry of a removed edit loses that coverage: remove such edits newest first."""
         config: GraceConfig = self.peft_config[adapter_name]
         _, layer = self.grace_layer(adapter_name)
         removed = set(int(i) for i in edit_ids)
@@ -283,10 +295,10 @@ class GraceModel(SingleLayerTuner):
                 ("keys", "values", "eps", "labels", "edit_ids", "change_ids", "change_eps")}
         undo = torch.tensor([int(c) in removed for c in book["change_ids"][:, 0]], dtype=torch.bool)
         for position in reversed(undo.nonzero().flatten().tolist()):  # newest change first
-            owner = int(book["change_ids"][position, 1])
+            owner, ordinal = int(book["change_ids"][position, 1]), int(book["change_ids"][position, 2])
             match = (book["edit_ids"] == owner).nonzero().flatten()
-            if len(match):
-                book["eps"][match] = book["change_eps"][position].to(book["eps"])
+            if ordinal < len(match):
+                book["eps"][match[ordinal]] = book["change_eps"][position].to(book["eps"])
         keep = torch.tensor([int(i) not in removed for i in book["edit_ids"]], dtype=torch.bool)
         n_removed = int((~keep).sum())
         for name in ("keys", "values", "eps", "labels", "edit_ids"):
