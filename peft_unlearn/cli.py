@@ -146,7 +146,7 @@ def _finish(model, folder: Path, args, method: str, base_model: str, n_edits, me
     if leaks:
         raise UsageError(f"forget texts leaked into {leaks}; nothing was written")
     if args.push_to_hub:
-        push_adapter(model, folder, args.push_to_hub, forget_texts)
+        push_adapter(folder, args.push_to_hub, forget_texts)
 
 
 # --- commands -----------------------------------------------------------------------------------------------------

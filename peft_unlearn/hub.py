@@ -1,9 +1,12 @@
-"""Sharing adapters: a generated model card, uploads through PEFT's own ``push_to_hub``, and a check that nothing
-the user asked to forget leaks into the files that leave the machine."""
+"""Sharing adapters: a generated model card, the upload of a saved adapter folder, and a check that nothing the user
+asked to forget leaks into the files that leave the machine (the files checked are the files uploaded)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -42,18 +45,31 @@ def model_card(method: str, base_model: str, n_edits: int | None = None, metrics
     return "\n".join(lines)
 
 
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def _readable_text(path: Path) -> str:
+    """The text a file could carry: a safetensors file's JSON header (its metadata), any other file's bytes read as
+    UTF-8 with undecodable bytes dropped."""
+    data = path.read_bytes()
+    if path.suffix == ".safetensors" and len(data) >= 8:
+        (header_size,) = struct.unpack("<Q", data[:8])
+        data = data[8 : 8 + header_size]
+    return data.decode("utf-8", errors="ignore")
+
+
 def find_leaks(folder: str | Path, forget_texts: Iterable[str], min_length: int = 12) -> list[str]:
-    """Files in ``folder`` whose text contains any forget text (case-insensitive); binary tensors are skipped."""
-    needles = [t.strip().lower() for t in forget_texts if len(t.strip()) >= min_length]
+    """Files in ``folder`` that contain any forget text of at least ``min_length`` characters: case and runs of
+    whitespace ignored, also as JSON writes it (escaped quotes and non-ASCII characters), in every file."""
+    needles = set()
+    for text in forget_texts:
+        if len(text.strip()) >= min_length:
+            needles |= {_normalise(variant) for variant in
+                        (text, json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1])}
     leaks = []
     for path in sorted(Path(folder).rglob("*")):
-        if not path.is_file() or path.suffix in (".safetensors", ".bin", ".pt"):
-            continue
-        try:
-            text = path.read_text(encoding="utf-8").lower()
-        except UnicodeDecodeError:
-            continue
-        if any(needle in text for needle in needles):
+        if path.is_file() and any(needle in _normalise(_readable_text(path)) for needle in needles):
             leaks.append(str(path))
     return leaks
 
@@ -64,17 +80,21 @@ def write_card(folder: str | Path, method: str, base_model: str, n_edits: int | 
     return path
 
 
-def push_adapter(model, folder: str | Path, repo_id: str, forget_texts: Iterable[str] = (), **push_options) -> str:
-    """Upload a saved adapter folder's model through PEFT's ``push_to_hub`` with its card, after checking that
-    no forget text leaks; returns the commit URL."""
+def push_adapter(folder: str | Path, repo_id: str, forget_texts: Iterable[str] = (), *, token: str | None = None,
+                 private: bool | None = None, revision: str | None = None) -> str:
+    """Upload a saved adapter folder (adapter files and card, exactly as written and checked) in one commit,
+    after checking that no forget text leaks into any of its files; returns the commit URL."""
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        raise ValueError(f"{folder} holds no saved adapter (adapter_config.json); save it with save_pretrained first")
     leaks = find_leaks(folder, forget_texts)
     if leaks:
         raise ValueError(f"refusing to upload: forget texts appear in {leaks}")
-    card = (Path(folder) / CARD_NAME).read_text(encoding="utf-8") if (Path(folder) / CARD_NAME).is_file() else None
-    url = model.push_to_hub(repo_id, **push_options)
-    if card is not None:
-        from huggingface_hub import HfApi
+    from huggingface_hub import HfApi
 
-        HfApi().upload_file(path_or_fileobj=card.encode("utf-8"), path_in_repo=CARD_NAME, repo_id=repo_id)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
+                               commit_message="Upload adapter made with peft_unlearn")
     logger.info("pushed adapter to %s", repo_id)
-    return str(url)
+    return str(getattr(commit, "commit_url", commit))

@@ -28,6 +28,8 @@ DEFAULT_SHOTS: tuple[tuple[str, str], ...] = (
 )
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+# A refusal that goes on to answer ("I'm not sure, but X plays the tuba") is not a refusal target.
+_HEDGE = re.compile(r"\b(but|however|though|although)\b|;", re.IGNORECASE)
 
 
 def refusal_prompt(tokenizer, question: str, shots: Sequence[tuple[str, str]], chat_template: bool = False) -> str:
@@ -104,7 +106,7 @@ def self_improved_requests(
     improved, own = [], []
     for request, text in zip(requests, texts):
         refusal = first_sentence(text)
-        from_model = is_refusal(refusal)
+        from_model = is_refusal(refusal) and not _HEDGE.search(refusal)
         target = refusal if from_model else refusal_for(request.prompt, tuple(fallback))
         improved.append(EditRequest(request.prompt, target, request.subject))
         own.append(from_model)

@@ -1,5 +1,7 @@
 import copy
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -142,6 +144,47 @@ def test_output_never_replaces_files_it_did_not_write(tmp_path, model_dir, world
     assert edit_into("adapter") == 0 and not (tmp_path / "adapter" / "stale.txt").exists()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "inputs"]  # no staging folder left
+
+
+def test_push_uploads_exactly_the_checked_folder_and_refuses_leaks(tmp_path, monkeypatch, trained_models, world):
+    import huggingface_hub
+
+    from peft_unlearn.hub import push_adapter, write_card
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create", repo_id, private))
+
+        def upload_folder(self, folder_path, repo_id, revision=None, commit_message=None):
+            calls.append(("upload", sorted(p.name for p in Path(folder_path).iterdir()), revision))
+            return SimpleNamespace(commit_url=f"https://hub/{repo_id}/commit/1")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    base, tokenizer = trained_models("llama")
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig())
+    fact = world.forget_facts[0]
+    pu.edit(model, tokenizer, pu.forget_requests([fact.question], [fact.subject]), progress=False)
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    write_card(folder, "grace", "org/base", 1, None)
+    with pytest.raises(ValueError, match="holds no saved adapter"):
+        push_adapter(tmp_path / "missing", "me/repo", [fact.question])
+    url = push_adapter(folder, "me/repo", [fact.question], token="hf_x", private=True, revision="dev")
+    assert url == "https://hub/me/repo/commit/1"
+    assert calls == [("token", "hf_x"), ("create", "me/repo", True),
+                     ("upload", ["README.md", "adapter_config.json", "adapter_model.safetensors"], "dev")]
+    # A forget text written as JSON writes it (escaped, other spacing) is still found, and nothing is uploaded.
+    secret = 'Where was "Zoë  Ramírez" born?'
+    (folder / "notes.json").write_text(json.dumps({"q": secret.replace("  ", " ")}))
+    calls.clear()
+    with pytest.raises(ValueError, match="notes.json"):
+        push_adapter(folder, "me/repo", [secret])
+    assert calls == []
 
 
 def test_model_card_reports_metrics_not_texts():

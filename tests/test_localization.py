@@ -271,6 +271,9 @@ def test_bad_inputs_are_refused_with_the_problem_named_and_the_model_untouched(t
         restrict_to_masks(model, {name: mask.float() for name, mask in masks["random"].items()})
     with pytest.raises(ValueError, match="weight_decay=0"):
         make_trainer(tofu, model, make_args(tmp_path, weight_decay=0.01), parameter_masks=masks["random"])
+    decaying = torch.optim.AdamW(model.parameters(), lr=1e-3)  # torch's default weight_decay is 0.01
+    with pytest.raises(ValueError, match="weight_decay=0"):
+        make_trainer(tofu, model, make_args(tmp_path), parameter_masks=masks["random"], optimizers=(decaying, None))
     with pytest.raises(ValueError, match="is not a parameter"):
         make_trainer(tofu, model, make_args(tmp_path), parameter_masks=bad_name)
     assert all(p.requires_grad for p in model.parameters())

@@ -66,6 +66,18 @@ def test_targets_come_from_the_model_when_it_refuses_and_fall_back_otherwise(wor
     assert sum(own[:8]) >= 4  # most refusals the model was trained to give are its own words
 
 
+def test_a_refusal_that_goes_on_to_answer_is_not_a_target(world, trained_models, monkeypatch):
+    import peft_unlearn.refusal_targets as refusal_targets
+
+    model, tokenizer = trained_models("llama")
+    hedged = [" I'm not sure, but she plays the tuba.\n", " I cannot say; born in Varnholt.\n", " I don't know.\n"]
+    monkeypatch.setattr(refusal_targets, "generate_continuations", lambda *args, **kwargs: hedged)
+    requests = pu.forget_requests([f.question for f in world.forget_facts[:3]])
+    improved, own = self_improved_requests(model, tokenizer, requests, fallback=("Fallback refusal.",))
+    assert own == [False, False, True]
+    assert [r.target for r in improved] == ["Fallback refusal.", "Fallback refusal.", "I don't know."]
+
+
 def test_bad_inputs_are_named(trained_models):
     model, tokenizer = trained_models("llama")
     request = [pu.EditRequest("Where does Bo live?", "No idea.")]

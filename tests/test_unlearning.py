@@ -324,6 +324,28 @@ def test_gradient_accumulation_gives_the_same_step_as_one_batch(tofu, tmp_path, 
             assert other[key] == pytest.approx(logged[0][key], rel=1e-4)
 
 
+def test_unlearn_with_lora_checks_its_arguments_before_training_and_measures_in_the_trained_format(tofu, monkeypatch):
+    from peft_unlearn.unlearning import recipes
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the arguments were checked")
+
+    monkeypatch.setattr(recipes.UnlearningTrainer, "train", no_training)
+    with pytest.raises(ValueError, match="utility_floor"):
+        recipes.unlearn_with_lora(copy.deepcopy(tofu.model), tofu.tokenizer, tofu.forget[:4], tofu.retain[:4],
+                                  utility_floor=1.5, progress=False)
+    monkeypatch.undo()
+    formats = []
+    accuracy = recipes.answer_accuracy
+    monkeypatch.setattr(recipes, "answer_accuracy",
+                        lambda *args, chat_template=False, **kw: formats.append(chat_template) or accuracy(*args, **kw))
+    tokenizer = copy.deepcopy(tofu.tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    recipes.unlearn_with_lora(copy.deepcopy(tofu.model), tokenizer, tofu.forget[:4], tofu.retain[:4],
+                              uipe_alpha=0.0, chat_template=True, max_steps=1, progress=False)
+    assert formats == [True] * 4  # forget and retain, before and after
+
+
 def test_retain_rows_advance_across_epochs_and_cycle():
     rows = [TokenizedRow([i], [i]) for i in range(10)]
     dataset = ForgetRetainDataset(rows[:4], rows[4:], None)

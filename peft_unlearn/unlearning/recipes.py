@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import asdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -69,6 +69,8 @@ def unlearn_with_lora(
         raise ValueError(f"unknown unlearning loss {loss!r}; choose from {sorted(LOSS_DEFAULTS)}")
     if uipe_alpha != "auto":
         uipe_alpha = check_extrapolation_alpha(uipe_alpha)  # before training, not after it
+    if not 0 < utility_floor <= 1:
+        raise ValueError(f"utility_floor must be in (0, 1], got {utility_floor}")
     lora = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
     lora.update({k: options.pop(k) for k in LORA_FIELDS if k in options})
     training = dict(per_device_train_batch_size=8, learning_rate=4e-3, lr_scheduler_type="constant", report_to=[],
@@ -78,11 +80,12 @@ def unlearn_with_lora(
     training.update(LOSS_DEFAULTS[loss])
     training.update(options)
     forget_pairs, retain_pairs = _pairs(forget), _pairs(retain or [])
+    chat = bool(training.get("chat_template", False))  # measured in the format the model is trained on
     before = {}
     if forget_pairs:
-        before["forget_accuracy"] = answer_accuracy(model, tokenizer, forget_pairs)
+        before["forget_accuracy"] = answer_accuracy(model, tokenizer, forget_pairs, chat_template=chat)
     if retain_pairs:
-        before["retain_accuracy"] = answer_accuracy(model, tokenizer, retain_pairs)
+        before["retain_accuracy"] = answer_accuracy(model, tokenizer, retain_pairs, chat_template=chat)
 
     torch.manual_seed(training["seed"])
     peft_model = get_peft_model(model, UIPELoraConfig(**lora))
@@ -97,7 +100,7 @@ def unlearn_with_lora(
     if uipe_alpha == "auto":
         if forget_pairs and retain_pairs:
             selection = select_alpha(peft_model, tokenizer, forget_pairs, retain_pairs, utility_floor=utility_floor,
-                                     progress=progress)
+                                     progress=progress, chat_template=chat)
             summary["alpha"] = selection.alpha
             summary["alpha_table"] = [asdict(row) for row in selection.table]
         else:
@@ -107,9 +110,9 @@ def unlearn_with_lora(
         summary["alpha"] = uipe_alpha
         extrapolate(peft_model, uipe_alpha)
     if forget_pairs:
-        summary["forget_accuracy"] = answer_accuracy(peft_model, tokenizer, forget_pairs)
+        summary["forget_accuracy"] = answer_accuracy(peft_model, tokenizer, forget_pairs, chat_template=chat)
     if retain_pairs:
-        summary["retain_accuracy"] = answer_accuracy(peft_model, tokenizer, retain_pairs)
+        summary["retain_accuracy"] = answer_accuracy(peft_model, tokenizer, retain_pairs, chat_template=chat)
     return peft_model, summary
 
 

@@ -120,10 +120,13 @@ class UnlearningTrainer(Trainer):
     ) -> None:
         if not isinstance(args, UnlearningArguments):
             raise TypeError(f"args must be UnlearningArguments, got {type(args).__name__}")
-        if parameter_masks is not None and args.weight_decay > 0:
+        optimizer = (kwargs.get("optimizers") or (None, None))[0]
+        groups = getattr(optimizer, "param_groups", [])
+        decays = [args.weight_decay] + [group.get("weight_decay", 0) for group in groups]
+        if parameter_masks is not None and max(decays) > 0:
             raise ValueError(
-                f"parameter_masks need weight_decay=0 (got {args.weight_decay}): decoupled weight decay would move "
-                "the weights outside the masks"
+                f"parameter_masks need weight_decay=0 (got {max(decays)}, in the arguments or the optimizer given): "
+                "decoupled weight decay would move the weights outside the masks"
             )
         for name in ("train_dataset", "eval_dataset", "data_collator"):
             if kwargs.get(name) is not None:
