@@ -92,27 +92,32 @@ def load_model(name: str):
 
 def _alpha_or_auto(text: str) -> float | str:
     """``--uipe-alpha``: 'auto' or a number >= 0, checked when the arguments are parsed."""
+    from .tuners.uipe.config import check_extrapolation_alpha
+
     if text == "auto":
         return text
     try:
-        alpha = float(text)
+        return check_extrapolation_alpha(float(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}") from None
-    if not alpha >= 0 or alpha == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a finite number >= 0, got {text!r}")
-    return alpha
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a finite number >= 0, got {text!r}") from None
+
+
+# An option whose default has the first type takes values of the second; bool comes before int (its subclass).
+_OPTION_TYPES = ((bool, (bool,), "true or false"), (int, (int,), "an integer"), (float, (int, float), "a number"),
+                 (str, (str,), "a string"))
 
 
 def _check_option_types(method: str, config_cls: type, options: dict) -> None:
     """Name the option whose value has the wrong type (a config would fail later, on a comparison)."""
     defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
     for name, value in options.items():
-        default = defaults.get(name)
-        expected = (bool,) if isinstance(default, bool) else (int,) if isinstance(default, int) else \
-            (int, float) if isinstance(default, float) else (str,) if isinstance(default, str) else None
-        if expected and (not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected)):
-            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[expected[-1]]
-            raise UsageError(f"option {name!r} of {method} must be {kind}, got {value!r}")
+        kind = next(((accepted, words) for default_type, accepted, words in _OPTION_TYPES
+                     if isinstance(defaults.get(name), default_type)), None)
+        if kind is None:
+            continue
+        accepted, words = kind
+        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+            raise UsageError(f"option {name!r} of {method} must be {words}, got {value!r}")
 
 
 def _config_for(method: str, options: dict):

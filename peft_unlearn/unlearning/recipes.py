@@ -15,6 +15,7 @@ from peft import get_peft_model
 from ..metrics import answer_accuracy
 from ..tuners.uipe import UIPELoraConfig, extrapolate, select_alpha
 from ..tuners.uipe.config import check_extrapolation_alpha
+from ..tuners.uipe.selection import check_utility_floor
 from .trainer import UnlearningArguments, UnlearningTrainer
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,7 @@ def unlearn_with_lora(
         raise ValueError(f"unknown unlearning loss {loss!r}; choose from {sorted(LOSS_DEFAULTS)}")
     if uipe_alpha != "auto":
         uipe_alpha = check_extrapolation_alpha(uipe_alpha)  # before training, not after it
-    if not 0 < utility_floor <= 1:
-        raise ValueError(f"utility_floor must be in (0, 1], got {utility_floor}")
+    check_utility_floor(utility_floor)
     lora = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
     lora.update({k: options.pop(k) for k in LORA_FIELDS if k in options})
     training = dict(per_device_train_batch_size=8, learning_rate=4e-3, lr_scheduler_type="constant", report_to=[],

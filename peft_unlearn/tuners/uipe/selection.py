@@ -46,6 +46,13 @@ class AlphaSelection:
         raise KeyError(f"alpha {alpha} was not measured; the grid was {[row.alpha for row in self.table]}")
 
 
+def check_utility_floor(utility_floor: float) -> float:
+    """The share of the retain accuracy an extrapolation must keep: in (0, 1]."""
+    if not 0 < utility_floor <= 1:
+        raise ValueError(f"utility_floor must be in (0, 1], got {utility_floor}")
+    return utility_floor
+
+
 def select_alpha(
     model: PeftModel,
     tokenizer,
@@ -71,8 +78,7 @@ def select_alpha(
         raise ValueError("forget is empty: give the (question, answer) pairs that should be forgotten")
     if not retain:
         raise ValueError("retain is empty: give (question, answer) pairs whose accuracy must be kept")
-    if not 0 < utility_floor <= 1:
-        raise ValueError(f"utility_floor must be in (0, 1], got {utility_floor}")
+    check_utility_floor(utility_floor)
     alphas = sorted({0.0, *(check_extrapolation_alpha(alpha) for alpha in grid)})
     adapter_name, _ = uipe_adapter(model, adapter_name)
 

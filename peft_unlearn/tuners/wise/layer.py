@@ -55,8 +55,8 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
         self._forced_delta: torch.Tensor | None = None
         # Per adapter and row, the running maximum score per memory over a generated sequence.
         self._running: dict[str, torch.Tensor] = {}
-        self._thresholds: dict[str, torch.Tensor] = {}
-        self._threshold_stamps: dict[str, tuple] = {}
+        # Per adapter: (the state they were derived from, the routing thresholds).
+        self._thresholds: dict[str, tuple[tuple, torch.Tensor]] = {}
 
     def update_layer(self, adapter_name: str, config: WiseConfig) -> None:
         """Create ``adapter_name`` with the recorded number of memories and edits (so a saved adapter reloads)."""
@@ -106,10 +106,8 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
         """Per candidate: act_ratio x the smallest score of its own edits' keys (cached while the memories, keys
         and config stay as they are)."""
         stamp = self._state_stamp(adapter_name)
-        if self._threshold_stamps.get(adapter_name) != stamp:
-            self._thresholds.pop(adapter_name, None)
-            self._threshold_stamps[adapter_name] = stamp
-        if adapter_name not in self._thresholds:
+        cached_stamp, cached = self._thresholds.get(adapter_name, (None, None))
+        if cached_stamp != stamp:
             config = self.wise_config[adapter_name]
             keys = self.wise_keys[adapter_name].float()
             owners = self.wise_key_memory[adapter_name]
@@ -119,8 +117,9 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
                 mine = torch.ones_like(owners, dtype=torch.bool) if not config.retrieve else owners == index
                 scores = activation_scores(keys[mine], delta, main[mine])
                 values.append(config.act_ratio * scores.min() if len(scores) else torch.tensor(float("inf")))
-            self._thresholds[adapter_name] = torch.stack(values) if values else torch.empty(0)
-        return self._thresholds[adapter_name]
+            cached = torch.stack(values) if values else torch.empty(0)
+            self._thresholds[adapter_name] = (stamp, cached)
+        return cached
 
     def route(self, adapter_name: str, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's decision for sequence scores [B, K]: per row the candidate most above its threshold and
