@@ -124,6 +124,18 @@ def layer_index_of(module_name: str) -> int:
     raise ValueError(f"module name {module_name!r} contains no layer index")
 
 
+def containing_decoder_layer(model: nn.Module, module_name: str) -> int | None:
+    """Index of the decoder layer that holds ``module_name`` (relative to the transformers model); None when the
+    module lies outside the decoder layers or they cannot be found."""
+    try:
+        prefix = decoder_layers_path(model) + "."
+    except ValueError:
+        return None
+    if not module_name.startswith(prefix):
+        return None
+    return int(module_name[len(prefix):].split(".")[0])
+
+
 def _first_tensor(value):
     return value[0] if isinstance(value, (tuple, list)) else value
 
@@ -209,6 +221,85 @@ def capture_at_positions(
     if missing:
         raise RuntimeError(f"modules {sorted(missing)} did not run during the forward pass")
     return captured
+
+
+class FrozenLayers:
+    """The outputs of the first ``n_frozen`` decoder layers on one batch, computed once and then replayed.
+
+    An optimisation that changes only deeper layers (a residual delta added at a layer's output, a side memory,
+    new value columns) meets the same outputs below them at every step. Replaying them skips those layers' work,
+    and the results are identical. Hooks on the layers themselves still run; hooks inside them do not.
+    """
+
+    def __init__(self, model: nn.Module, n_frozen: int, inputs: Mapping[str, torch.Tensor]) -> None:
+        base = unwrap_model(model)
+        self.layers = [base.get_submodule(decoder_layer_name(model, index)) for index in range(n_frozen)]
+        self.outputs: list = []
+        if not self.layers:
+            return
+
+        def recording(forward):
+            def run(*args, **kwargs):
+                self.outputs.append(_detached(forward(*args, **kwargs)))
+                if len(self.outputs) == len(self.layers):
+                    raise _StopForward  # nothing above the frozen layers is needed now
+                return self.outputs[-1]
+
+            return run
+
+        with _forwards_replaced(self.layers, [recording(layer.forward) for layer in self.layers]):
+            try:
+                with torch.no_grad():
+                    model(**inputs)
+            except _StopForward:
+                pass
+        if len(self.outputs) != len(self.layers):
+            raise RuntimeError(f"{len(self.layers) - len(self.outputs)} frozen decoder layers did not run")
+
+    @contextlib.contextmanager
+    def replayed(self, rows: torch.Tensor | None = None, width: int | None = None) -> Iterator[None]:
+        """While active, the frozen layers return their recorded outputs (for the batch's ``rows`` and its first
+        ``width`` columns: a subset of a right-padded batch, trimmed) instead of computing them."""
+
+        def replay(output):
+            def run(*args, **kwargs):
+                return _rows_and_columns(output, rows, width)
+
+            return run
+
+        with _forwards_replaced(self.layers, [replay(output) for output in self.outputs]):
+            yield
+
+
+def _detached(output):
+    if isinstance(output, tuple):
+        return tuple(_detached(item) for item in output)
+    return output.detach() if isinstance(output, torch.Tensor) else output
+
+
+def _rows_and_columns(output, rows: torch.Tensor | None, width: int | None):
+    if isinstance(output, tuple):
+        return (_rows_and_columns(output[0], rows, width), *output[1:])
+    if rows is not None:
+        output = output[rows.to(output.device)]
+    return output if width is None else output[:, :width]
+
+
+@contextlib.contextmanager
+def _forwards_replaced(modules: list[nn.Module], forwards: list) -> Iterator[None]:
+    """Give each module another ``forward`` for the block; an instance-level forward set before (accelerate's
+    device hooks set one) comes back afterwards."""
+    saved = [module.__dict__.get("forward") for module in modules]
+    try:
+        for module, forward in zip(modules, forwards):
+            module.forward = forward
+        yield
+    finally:
+        for module, forward in zip(modules, saved):
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
 
 
 @contextlib.contextmanager

@@ -1,15 +1,19 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peft_unlearn.capture import (
+    FrozenLayers,
     add_at_positions,
     capture_at_positions,
     decoder_layer_name,
     gather_positions,
     mlp_output_projection_name,
 )
+from peft_unlearn.losses import labelled_logits, sequence_nll
 
 from .conftest import tiny_gpt2, tiny_llama
 
@@ -106,3 +110,67 @@ def test_unknown_architecture_explains_how_to_name_the_module():
         mlp_output_projection_name(Odd(), 0)
     with pytest.raises(ValueError, match="target_modules"):
         mlp_output_projection_name(nn.Linear(2, 2), 0)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_frozen_layers_replay_their_outputs_without_running(make):
+    model = make(layers=3)
+    torch.manual_seed(1)
+    ids = torch.randint(1, 64, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[3, 4:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    first, second = (model.get_submodule(decoder_layer_name(model, i)) for i in (0, 1))
+    second.forward = second.forward  # an instance-level forward (as accelerate sets) must come back afterwards
+    frozen = FrozenLayers(model, 2, inputs)
+    calls = []
+    handle = first.get_submodule(mlp_output_projection_name(model, 0).split(".", 3)[-1]).register_forward_hook(
+        lambda *a: calls.append(1))
+    later = model.get_submodule(mlp_output_projection_name(model, 2))
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    calls.clear()
+    with frozen.replayed():
+        replayed = model(**inputs).logits
+        loss = replayed.square().mean()
+    assert not calls, "a frozen layer ran"
+    torch.testing.assert_close(replayed, expected)
+    (grad,) = torch.autograd.grad(loss, [later.weight])
+    (reference,) = torch.autograd.grad(model(**inputs).logits.square().mean(), [later.weight])
+    torch.testing.assert_close(grad, reference)
+    # A subset of rows, trimmed to its width, as the optimisations run their unfinished requests.
+    rows = torch.tensor([1, 3])
+    with torch.no_grad():
+        subset = model(input_ids=ids[rows, :5], attention_mask=mask[rows, :5]).logits
+        with frozen.replayed(rows, 5):
+            torch.testing.assert_close(model(input_ids=ids[rows, :5], attention_mask=mask[rows, :5]).logits, subset)
+    handle.remove()
+    assert "forward" not in first.__dict__ and second.__dict__["forward"] is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected)
+
+
+class ToyCausalLM(ToyLM):
+    """A causal LM whose forward takes no ``logits_to_keep``."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=super().forward(input_ids) @ self.embed.weight.T)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, ToyCausalLM])
+def test_labelled_logits_give_the_full_forwards_nll(make):
+    model = make()
+    torch.manual_seed(2)
+    ids = torch.randint(1, 10, (3, 9))
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:7] = ids[0, 4:7]
+    labels[1, 6:9] = ids[1, 6:9]
+    labels[2, 3:5] = ids[2, 3:5]
+    inputs = {"input_ids": ids}
+    with torch.no_grad():
+        full = model(**inputs).logits
+        logits, kept = labelled_logits(model, inputs, labels)
+    # Columns 2..8 (the one predicting the first label, column 3, up to the last label), or every column.
+    assert logits.shape[1] == (9 if make is ToyCausalLM else 7)
+    torch.testing.assert_close(sequence_nll(logits, kept), sequence_nll(full, labels))

@@ -9,7 +9,14 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..capture import batch_rows, mlp_output_projection_name, num_decoder_layers, token_grid
+from ..capture import (
+    FrozenLayers,
+    batch_rows,
+    containing_decoder_layer,
+    mlp_output_projection_name,
+    num_decoder_layers,
+    token_grid,
+)
 from ..editing import EditableTuner
 
 
@@ -101,3 +108,9 @@ class SingleLayerTuner(EditingTuner):
             if isinstance(module, self.tuner_layer_cls) and adapter_name in module._get_available_adapters():
                 return name, module
         raise ValueError(f"adapter {adapter_name!r} wraps no {self.tuner_layer_cls.__name__}")
+
+    def frozen_below(self, adapter_name: str, inputs) -> FrozenLayers:
+        """The decoder layers below the one this adapter wraps, computed once for ``inputs``: training that changes
+        only the wrapped module's output replays them at every step."""
+        index = containing_decoder_layer(self.model, self.wrapped_layer(adapter_name)[0])
+        return FrozenLayers(self.model, index or 0, inputs)

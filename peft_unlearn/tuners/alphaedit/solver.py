@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...capture import add_at_positions, capture_at_positions
+from ...capture import FrozenLayers, add_at_positions, capture_at_positions
 from ...editing import context_length
-from ...losses import sequence_nll
+from ...losses import labelled_logits, sequence_nll
 from ...metrics import sample_texts
 from ...requests import EditRequest, TokenizedBatch, tokenize_pairs, tokenize_prompts
 
@@ -169,6 +169,7 @@ def optimize_target_values(
     layer_output_module: nn.Module,
     edit_module: nn.Module,
     *,
+    output_layer: int,
     steps: int,
     lr: float,
     clamp_norm_factor: float,
@@ -176,7 +177,8 @@ def optimize_target_values(
     weight_decay: float,
 ) -> TargetValues:
     """Optimise one residual delta per edited key (``rows.keys``), all requests in the same forward/backward
-    passes."""
+    passes. The delta is added at the output of decoder layer ``output_layer`` (``layer_output_module``), so the
+    layers up to it are computed once and replayed."""
     device = rows.batch.input_ids.device
     n, n_templates = rows.n_requests, rows.n_templates
     owner = torch.arange(n, device=device).repeat(n_templates)
@@ -201,6 +203,8 @@ def optimize_target_values(
         mlp_out = captured["mlp"].float()
         if use_kl:
             kl_reference = torch.log_softmax(model(**kl.model_inputs).logits[rows_kl, kl.prompt_last].float(), -1)
+    frozen = FrozenLayers(model, output_layer + 1, rows.batch.model_inputs)
+    frozen_kl = FrozenLayers(model, output_layer + 1, kl.model_inputs) if use_kl else None
 
     # The delta is optimised in units of the edited MLP's own output scale (RMS per coordinate): a weight edit
     # writes changes of that size, and one learning rate then fits models whose scales differ by orders of
@@ -225,17 +229,22 @@ def optimize_target_values(
         selected = active[owner].nonzero().squeeze(1)
         part = rows.batch.select(selected).trimmed()
         delta = scaled[keys] * unit
-        with add_at_positions(layer_output_module, delta[owner[selected]], rows.positions[selected]):
-            logits = model(**part.model_inputs).logits
-        per_row = sequence_nll(logits, part.labels)
+        width = part.input_ids.shape[1]
+        with frozen.replayed(selected, width), add_at_positions(
+            layer_output_module, delta[owner[selected]], rows.positions[selected]
+        ):
+            per_row = sequence_nll(*labelled_logits(model, part.model_inputs, part.labels))
         summed = torch.zeros(n, dtype=per_row.dtype, device=device).index_add(0, owner[selected], per_row)
         nll = torch.where(active, summed / n_templates, nll.detach())
         if initial_nll is None:
             initial_nll = nll.detach()
         loss = nll.sum()
         if use_kl:
-            with add_at_positions(layer_output_module, delta[running, 0], kl.subject_last[running]):
-                kl_logits = model(**kl.select(running).trimmed().model_inputs).logits[
+            kl_part = kl.select(running).trimmed()
+            with frozen_kl.replayed(running, kl_part.input_ids.shape[1]), add_at_positions(
+                layer_output_module, delta[running, 0], kl.subject_last[running]
+            ):
+                kl_logits = model(**kl_part.model_inputs).logits[
                     torch.arange(len(running), device=device), kl.prompt_last[running]
                 ]
             kl_logprobs = torch.log_softmax(kl_logits.float(), dim=-1)
@@ -367,6 +376,7 @@ def refine_values(
     batch: TokenizedBatch,
     blocks: Sequence[ValueBlock],
     *,
+    first_layer: int,
     steps: int,
     lr: float,
     margin: float,
@@ -379,6 +389,7 @@ def refine_values(
     The loss is ``max(NLL - margin, 0)`` summed over the rows and divided by ``n_new``, plus ``preservation`` times
     the penalty: a request that reaches its target stops pulling, and the penalty then shrinks the update to what
     the targets need. Keys (``A``) stay as the closed form wrote them, so the delta keeps its rank and null space.
+    The decoder layers below ``first_layer`` (the first edited one) are computed once and replayed.
     """
     for block in blocks:
         block.values.requires_grad_(True)
@@ -387,10 +398,11 @@ def refine_values(
         for block in blocks
     ]
     optimizer = torch.optim.Adam(groups)
+    frozen = FrozenLayers(model, first_layer, batch.model_inputs)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen.replayed():
             for _ in range(steps):
-                nll = sequence_nll(model(**batch.model_inputs).logits, batch.labels)
+                nll = sequence_nll(*labelled_logits(model, batch.model_inputs, batch.labels))
                 penalty = sum(
                     ((block.values[:, block.start :] @ block.gram) * block.values[:, block.start :]).sum()
                     for block in blocks
@@ -401,8 +413,8 @@ def refine_values(
                 for block in blocks:
                     block.values.grad[:, : block.start] = 0  # earlier edits' values are not touched
                 optimizer.step()
-        with torch.no_grad():
-            return sequence_nll(model(**batch.model_inputs).logits, batch.labels)[:n_new]
+        with torch.no_grad(), frozen.replayed():
+            return sequence_nll(*labelled_logits(model, batch.model_inputs, batch.labels))[:n_new]
     finally:
         for block in blocks:
             block.values.requires_grad_(False)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ...capture import capture_at_positions
 from ...editing import adapters_disabled, check_unrelated, own_unrelated_prompts
-from ...losses import sequence_nll
+from ...losses import labelled_logits, sequence_nll
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
 from .config import GraceConfig
@@ -118,8 +118,8 @@ class GraceModel(SingleLayerTuner):
         self._keep_clear_of(layer, adapter_name, book, old_eps, negatives)
         self._cover_uncovered(layer, adapter_name, book, queries, valid, entry, labels, edit_ids, config, negatives)
         self._drop_unread_entries(book, entry, valid, n_old, n_logged)
-        trained = self._train_values(layer, batch, positions, valid, entry, book["values"], current, n_old, config,
-                                     progress)
+        trained = self._train_values(adapter_name, layer, batch, positions, valid, entry, book["values"], current,
+                                     n_old, config, progress)
         book["values"][n_old:] = trained.to(book["values"])
         layer.set_codebook(adapter_name, **book)
         config.codebook_size = book["keys"].shape[0]
@@ -236,7 +236,7 @@ class GraceModel(SingleLayerTuner):
             book["change_ids"] = torch.cat([book["change_ids"][:n_logged], rows])
             book["change_eps"] = book["change_eps"][keep.to(book["change_eps"].device)]
 
-    def _train_values(self, layer, batch, positions, valid, entry, values, current, n_old, config,
+    def _train_values(self, adapter_name, layer, batch, positions, valid, entry, values, current, n_old, config,
                       progress) -> torch.Tensor:
         """Train the values of the new entries together: one forward/backward per step for the whole batch.
         A slot reads its entry's value exactly as at inference: old entries are fixed, and a slot that expanded a
@@ -263,11 +263,13 @@ class GraceModel(SingleLayerTuner):
         offset = torch.zeros_like(start, requires_grad=True)
         optimizer = torch.optim.Adam([offset], lr=config.edit_lr)
         nll, step = None, 0
+        frozen = self.frozen_below(adapter_name, batch.model_inputs)
         try:
             for step in tqdm(range(config.n_iter), desc="training GRACE values", disable=not progress, leave=False):
                 table = torch.cat([fixed, start + offset * scale])
                 layer._training_values = (positions, table[entry.clamp(min=0)], valid)
-                nll = sequence_nll(self.model(**batch.model_inputs).logits, batch.labels)
+                with frozen.replayed():
+                    nll = sequence_nll(*labelled_logits(self.model, batch.model_inputs, batch.labels))
                 if bool((nll.detach() < EARLY_STOP_NLL).all()):
                     break
                 (offset.grad,) = torch.autograd.grad(nll.sum(), [offset])

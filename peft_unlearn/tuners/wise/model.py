@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ...capture import capture_at_positions
 from ...editing import adapters_disabled, check_unrelated, own_unrelated_prompts
-from ...losses import sequence_nll
+from ...losses import labelled_logits, sequence_nll
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
 from .config import WiseConfig
@@ -130,10 +130,12 @@ class WiseModel(SingleLayerTuner):
         step_unit = layer.main_weight().detach().float().pow(2).mean().sqrt()
         optimizer = torch.optim.Adam([working], lr=config.lr * float(step_unit))
         nll = None
+        frozen = self.frozen_below(adapter_name, edits.model_inputs)
         try:
             for _ in range(config.n_iter):
                 layer._forced_delta = side_delta()
-                nll = sequence_nll(self.model(**edits.model_inputs).logits, edits.labels)
+                with frozen.replayed():
+                    nll = sequence_nll(*labelled_logits(self.model, edits.model_inputs, edits.labels))
                 layer._forced_delta = None
                 margin = routing_margin(scores(edit_io, in_prompt), scores(other_io, other_tokens), config)
                 if bool((nll.detach() < EARLY_STOP_NLL).all()) and float(margin.detach()) == 0.0:
