@@ -64,12 +64,13 @@ BUILTIN_UNRELATED = (
 
 
 class adapters_disabled:
-    """Run a tuner's model on its base weights only (every tuner layer of it bypassed), restoring after."""
+    """Run a model (a tuner, or a transformers model with adapters attached) on its base weights only: every
+    tuner layer in it bypassed, restoring after. Which adapters are trainable does not change."""
 
-    def __init__(self, tuner: nn.Module) -> None:
+    def __init__(self, model: nn.Module) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        self.layers = [m for m in tuner.model.modules() if isinstance(m, BaseTunerLayer)]
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
     def __enter__(self) -> None:
         self.states = [layer._disable_adapters for layer in self.layers]

@@ -119,6 +119,18 @@ def test_merge_and_unload_equals_the_unmerged_logits(unlearned, inputs):
     torch.testing.assert_close(logits_of(merged, inputs), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_weighted_combination_holds_the_extrapolated_update_once(unlearned, inputs):
+    model = copy.deepcopy(unlearned)
+    extrapolate(model, 1.0)
+    expected = logits_of(model, inputs)
+    model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
+    model.set_adapter("combined")
+    assert model.peft_config["combined"].extrapolation_alpha == 0.0
+    torch.testing.assert_close(logits_of(model, inputs), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="modules_to_save and trainable_token_indices"):
+        UIPELoraConfig(target_modules=LORA_TARGETS, modules_to_save=["lm_head"])
+
+
 def test_extrapolating_a_merged_adapter_is_refused(unlearned):
     model = copy.deepcopy(unlearned)
     model.merge_adapter()

@@ -19,6 +19,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from transformers import TrainerCallback
 
 from peft_unlearn.data import is_refusal, refusal_for
 from peft_unlearn.losses import sequence_nll
@@ -346,6 +347,83 @@ def test_unlearn_with_lora_checks_its_arguments_before_training_and_measures_in_
     assert formats == [True] * 4  # forget and retain, before and after
 
 
+def test_unlearn_with_lora_leaves_the_model_alone_when_it_fails_and_counts_epochs(tofu, tmp_path):
+    from peft_unlearn.unlearning import recipes
+
+    model = copy.deepcopy(tofu.model)
+    keys = set(model.state_dict())
+    for forget, options in [([], {}), (tofu.forget[:4], {"no_such_option": 1}),
+                            ([{"text": "Some text about someone."}], {"loss": "refusal"})]:
+        with pytest.raises((ValueError, TypeError)):
+            recipes.unlearn_with_lora(model, tofu.tokenizer, forget, tofu.retain[:4], progress=False, **options)
+        assert set(model.state_dict()) == keys
+        assert not any(isinstance(module, LoraLayer) for module in model.modules())
+    # 16 forget rows in batches of 8: one epoch is 2 steps, not the loss's default max_steps.
+    _, summary = recipes.unlearn_with_lora(model, tofu.tokenizer, tofu.forget[:16], tofu.retain[:16], loss="ga",
+                                           uipe_alpha=0.0, num_train_epochs=1, progress=False)
+    assert summary["steps"] == 2
+
+
+def test_a_frozen_adapter_is_refused_and_the_reference_keeps_what_the_user_froze(tofu, tmp_path):
+    model = lora_model(tofu)
+    model.save_pretrained(tmp_path / "adapter")
+    frozen = PeftModel.from_pretrained(copy.deepcopy(tofu.model), tmp_path / "adapter")  # is_trainable=False
+    with pytest.raises(ValueError, match="nothing in the model is trainable.*is_trainable=True"):
+        make_trainer(tofu, frozen, make_args(tmp_path, "npo"))
+    # Train only the q_proj factors: the reference pass must not make the others trainable again.
+    for name, parameter in model.named_parameters():
+        if "lora_" in name and "q_proj" not in name:
+            parameter.requires_grad_(False)
+    trainer = make_trainer(tofu, model, make_args(tmp_path, "npo", max_steps=2))
+    before = adapter_weights(model)
+    trainer.train()
+    after = adapter_weights(model)
+    assert all(torch.equal(before[name], after[name]) for name in before if "q_proj" not in name)
+    assert any(not torch.equal(before[name], after[name]) for name in before if "q_proj" in name)
+    assert not any(p.requires_grad for name, p in model.named_parameters() if "lora_" in name and "q_proj" not in name)
+
+
+def test_an_adapter_attached_through_transformers_is_the_reference_without_a_copy(tofu, tmp_path):
+    lora_model(tofu).save_pretrained(tmp_path / "adapter")
+    model = copy.deepcopy(tofu.model)
+    model.load_adapter(str(tmp_path / "adapter"), is_trainable=True)
+    trainer = make_trainer(tofu, model, make_args(tmp_path, "npo", max_steps=1))
+    assert trainer.reference_model is None
+    batch = first_batch(trainer)
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        for factor in layer.lora_B.values():
+            torch.nn.init.normal_(factor.weight, std=0.1)  # an adapter that changes the outputs
+    _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    forget = batch["forget"]
+    with torch.no_grad():
+        original = tofu.model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).logits
+    torch.testing.assert_close(outputs.reference_logits["forget"], original, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs.logits["forget"], original, atol=1e-2)
+
+
+def test_trainer_options_it_cannot_honour_are_refused_and_counters_see_every_part(tofu, tmp_path):
+    model = lora_model(tofu)
+    with pytest.raises(ValueError, match="no evaluation loop"):
+        make_trainer(tofu, model, make_args(tmp_path, "npo", eval_strategy="steps", eval_steps=1))
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        make_trainer(tofu, model, make_args(tmp_path, "npo", label_smoothing_factor=0.1))
+    with pytest.raises(TypeError, match="do not pass compute_loss_func"):
+        make_trainer(tofu, model, make_args(tmp_path, "npo"), compute_loss_func=lambda *a, **k: 0)
+    trainer = make_trainer(tofu, model, make_args(tmp_path, "grad_diff", max_steps=2,
+                                                  include_num_input_tokens_seen="non_padding"))
+    with pytest.raises(NotImplementedError, match="no evaluation loop"):
+        trainer.evaluate()
+    trainer.train()
+    assert trainer.state.num_input_tokens_seen > 0 and trainer.state.total_flos > 0
+    trainer._logged_terms = {"forget_loss": [123.0]}  # left over from an earlier run's unlogged steps
+    logged = []
+    trainer.add_callback(type("Spy", (TrainerCallback,), {"on_log": lambda self, a, s, c, logs=None, **k:
+                                                          logged.append(logs)})())
+    trainer.args.max_steps, trainer.args.logging_steps = 4, 2
+    trainer.train()
+    assert logged and abs(logged[0]["forget_loss"]) < 100
+
+
 def test_retain_rows_advance_across_epochs_and_cycle():
     rows = [TokenizedRow([i], [i]) for i in range(10)]
     dataset = ForgetRetainDataset(rows[:4], rows[4:], None)
@@ -357,6 +435,22 @@ def test_retain_rows_advance_across_epochs_and_cycle():
     assert seen == [4, 5, 6, 7, 8, 9, 4, 5, 6, 7, 8, 9]
     short = ForgetRetainDataset(rows[:4], rows[8:], None)
     assert [short[i]["retain"].input_ids[0] for i in range(4)] == [8, 9, 8, 9]
+
+
+def retain_ids(items):
+    return [item["retain"].input_ids[0] for item in items]
+
+
+def test_persistent_dataloader_workers_see_the_epoch():
+    rows = [TokenizedRow([i], [i]) for i in range(12)]
+    dataset = ForgetRetainDataset(rows[:4], rows[4:], None)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, persistent_workers=True,
+                                         collate_fn=retain_ids)
+    seen = []
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        seen += [token for batch in loader for token in batch]
+    assert seen == [4, 5, 6, 7, 8, 9, 10, 11]
 
 
 def test_collator_pads_every_part_to_one_width_with_masked_labels():

@@ -164,10 +164,16 @@ class ForgetRetainDataset(Dataset):
         self.forget = forget
         self.retain = retain
         self.forget_refusal = forget_refusal
-        self.epoch = 0
+        # In shared memory: persistent dataloader workers keep their own copy of the dataset, and must still see
+        # the epoch the main process sets.
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.forget)

@@ -77,7 +77,10 @@ def unlearn_with_lora(
                     save_strategy="no", logging_strategy="steps" if progress else "no", logging_steps=8, seed=0,
                     disable_tqdm=not progress,
                     use_cpu=not torch.cuda.is_available())
-    training.update(LOSS_DEFAULTS[loss])
+    defaults = dict(LOSS_DEFAULTS[loss])
+    if "num_train_epochs" in options and "max_steps" not in options:
+        defaults.pop("max_steps")  # the caller counts in epochs
+    training.update(defaults)
     training.update(options)
     forget_pairs, retain_pairs = _pairs(forget), _pairs(retain or [])
     chat = bool(training.get("chat_template", False))  # measured in the format the model is trained on
@@ -87,15 +90,19 @@ def unlearn_with_lora(
     if retain_pairs:
         before["retain_accuracy"] = answer_accuracy(model, tokenizer, retain_pairs, chat_template=chat)
 
-    torch.manual_seed(training["seed"])
-    peft_model = get_peft_model(model, UIPELoraConfig(**lora))
     with tempfile.TemporaryDirectory() as scratch:
         args = UnlearningArguments(output_dir=output_dir or scratch, unlearn_loss=loss, **training)
-        trainer = UnlearningTrainer(peft_model, args, forget_dataset=list(forget),
-                                    retain_dataset=list(retain) if retain else None, processing_class=tokenizer)
-        trainer.train()
+        torch.manual_seed(args.seed)
+        peft_model = get_peft_model(model, UIPELoraConfig(**lora))
+        try:
+            trainer = UnlearningTrainer(peft_model, args, forget_dataset=list(forget),
+                                        retain_dataset=list(retain) if retain else None, processing_class=tokenizer)
+            trainer.train()
+        except BaseException:
+            peft_model.unload()  # a failed run leaves the caller's model as it was
+            raise
     peft_model.eval()
-    summary: dict[str, Any] = {"loss": loss, "steps": training["max_steps"],
+    summary: dict[str, Any] = {"loss": loss, "steps": trainer.state.global_step,
                                **{f"before_{k}": v for k, v in before.items()}}
     if uipe_alpha == "auto":
         if forget_pairs and retain_pairs:

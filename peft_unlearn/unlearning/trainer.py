@@ -17,6 +17,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..data.refusals import REFUSALS
+from ..editing import adapters_disabled
 from ..metrics import evaluating
 from .data import (
     ForgetRetainCollator,
@@ -128,12 +129,25 @@ class UnlearningTrainer(Trainer):
                 f"parameter_masks need weight_decay=0 (got {max(decays)}, in the arguments or the optimizer given): "
                 "decoupled weight decay would move the weights outside the masks"
             )
-        for name in ("train_dataset", "eval_dataset", "data_collator"):
+        for name in ("train_dataset", "eval_dataset", "data_collator", "compute_loss_func"):
             if kwargs.get(name) is not None:
                 raise TypeError(
-                    f"UnlearningTrainer builds its training batches from forget_dataset/retain_dataset; do not pass "
-                    f"{name} (measure forgetting with peft_unlearn.metrics, e.g. in a callback)"
+                    f"UnlearningTrainer builds its training batches from forget_dataset/retain_dataset and its loss "
+                    f"from args.unlearn_loss; do not pass {name} (measure forgetting with peft_unlearn.metrics, e.g. "
+                    "in a callback)"
                 )
+        if args.eval_strategy != "no":
+            raise ValueError(
+                "UnlearningTrainer has no evaluation loop: set eval_strategy='no' and measure forgetting with "
+                "peft_unlearn.metrics or peft_unlearn.evaluate_unlearning (e.g. in a callback)"
+            )
+        if args.label_smoothing_factor:
+            raise ValueError("label_smoothing_factor is not used by the unlearning losses; leave it at 0")
+        if not any(parameter.requires_grad for parameter in model.parameters()):
+            raise ValueError(
+                "nothing in the model is trainable: an adapter loaded with PeftModel.from_pretrained is frozen unless "
+                "loaded with is_trainable=True"
+            )
         if processing_class is None:
             raise ValueError("UnlearningTrainer needs the tokenizer as processing_class to tokenize the datasets")
         tokenizer = processing_class
@@ -155,7 +169,8 @@ class UnlearningTrainer(Trainer):
         self.add_callback(RetainPairingCallback(dataset))
         self._logged_terms: dict[str, list[float]] = {}
 
-        uses_adapter = isinstance(self.model, PeftModel)
+        # An adapter attached through transformers' PEFT integration (model.load_adapter) is disabled layer by layer.
+        uses_adapter = isinstance(self.model, PeftModel) or bool(getattr(self.model, "_hf_peft_config_loaded", False))
         if self.unlearning_loss.reference_parts(self.with_retain) and reference_model is None and not uses_adapter:
             logger.warning(
                 "%s needs a reference model and %s has no PEFT adapter: deep-copying the model as the reference "
@@ -166,7 +181,7 @@ class UnlearningTrainer(Trainer):
         self.reference_model = None
         if reference_model is not None:
             self.reference_model = reference_model.to(self.args.device).eval().requires_grad_(False)
-        if uses_adapter and args.activation_checkpointing:
+        if isinstance(self.model, PeftModel) and args.activation_checkpointing:
             base = self.model.get_base_model()
             if not getattr(base, "_require_grads_hooks", None):
                 # Checkpointed blocks only backpropagate into adapters if their inputs require grad.
@@ -231,8 +246,43 @@ class UnlearningTrainer(Trainer):
             yield self.reference_model
             return
         unwrapped = self.accelerator.unwrap_model(model)
-        with evaluating(model), unwrapped.disable_adapter():
-            yield model
+        if not isinstance(unwrapped, PeftModel):
+            with evaluating(model), adapters_disabled(unwrapped):
+                yield model
+            return
+        # PEFT marks the active adapter trainable again when it re-enables it: keep what the user froze frozen.
+        frozen = [parameter for parameter in unwrapped.parameters() if not parameter.requires_grad]
+        try:
+            with evaluating(model), unwrapped.disable_adapter():
+                yield model
+        finally:
+            for parameter in frozen:
+                parameter.requires_grad_(False)
+
+    def train(self, *args: Any, **kwargs: Any):
+        self._logged_terms = {}  # terms of an earlier run's unlogged last steps do not leak into this one
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError(
+            "UnlearningTrainer has no evaluation loop: measure forgetting with peft_unlearn.metrics or "
+            "peft_unlearn.evaluate_unlearning"
+        )
+
+    def predict(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError(
+            "UnlearningTrainer has no prediction loop: generate with the model, or score with peft_unlearn.metrics"
+        )
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Tokens seen, summed over the batch's parts (the Trainer's counter looks for top-level input ids)."""
+        for part in inputs.values():
+            super()._track_num_input_tokens(part)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's estimate, summed over the parts the loss trains on."""
+        parts = self.unlearning_loss.parts(self.with_retain)
+        return sum(super(UnlearningTrainer, self).floating_point_ops(inputs[part]) for part in parts if part in inputs)
 
     def get_batch_samples(self, *args: Any, **kwargs: Any) -> tuple[list, AccumulationWindow]:
         """The micro-batches of one optimizer step and their sizes, which compute_loss divides by."""
@@ -265,7 +315,7 @@ class UnlearningTrainer(Trainer):
             window=window,
         )
         terms = loss(outputs, self.args.coefficients, self.with_retain)
-        if model.training:
+        if model.training and self.args.logging_strategy != "no":
             share = window.micro_batches if window is not None else 1  # a micro-batch's part of the step's mean
             for name, value in terms.items():
                 if name != "loss":

@@ -40,3 +40,8 @@ class UIPELoraConfig(LoraConfig):
         super().__post_init__()
         self.peft_type = peft_type_member("uipe_lora")
         self.extrapolation_alpha = check_extrapolation_alpha(self.extrapolation_alpha)
+        if self.modules_to_save or getattr(self, "trainable_token_indices", None):
+            raise ValueError(
+                "UIPELoraConfig extrapolates LoRA updates only: modules_to_save and trainable_token_indices train "
+                "full copies whose update the factor would not reach; leave them unset"
+            )

@@ -59,6 +59,14 @@ class UIPELoraModel(LoraModel):
         for _, layer in lora_layers(model, adapter_name):
             set_layer_extrapolation(layer, adapter_name, alpha)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, *args, **kwargs):
+        """PEFT's weighted combination. It builds the new adapter from the sources' scaled updates, which already
+        carry their ``1 + alpha``; the new adapter holds the combined update as it is (its factor is 1)."""
+        super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
+        self.peft_config[adapter_name].extrapolation_alpha = 0.0
+        for _, layer in lora_layers(self.model, adapter_name):
+            set_layer_extrapolation(layer, adapter_name, 0.0)
+
 
 def load_uipe_keys_through_transformers() -> None:
     """Let transformers' ``load_adapter`` read UIPE checkpoints.
