@@ -224,26 +224,30 @@ def capture_at_positions(
 
 
 class FrozenLayers:
-    """The outputs of the first ``n_frozen`` decoder layers on one batch, computed once and then replayed.
+    """The output of the first ``n_frozen`` decoder layers on one batch, computed once and then replayed.
 
     An optimisation that changes only deeper layers (a residual delta added at a layer's output, a side memory,
     new value columns) meets the same outputs below them at every step. Replaying them skips those layers' work,
-    and the results are identical. Hooks on the layers themselves still run; hooks inside them do not.
+    and the results are identical. Only the last frozen layer's output is kept; the layers below it pass their
+    input through while replaying. Hooks on the last frozen layer still run; hooks inside the frozen layers, and
+    hooks on the layers below the last, do not see their usual values.
     """
 
     def __init__(self, model: nn.Module, n_frozen: int, inputs: Mapping[str, torch.Tensor]) -> None:
         base = unwrap_model(model)
         self.layers = [base.get_submodule(decoder_layer_name(model, index)) for index in range(n_frozen)]
-        self.outputs: list = []
+        self.outputs: list = []  # per layer: the recorded output, or a _PassThrough
         if not self.layers:
             return
 
         def recording(forward):
             def run(*args, **kwargs):
-                self.outputs.append(_detached(forward(*args, **kwargs)))
-                if len(self.outputs) == len(self.layers):
+                output = _detached(forward(*args, **kwargs))
+                if len(self.outputs) + 1 == len(self.layers):
+                    self.outputs.append(output)
                     raise _StopForward  # nothing above the frozen layers is needed now
-                return self.outputs[-1]
+                self.outputs.append(_PassThrough.of(args, kwargs, output) or output)
+                return output
 
             return run
 
@@ -263,12 +267,33 @@ class FrozenLayers:
 
         def replay(output):
             def run(*args, **kwargs):
+                if isinstance(output, _PassThrough):
+                    return output.around(args[0] if args else kwargs["hidden_states"])
                 return _rows_and_columns(output, rows, width)
 
             return run
 
         with _forwards_replaced(self.layers, [replay(output) for output in self.outputs]):
             yield
+
+
+class _PassThrough:
+    """A frozen layer below the last one: while replaying it returns its input, in the structure of its output."""
+
+    def __init__(self, rest: tuple | None) -> None:
+        self.rest = rest
+
+    @classmethod
+    def of(cls, args, kwargs, output) -> "_PassThrough | None":
+        """When the layer's input hidden states look like its output (same shape), else None (kept as recorded)."""
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        first = _first_tensor(output)
+        if not isinstance(hidden, torch.Tensor) or not isinstance(first, torch.Tensor) or hidden.shape != first.shape:
+            return None
+        return cls(tuple(output[1:]) if isinstance(output, tuple) else None)
+
+    def around(self, hidden: torch.Tensor):
+        return hidden if self.rest is None else (hidden, *self.rest)
 
 
 def _detached(output):

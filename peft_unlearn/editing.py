@@ -82,16 +82,24 @@ class adapters_disabled:
             layer._disable_adapters = state
 
 
+# Bounds of the default unrelated prompts: one sampled text per request between these counts, each as long as the
+# longest edit prompt up to MAX_UNRELATED_TOKENS new tokens (thousands of keys, at a bounded cost for any call).
+MIN_UNRELATED, MAX_UNRELATED, MAX_UNRELATED_TOKENS = 8, 64, 64
+
+
 def own_unrelated_prompts(tuner: nn.Module, tokenizer, requests: Sequence[EditRequest], seed: int) -> list[str]:
     """Ordinary inputs for a method that must learn what *not* to change: the unedited model's own text, started
-    from the first words of the edit prompts (at least 8, one per request), or a built-in pool as a fallback."""
+    from the first words of the edit prompts (one per request, between 8 and 64), or a built-in pool as a
+    fallback."""
     from .metrics import sample_texts
 
     starters = sorted({r.prompt.split()[0] for r in requests})
-    starters = [starters[i % len(starters)] for i in range(max(8, len(requests)))]
+    count = min(max(MIN_UNRELATED, len(requests)), MAX_UNRELATED)
+    starters = [starters[i % len(starters)] for i in range(count)]
     longest = max(len(tokenizer(r.prompt)["input_ids"]) for r in requests)
     with adapters_disabled(tuner):
-        texts = sample_texts(tuner.model, tokenizer, starters, max_new_tokens=longest, seed=seed)
+        texts = sample_texts(tuner.model, tokenizer, starters, max_new_tokens=min(longest, MAX_UNRELATED_TOKENS),
+                             seed=seed)
     own = [text for text in texts if len(text.split()) > 1]
     return own or list(BUILTIN_UNRELATED)
 

@@ -28,19 +28,85 @@ def shifted_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[
 
 
 def labelled_logits(
-    model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels over the columns from the one that predicts the first labelled token to the last
-    labelled one: what :func:`sequence_nll` reads, without the vocabulary projection and its gradient at prompt
-    columns (as costly as a decoder layer in small models, more with large vocabularies). Models whose forward
-    takes no ``logits_to_keep`` return every column."""
-    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-    forward = inspect.signature(unwrap_model(model).forward).parameters
-    if not len(labelled) or "logits_to_keep" not in forward:
+    """Logits and labels over each row's own labelled span (from the column that predicts its first labelled token
+    to its last labelled one), the rows' spans aligned in one narrow tensor: what :func:`sequence_nll` and
+    :func:`per_example_accuracy` read, without the vocabulary projection and its gradient at prompt columns
+    (float32 [rows, columns, vocabulary] tensors dominate memory for long prompts and large vocabularies).
+    Models that cannot keep chosen positions (``logits_to_keep``) return every column. ``width`` (at least
+    :func:`labelled_width` of ``labels``) fixes the number of columns, so that passes over different rows align."""
+    scored = labels[:, 1:] != IGNORE_INDEX  # column p predicts the label at p + 1
+    if not bool(scored.any()) or not _keeps_positions(model):
         return model(**inputs).logits, labels
-    start, end = max(int(labelled[0]) - 1, 0), int(labelled[-1]) + 1
-    keep = torch.arange(start, end, device=labels.device)
-    return model(**inputs, logits_to_keep=keep).logits, labels[:, start:end]
+    first, last = _labelled_columns(scored)
+    width = max(width or 0, int((last - first).max()) + 2)  # the span's columns and the one more the shift reads
+    positions = first[:, None] + torch.arange(width, device=labels.device)
+    inside = positions < labels.shape[1]
+    positions = positions.clamp(max=labels.shape[1] - 1)
+    logits = model(**inputs, logits_to_keep=positions).logits
+    if logits.shape[:2] != positions.shape:  # a model that keeps positions its own way
+        return model(**inputs).logits, labels
+    kept = labels.gather(1, positions).masked_fill(~inside, IGNORE_INDEX)
+    kept[:, 0] = IGNORE_INDEX  # the span's first column is read only as a prediction
+    return logits, kept
+
+
+def logits_at(model: nn.Module, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """The logits at one position per row, [B, V], without projecting the other positions onto the vocabulary
+    where the model can keep chosen positions."""
+    rows = torch.arange(positions.shape[0], device=positions.device)
+    if _keeps_positions(model):
+        logits = model(**inputs, logits_to_keep=positions[:, None]).logits
+        if logits.shape[:2] == (positions.shape[0], 1):
+            return logits[:, 0]
+    return model(**inputs).logits[rows, positions]
+
+
+# Float32 logits one training forward may hold ([rows, labelled columns, vocabulary]); larger batches run in row
+# chunks whose gradients add up (512 MiB per tensor; the log-softmax and the gradient take as much again each).
+LOGIT_BUDGET = 2**27
+
+
+def row_chunks(model: nn.Module, labels: torch.Tensor, budget: int | None = None) -> list[torch.Tensor | None]:
+    """Groups of rows whose labelled logits fit ``budget`` elements, or ``[None]`` when the whole batch does: a
+    loss summed over rows, accumulated chunk by chunk, has the same gradient, and memory stays bounded for many
+    requests and large vocabularies."""
+    head = unwrap_model(model).get_output_embeddings()
+    vocabulary = head.weight.shape[0] if head is not None else getattr(unwrap_model(model).config, "vocab_size", 0)
+    per_row = labelled_width(labels) * max(int(vocabulary or 0), 1)
+    size = max(1, (budget or LOGIT_BUDGET) // per_row)
+    if size >= labels.shape[0]:
+        return [None]
+    return list(torch.arange(labels.shape[0], device=labels.device).split(size))
+
+
+def labelled_width(labels: torch.Tensor) -> int:
+    """The number of columns :func:`labelled_logits` keeps for ``labels``."""
+    scored = labels[:, 1:] != IGNORE_INDEX
+    if not bool(scored.any()):
+        return labels.shape[1]
+    first, last = _labelled_columns(scored)
+    return int((last - first).max()) + 2
+
+
+def _labelled_columns(scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the first and last column that predicts a labelled token (a row without labels: the last column)."""
+    columns = torch.arange(scored.shape[1], device=scored.device)
+    first = torch.where(scored, columns, scored.shape[1] - 1).min(dim=1).values
+    last = torch.where(scored, columns, first[:, None]).max(dim=1).values
+    return first, last
+
+
+def _keeps_positions(model: nn.Module) -> bool:
+    """Whether the model's forward takes per-row ``logits_to_keep`` positions (transformers' shared slicing)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401  (per-row positions, 2-D)
+    except ImportError:
+        return False
+    while isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed wrappers pass keywords through
+        model = model.module
+    return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
 
 
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor, average: bool = True) -> torch.Tensor:

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .losses import per_example_accuracy
+from .losses import labelled_logits, per_example_accuracy
 from .requests import tokenize_pairs, tokenize_prompts
 
 
@@ -63,8 +63,7 @@ def answer_accuracy(
     with eval_mode(model):
         for chunk in batches(pairs, batch_size):
             batch = tokenize_pairs(tokenizer, chunk, chat_template=chat_template).to(device)
-            logits = model(**batch.model_inputs).logits
-            scores.extend(per_example_accuracy(logits, batch.labels).tolist())
+            scores.extend(per_example_accuracy(*labelled_logits(model, batch.model_inputs, batch.labels)).tolist())
     return scores if per_example else sum(scores) / len(scores)
 
 

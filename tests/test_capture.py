@@ -13,7 +13,7 @@ from peft_unlearn.capture import (
     gather_positions,
     mlp_output_projection_name,
 )
-from peft_unlearn.losses import labelled_logits, sequence_nll
+from peft_unlearn.losses import labelled_logits, per_example_accuracy, sequence_nll
 
 from .conftest import tiny_gpt2, tiny_llama
 
@@ -124,6 +124,7 @@ def test_frozen_layers_replay_their_outputs_without_running(make):
     first, second = (model.get_submodule(decoder_layer_name(model, i)) for i in (0, 1))
     second.forward = second.forward  # an instance-level forward (as accelerate sets) must come back afterwards
     frozen = FrozenLayers(model, 2, inputs)
+    assert sum(isinstance(output, torch.Tensor) for output in frozen.outputs) == 1  # the last one's only
     calls = []
     handle = first.get_submodule(mlp_output_projection_name(model, 0).split(".", 3)[-1]).register_forward_hook(
         lambda *a: calls.append(1))
@@ -171,6 +172,7 @@ def test_labelled_logits_give_the_full_forwards_nll(make):
     with torch.no_grad():
         full = model(**inputs).logits
         logits, kept = labelled_logits(model, inputs, labels)
-    # Columns 2..8 (the one predicting the first label, column 3, up to the last label), or every column.
-    assert logits.shape[1] == (9 if make is ToyCausalLM else 7)
+    # Each row's own span (its labels and the column before them), aligned: 4 columns, or every column.
+    assert logits.shape[1] == (9 if make is ToyCausalLM else 4)
     torch.testing.assert_close(sequence_nll(logits, kept), sequence_nll(full, labels))
+    torch.testing.assert_close(per_example_accuracy(logits, kept), per_example_accuracy(full, labels))

@@ -22,7 +22,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import TrainerCallback
 
 from peft_unlearn.data import is_refusal, refusal_for
-from peft_unlearn.losses import sequence_nll
+from peft_unlearn.losses import labelled_logits, labelled_width, sequence_nll
 from peft_unlearn.metrics import answer_accuracy, eval_mode, generate_continuations
 from peft_unlearn.requests import tokenize_pairs
 from peft_unlearn.testing.tofu import tofu_pairs, train_tofu_models
@@ -95,6 +95,19 @@ def adapter_weights(model: PeftModel) -> dict[str, torch.Tensor]:
 
 def first_batch(trainer: UnlearningTrainer) -> dict:
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def original_forget_logits(tofu, batch) -> torch.Tensor:
+    """The untouched model's logits on the forget part, over the labelled spans the trainer's passes keep."""
+    forget = batch["forget"]
+    width = max(labelled_width(part["labels"]) for part in batch.values())
+    inputs = {"input_ids": forget["input_ids"], "attention_mask": forget["attention_mask"]}
+    with torch.no_grad():
+        logits, labels = labelled_logits(tofu.model, inputs, forget["labels"], width)
+        full = tofu.model(**inputs).logits
+    # The kept columns are the full pass's columns at the labelled spans.
+    torch.testing.assert_close(sequence_nll(logits, labels), sequence_nll(full, forget["labels"]))
+    return logits
 
 
 # --- each loss forgets ------------------------------------------------------------------------------------------
@@ -196,9 +209,7 @@ def test_reference_outputs_are_the_original_model_while_the_adapter_trains(tofu,
     trainer.train()
     model.train()
     _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
-    forget = batch["forget"]
-    with torch.no_grad():
-        original = tofu.model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).logits
+    original = original_forget_logits(tofu, batch)
     torch.testing.assert_close(outputs.reference_logits["forget"], original, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(outputs.logits["forget"], original, atol=1e-2)
     # The reference pass gave back what it borrowed: training mode and the enabled adapter.
@@ -394,9 +405,7 @@ def test_an_adapter_attached_through_transformers_is_the_reference_without_a_cop
         for factor in layer.lora_B.values():
             torch.nn.init.normal_(factor.weight, std=0.1)  # an adapter that changes the outputs
     _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
-    forget = batch["forget"]
-    with torch.no_grad():
-        original = tofu.model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).logits
+    original = original_forget_logits(tofu, batch)
     torch.testing.assert_close(outputs.reference_logits["forget"], original, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(outputs.logits["forget"], original, atol=1e-2)
 

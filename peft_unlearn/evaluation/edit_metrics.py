@@ -15,8 +15,9 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from ..metrics import batches, answer_accuracy, eval_mode, generation_match, model_device
-from ..requests import EditRequest, as_edit_requests, tokenize_pairs
+from ..losses import labelled_logits
+from ..metrics import answer_accuracy, batches, eval_mode, generation_match, model_device
+from ..requests import IGNORE_INDEX, EditRequest, as_edit_requests, tokenize_pairs
 from .report import EvaluationReport
 from .scores import default_max_new_tokens, generate_answers
 
@@ -72,10 +73,9 @@ def _argmax_answer_tokens(
     with eval_mode(model):
         for chunk in batches(pairs, batch_size):
             batch = tokenize_pairs(tokenizer, chunk, chat_template=chat_template).to(device)
-            argmax = model(**batch.model_inputs).logits[:, :-1].argmax(-1)
-            for row in range(len(batch)):
-                start, end = int(batch.target_start[row]), int(batch.target_end[row])
-                predictions.append(argmax[row, start - 1 : end - 1].cpu())
+            logits, labels = labelled_logits(model, batch.model_inputs, batch.labels)
+            argmax, scored = logits[:, :-1].argmax(-1).cpu(), (labels[:, 1:] != IGNORE_INDEX).cpu()
+            predictions.extend(argmax[row][scored[row]] for row in range(len(batch)))
     return predictions
 
 

@@ -16,9 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.refusals import is_refusal
-from ..losses import per_example_accuracy, sequence_nll
+from ..losses import labelled_logits, per_example_accuracy, sequence_nll
 from ..metrics import batches, eval_mode, generate_continuations, model_device
-from ..requests import IGNORE_INDEX, TokenizedBatch, tokenize_pairs
+from ..requests import IGNORE_INDEX, tokenize_pairs
 from . import tofu
 from .qa import PARAPHRASED_ANSWER, PERTURBED_ANSWER, QAData, QASet, as_qa_set
 from .rouge import rouge_l_recall
@@ -41,17 +41,17 @@ class AnswerScores:
         return [math.exp(-nll) for nll in self.nll]
 
 
-def _extraction_strength(logits: torch.Tensor, batch: TokenizedBatch) -> torch.Tensor:
+def _extraction_strength(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """1 - k/|y| for the smallest k such that every answer token from k on is the argmax given its true prefix.
 
     That argmax condition is exactly "greedy decoding from question + y[:k] reproduces y[k:]" (each greedy step
     then sees the true prefix), so one teacher-forced pass finds k for every row at once.
     """
-    targets = batch.labels[:, 1:]
+    targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     wrong = (logits[:, :-1].argmax(-1) != targets) & scored
     # Position of each scored token within its answer (0 = first answer token).
-    position = torch.arange(targets.shape[1], device=targets.device) - (batch.target_start.unsqueeze(1) - 1)
+    position = scored.long().cumsum(dim=1) - 1
     last_wrong = torch.where(wrong, position, torch.full_like(position, -1)).max(dim=1).values
     length = scored.sum(-1)
     return 1.0 - (last_wrong + 1).float() / length.clamp(min=1).float()
@@ -76,10 +76,10 @@ def answer_scores(
     with eval_mode(model):
         for chunk in tqdm(chunks, desc="scoring answers", disable=not progress, leave=False):
             batch = tokenize_pairs(tokenizer, chunk, chat_template=chat_template).to(device)
-            logits = model(**batch.model_inputs).logits
-            nll.extend(sequence_nll(logits, batch.labels).tolist())
-            accuracy.extend(per_example_accuracy(logits, batch.labels).tolist())
-            strength.extend(_extraction_strength(logits, batch).tolist())
+            logits, labels = labelled_logits(model, batch.model_inputs, batch.labels)
+            nll.extend(sequence_nll(logits, labels).tolist())
+            accuracy.extend(per_example_accuracy(logits, labels).tolist())
+            strength.extend(_extraction_strength(logits, labels).tolist())
     return AnswerScores(nll, accuracy, strength)
 
 

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from typing_extensions import Self
 
 from ..capture import capture_at_positions, decoder_layers_path, unwrap_model
-from ..losses import sequence_nll
+from ..losses import labelled_logits, sequence_nll
 from ..metrics import batches, evaluating, model_device
 from ..requests import IGNORE_INDEX
 from .data import ForgetRetainCollator, TokenizedRow, as_rows, row_format, tokenize_rows
@@ -91,7 +91,7 @@ def _activation_scores(
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
                   "use_cache": False}
         scored = _scored_positions(batch["labels"]).to(device)
-        captured = capture_at_positions(model, modules, inputs, None, capture="input")
+        captured = capture_at_positions(model, modules, inputs, None, capture="input", stop_early=True)
         for name, value in captured.items():
             squares = value[scored].float().square().sum(0)
             sums[name] = squares if sums[name] is None else sums[name] + squares
@@ -117,8 +117,8 @@ def _gradient_scores(
     for batch in tqdm(data, desc="gradient scores", disable=not progress):
         batch = {key: value.to(device) for key, value in batch.items()}
         with torch.enable_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            loss = sequence_nll(logits, batch["labels"], average=False).sum()
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+            loss = sequence_nll(*labelled_logits(model, inputs, batch["labels"]), average=False).sum()
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
         for total, grad in zip(totals, grads):
             if grad is not None:

@@ -18,6 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..data.refusals import REFUSALS
 from ..editing import adapters_disabled
+from ..losses import labelled_logits, labelled_width
 from ..metrics import evaluating
 from .data import (
     ForgetRetainCollator,
@@ -227,13 +228,20 @@ class UnlearningTrainer(Trainer):
     # --- forward passes -------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _run_parts(model: nn.Module, inputs: dict, parts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """One forward pass over the concatenated parts (the collator pads them to one width); logits per part."""
-        input_ids = torch.cat([inputs[part]["input_ids"] for part in parts])
-        attention_mask = torch.cat([inputs[part]["attention_mask"] for part in parts])
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def _run_parts(
+        model: nn.Module, inputs: dict, parts: Sequence[str]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One forward pass over the concatenated parts (the collator pads them to one width); per part, the logits
+        over the labelled spans and the labels aligned with them (see :func:`~peft_unlearn.losses.labelled_logits`)."""
+        concatenated = {
+            key: torch.cat([inputs[part][key] for part in parts]) for key in ("input_ids", "attention_mask", "labels")
+        }
+        labels = concatenated.pop("labels")
+        # One width for every part of the batch: the reference pass reads other parts than the model's.
+        width = max(labelled_width(part_inputs["labels"]) for part_inputs in inputs.values())
+        logits, labels = labelled_logits(model, {**concatenated, "use_cache": False}, labels, width)
         sizes = [inputs[part]["input_ids"].shape[0] for part in parts]
-        return dict(zip(parts, logits.split(sizes)))
+        return dict(zip(parts, logits.split(sizes))), dict(zip(parts, labels.split(sizes)))
 
     @contextlib.contextmanager
     def reference(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -306,14 +314,9 @@ class UnlearningTrainer(Trainer):
         if reference_parts:
             # Before the model's pass, so the reference activations are gone before the autograd graph is built.
             with torch.no_grad(), self.reference(model) as reference:
-                reference_logits = self._run_parts(reference, inputs, reference_parts)
-        logits = self._run_parts(model, inputs, loss.parts(self.with_retain))
-        outputs = UnlearningOutputs(
-            logits=logits,
-            labels={part: part_inputs["labels"] for part, part_inputs in inputs.items()},
-            reference_logits=reference_logits,
-            window=window,
-        )
+                reference_logits, _ = self._run_parts(reference, inputs, reference_parts)
+        logits, labels = self._run_parts(model, inputs, loss.parts(self.with_retain))
+        outputs = UnlearningOutputs(logits=logits, labels=labels, reference_logits=reference_logits, window=window)
         terms = loss(outputs, self.args.coefficients, self.with_retain)
         if model.training and self.args.logging_strategy != "no":
             share = window.micro_batches if window is not None else 1  # a micro-batch's part of the step's mean

@@ -21,7 +21,7 @@ from torch import nn
 
 from ...capture import FrozenLayers, add_at_positions, capture_at_positions
 from ...editing import context_length
-from ...losses import labelled_logits, sequence_nll
+from ...losses import labelled_logits, logits_at, row_chunks, sequence_nll
 from ...metrics import sample_texts
 from ...requests import EditRequest, TokenizedBatch, tokenize_pairs, tokenize_prompts
 
@@ -188,7 +188,6 @@ def optimize_target_values(
     if use_kl:
         kl = tokenize_prompts(tokenizer, _kl_prompts(requests), [r.subject for r in requests], padding_side="right")
         kl = kl.to(device)
-        rows_kl = torch.arange(n, device=device)
 
     with torch.no_grad():
         bare = rows.batch.select(slice(0, n))
@@ -198,11 +197,12 @@ def optimize_target_values(
             bare.model_inputs,
             rows.positions[:n],
             capture="output",
+            stop_early=True,
         )
         h = captured["h"].float()  # [n, P, d]
         mlp_out = captured["mlp"].float()
         if use_kl:
-            kl_reference = torch.log_softmax(model(**kl.model_inputs).logits[rows_kl, kl.prompt_last].float(), -1)
+            kl_reference = torch.log_softmax(logits_at(model, kl.model_inputs, kl.prompt_last).float(), -1)
     frozen = FrozenLayers(model, output_layer + 1, rows.batch.model_inputs)
     frozen_kl = FrozenLayers(model, output_layer + 1, kl.model_inputs) if use_kl else None
 
@@ -227,38 +227,40 @@ def optimize_target_values(
         # not what all of them cost, when a few requests need many more steps than the rest.
         running = active.nonzero().squeeze(1)
         selected = active[owner].nonzero().squeeze(1)
-        part = rows.batch.select(selected).trimmed()
-        delta = scaled[keys] * unit
-        width = part.input_ids.shape[1]
-        with frozen.replayed(selected, width), add_at_positions(
-            layer_output_module, delta[owner[selected]], rows.positions[selected]
-        ):
-            per_row = sequence_nll(*labelled_logits(model, part.model_inputs, part.labels))
-        summed = torch.zeros(n, dtype=per_row.dtype, device=device).index_add(0, owner[selected], per_row)
-        nll = torch.where(active, summed / n_templates, nll.detach())
+        # The target term is a sum over the running rows: row chunks (bounded logits) add up to its gradient.
+        grad, per_row = torch.zeros_like(scaled), []
+        for chunk in row_chunks(model, rows.batch.labels[selected]):
+            chosen = selected if chunk is None else selected[chunk]
+            part = rows.batch.select(chosen).trimmed()
+            delta = scaled[keys] * unit
+            with frozen.replayed(chosen, part.input_ids.shape[1]), add_at_positions(
+                layer_output_module, delta[owner[chosen]], rows.positions[chosen]
+            ):
+                chunk_nll = sequence_nll(*labelled_logits(model, part.model_inputs, part.labels))
+            grad += torch.autograd.grad(chunk_nll.sum() / n_templates, [scaled])[0]
+            per_row.append(chunk_nll.detach())
+        summed = torch.zeros(n, device=device).index_add(0, owner[selected], torch.cat(per_row).float())
+        nll = torch.where(active, summed / n_templates, nll)
         if initial_nll is None:
-            initial_nll = nll.detach()
-        loss = nll.sum()
+            initial_nll = nll
+        reached = nll < EARLY_STOP_NLL
+        if bool(reached.all()):
+            break
+        penalty = weight_decay * scaled.pow(2).mean(-1).sum()
         if use_kl:
             kl_part = kl.select(running).trimmed()
             with frozen_kl.replayed(running, kl_part.input_ids.shape[1]), add_at_positions(
-                layer_output_module, delta[running, 0], kl.subject_last[running]
+                layer_output_module, (scaled[keys] * unit)[running, 0], kl.subject_last[running]
             ):
-                kl_logits = model(**kl_part.model_inputs).logits[
-                    torch.arange(len(running), device=device), kl.prompt_last[running]
-                ]
+                kl_logits = logits_at(model, kl_part.model_inputs, kl.prompt_last[running])
             kl_logprobs = torch.log_softmax(kl_logits.float(), dim=-1)
             reference = kl_reference[running]
-            loss = loss + kl_factor * (reference.exp() * (reference - kl_logprobs)).sum()
-        loss = loss + weight_decay * scaled.pow(2).mean(-1).sum()
-        reached = nll.detach() < EARLY_STOP_NLL
-        if bool(reached.all()):
-            break
+            penalty = penalty + kl_factor * (reference.exp() * (reference - kl_logprobs)).sum()
+        grad += torch.autograd.grad(penalty, [scaled])[0]
         # A key is finished once every request it serves reaches its target; a request stops running once all
         # of its keys are finished.
         done = rows.per_key(reached.float().unsqueeze(1).expand(keys.shape)) == 1
         active = ~(done[keys] | ~rows.slots).all(dim=1)
-        (grad,) = torch.autograd.grad(loss, [scaled])
         scaled.grad = grad
         previous = scaled.detach().clone()
         optimizer.step()
@@ -270,7 +272,7 @@ def optimize_target_values(
             scaled.mul_(torch.where(norms > limit, limit / norms.clamp(min=1e-12), torch.ones_like(norms)))
     delta = (scaled[keys] * unit).detach()
     logger.debug("target values: %d steps, mean NLL %.4f", step, nll.mean().item())
-    return TargetValues(z=h + delta, h=h, initial_nll=initial_nll, final_nll=nll.detach(), steps=step)
+    return TargetValues(z=h + delta, h=h, initial_nll=initial_nll, final_nll=nll, steps=step)
 
 
 def keys_and_outputs(
@@ -287,7 +289,9 @@ def keys_and_outputs(
     if output_module is not None:
         modules[OUTPUT_KEY] = output_module
         kinds[OUTPUT_KEY] = "output"
-    captured = capture_at_positions(model, modules, rows.batch.model_inputs, rows.positions, capture=kinds)
+    captured = capture_at_positions(
+        model, modules, rows.batch.model_inputs, rows.positions, capture=kinds, stop_early=True
+    )
     keys = {
         name: captured[name].float().view(n_templates, n, *captured[name].shape[1:]).mean(0) for name in key_modules
     }
@@ -399,22 +403,29 @@ def refine_values(
     ]
     optimizer = torch.optim.Adam(groups)
     frozen = FrozenLayers(model, first_layer, batch.model_inputs)
+    chunks = row_chunks(model, batch.labels)
+
+    def chunk_nll(rows: torch.Tensor | None) -> torch.Tensor:
+        part = batch if rows is None else batch.select(rows).trimmed()
+        with frozen.replayed(rows, None if rows is None else part.input_ids.shape[1]):
+            return sequence_nll(*labelled_logits(model, part.model_inputs, part.labels))
+
     try:
-        with torch.enable_grad(), frozen.replayed():
+        with torch.enable_grad():
             for _ in range(steps):
-                nll = sequence_nll(*labelled_logits(model, batch.model_inputs, batch.labels))
+                optimizer.zero_grad(set_to_none=True)
+                for rows in chunks:  # the hinged target loss is a sum over rows: chunks add up to its gradient
+                    ((chunk_nll(rows) - margin).clamp(min=0).sum() / n_new).backward()
                 penalty = sum(
                     ((block.values[:, block.start :] @ block.gram) * block.values[:, block.start :]).sum()
                     for block in blocks
                 )
-                loss = (nll - margin).clamp(min=0).sum() / n_new + preservation * penalty
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (preservation * penalty).backward()
                 for block in blocks:
                     block.values.grad[:, : block.start] = 0  # earlier edits' values are not touched
                 optimizer.step()
-        with torch.no_grad(), frozen.replayed():
-            return sequence_nll(*labelled_logits(model, batch.model_inputs, batch.labels))[:n_new]
+        with torch.no_grad():
+            return torch.cat([chunk_nll(rows) for rows in chunks])[:n_new]
     finally:
         for block in blocks:
             block.values.requires_grad_(False)

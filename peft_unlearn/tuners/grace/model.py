@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ...capture import capture_at_positions
 from ...editing import adapters_disabled, check_unrelated, own_unrelated_prompts
 from ...losses import labelled_logits, sequence_nll
+from ...metrics import batches
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
 from .config import GraceConfig
@@ -23,6 +24,8 @@ logger = logging.getLogger(__name__)
 EARLY_STOP_NLL = 1e-2
 # Keys closer than this (relative, as eps_init) are the same key: a prompt edited again.
 SAME_KEY = 1e-4
+# Unrelated prompts per forward when their keys are read.
+UNRELATED_BATCH = 64
 
 
 def key_positions(batch, per_answer_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +91,7 @@ class GraceModel(SingleLayerTuner):
         positions, valid = key_positions(batch, per_answer_token=config.replacement == "answer")
         captured = capture_at_positions(
             self.model, {"key": layer, "out": layer.get_base_layer()}, batch.model_inputs, positions,
-            capture={"key": "input", "out": "output"},
+            capture={"key": "input", "out": "output"}, stop_early=True,
         )
         queries, current = captured["key"].float(), captured["out"].float()  # [B, P, d]
         first_id = config.n_edits
@@ -165,10 +168,14 @@ class GraceModel(SingleLayerTuner):
 
     def _unrelated_keys(self, tokenizer, prompts: list[str], layer) -> torch.Tensor:
         """The layer's inputs at every token of ordinary prompts: keys no edit may capture."""
-        batch = tokenize_prompts(tokenizer, prompts, padding_side="right").to(next(self.model.parameters()).device)
+        device = next(self.model.parameters()).device
+        keys = []
         with adapters_disabled(self):
-            keys = capture_at_positions(self.model, {"key": layer}, batch.model_inputs, None)["key"]
-        return keys[batch.attention_mask.bool()].float()
+            for chunk in batches(prompts, UNRELATED_BATCH):
+                batch = tokenize_prompts(tokenizer, list(chunk), padding_side="right").to(device)
+                captured = capture_at_positions(self.model, {"key": layer}, batch.model_inputs, None, stop_early=True)
+                keys.append(captured["key"][batch.attention_mask.bool()].float())
+        return torch.cat(keys)
 
     @staticmethod
     def _keep_clear_of(layer, adapter_name, book, old_eps: torch.Tensor, negatives: torch.Tensor) -> None:

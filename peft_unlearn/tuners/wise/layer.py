@@ -57,6 +57,8 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
         self._running: dict[str, torch.Tensor] = {}
         # Per adapter: (the state they were derived from, the routing thresholds).
         self._thresholds: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # Per adapter: ((the state, dtype) they were derived from, the candidates' deltas in that dtype).
+        self._deltas: dict[str, tuple[tuple, list[tuple[int, torch.Tensor]]]] = {}
 
     def update_layer(self, adapter_name: str, config: WiseConfig) -> None:
         """Create ``adapter_name`` with the recorded number of memories and edits (so a saved adapter reloads)."""
@@ -95,6 +97,16 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
             found.append((WORKING, working))
         return found
 
+    def routing_deltas(self, adapter_name: str, dtype: torch.dtype) -> list[tuple[int, torch.Tensor]]:
+        """:meth:`candidates` in the forward's dtype, cached while the memories, keys and config stay as they are:
+        a forward (each decoding step) neither re-adds nor re-casts out x in matrices."""
+        stamp = (self._state_stamp(adapter_name), dtype)
+        cached_stamp, cached = self._deltas.get(adapter_name, (None, None))
+        if cached_stamp != stamp:
+            cached = [(index, delta.detach().to(dtype)) for index, delta in self.candidates(adapter_name)]
+            self._deltas[adapter_name] = (stamp, cached)
+        return cached
+
     def _state_stamp(self, adapter_name: str) -> tuple:
         """What the thresholds depend on: the memories and keys (in-place loads bump their versions) and the config."""
         tensors = (self.wise_working[adapter_name], self.wise_memories[adapter_name], self.wise_keys[adapter_name],
@@ -129,6 +141,7 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
 
     def invalidate(self, adapter_name: str) -> None:
         self._thresholds.pop(adapter_name, None)
+        self._deltas.pop(adapter_name, None)
         self._running.pop(adapter_name, None)
 
 
@@ -166,7 +179,7 @@ class WiseLinear(nn.Module, WiseLayer):
         for adapter in self.active_adapters:
             if adapter not in self.wise_working:
                 continue
-            candidates = self.candidates(adapter)
+            candidates = self.routing_deltas(adapter, x.dtype)
             if not candidates:
                 continue
             result = self._route(adapter, x, result, candidates)
@@ -178,11 +191,16 @@ class WiseLinear(nn.Module, WiseLayer):
         batch, length = x.shape[0], x.shape[1]
         mask = self._attention_mask
         mask = mask[:, -length:].to(x.device).bool() if mask is not None and mask.shape[0] == batch else None
-        changes = torch.stack([nn.functional.linear(x, delta.to(x.dtype)) for _, delta in candidates])  # [K,B,T,o]
-        token_scores = relative_change(changes, main[None])
-        if mask is not None:
-            token_scores = token_scores.masked_fill(~mask[None], 0.0)
-        scores = token_scores.amax(dim=2).T  # [B, K]: a sequence's score is its most reactive token
+        # One memory at a time, keeping only [B] scores: the routed rows' change is computed again below, rather
+        # than holding every memory's [B, T, out] change (retrieve mode keeps one memory per shard).
+        per_memory, change = [], None
+        for _, delta in candidates:
+            change = nn.functional.linear(x, delta)
+            token_scores = relative_change(change, main)
+            if mask is not None:
+                token_scores = token_scores.masked_fill(~mask, 0.0)
+            per_memory.append(token_scores.amax(dim=1))  # a sequence's score is its most reactive token
+        scores = torch.stack(per_memory, dim=1)  # [B, K]
         running = self._running.get(adapter)
         if self._continues_sequences and running is not None and running.shape == scores.shape:
             scores = torch.maximum(scores, running)  # a decoding step continues its sequence
@@ -190,7 +208,13 @@ class WiseLinear(nn.Module, WiseLayer):
         best, routed = self.route(adapter, scores)
         if not bool(routed.any()):
             return main.reshape(flat_shape)
-        side = changes[best, torch.arange(batch, device=x.device)]  # [B, T, out]
+        if len(candidates) == 1:
+            side = change
+        else:
+            side = torch.zeros_like(main)
+            for k in best[routed].unique().tolist():
+                rows = (best == k) & routed
+                side[rows] = nn.functional.linear(x[rows], candidates[k][1]).to(side.dtype)
         return torch.where(routed[:, None, None], main + side.to(main.dtype), main).reshape(flat_shape)
 
     def __repr__(self) -> str:

@@ -108,8 +108,8 @@ class WiseModel(SingleLayerTuner):
         with adapters_disabled(self):
             seen = {"x": layer, "main": layer.get_base_layer()}
             kinds = {"x": "input", "main": "output"}
-            edit_io = capture_at_positions(self.model, seen, edits.model_inputs, None, capture=kinds)
-            other_io = capture_at_positions(self.model, seen, others.model_inputs, None, capture=kinds)
+            edit_io = capture_at_positions(self.model, seen, edits.model_inputs, None, capture=kinds, stop_early=True)
+            other_io = capture_at_positions(self.model, seen, others.model_inputs, None, capture=kinds, stop_early=True)
         columns = torch.arange(edits.input_ids.shape[1], device=device)[None]
         in_prompt = (columns <= edits.prompt_last[:, None]) & edits.attention_mask.bool()
         other_tokens = others.attention_mask.bool()
