@@ -196,6 +196,16 @@ def check_not_merged(model: nn.Module, adapter_name: str) -> None:
         )
 
 
+def check_adapters_enabled(model: nn.Module) -> None:
+    """Refuse to edit inside ``with model.disable_adapter():``: a method fits its edit through the adapter's own
+    forward, which a disabled adapter bypasses."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(m, BaseTunerLayer) and m.disable_adapters for m in model.modules()):
+        raise ValueError("the model's adapters are disabled (inside `with model.disable_adapter():`); edit outside "
+                         "that block")
+
+
 def edit(
     model: nn.Module,
     tokenizer,
@@ -220,6 +230,7 @@ def edit(
         raise ValueError("requests is empty: give at least one EditRequest")
     check_tokenizer_matches(model, tokenizer)
     check_not_merged(model, adapter_name)
+    check_adapters_enabled(model)
     check_consistent_targets(requests)
     method = model.peft_config[adapter_name].peft_type.value.lower()
     start = time.perf_counter()

@@ -72,8 +72,9 @@ def row_chunks(model: nn.Module, labels: torch.Tensor, budget: int | None = None
     """Groups of rows whose labelled logits fit ``budget`` elements, or ``[None]`` when the whole batch does: a
     loss summed over rows, accumulated chunk by chunk, has the same gradient, and memory stays bounded for many
     requests and large vocabularies."""
-    head = unwrap_model(model).get_output_embeddings()
-    vocabulary = head.weight.shape[0] if head is not None else getattr(unwrap_model(model).config, "vocab_size", 0)
+    base = unwrap_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    vocabulary = head.weight.shape[0] if head is not None else getattr(getattr(base, "config", None), "vocab_size", 0)
     per_row = labelled_width(labels) * max(int(vocabulary or 0), 1)
     size = max(1, (budget or LOGIT_BUDGET) // per_row)
     if size >= labels.shape[0]:

@@ -191,6 +191,25 @@ def test_bad_input_is_refused_and_leaves_the_model_untouched(word_tokenizer):
     assert layer.moment("default") is None and layer.rank("default") == 0
 
 
+def test_a_new_adapter_under_a_deleted_ones_name_rehearses_nothing_and_disabled_adapters_are_not_edited(
+    word_tokenizer,
+):
+    model = get_peft_model(tiny_llama(vocab_size=len(word_tokenizer), layers=3),
+                           pu.AlphaEditConfig(layers=[1], refine_steps=2), adapter_name="x")
+    pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
+    request = pu.EditRequest("w1 w7 w3", "w1", subject="w7")
+    with model.disable_adapter(), pytest.raises(ValueError, match="adapters are disabled"):
+        pu.edit(model, word_tokenizer, [request])
+    pu.edit(model, word_tokenizer, [request])
+    assert model.base_model._rehearsal["x"] == [request]
+    model.add_adapter("other", pu.AlphaEditConfig(layers=[1]))
+    model.delete_adapter("x")
+    assert "x" not in model.base_model._rehearsal
+    model.base_model._rehearsal["x"] = [request]  # even if a session kept something under the name
+    model.add_adapter("x", pu.AlphaEditConfig(layers=[1]))
+    assert "x" not in model.base_model._rehearsal
+
+
 def test_requests_must_fit_the_context_and_a_merged_adapter_is_not_edited(word_tokenizer):
     base = tiny_llama(vocab_size=len(word_tokenizer), layers=3)  # 64 positions
     model = get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig(layers=[1], refine_steps=2))

@@ -62,6 +62,30 @@ def test_generation_with_kv_cache_matches_full_recompute(edited, world):
     assert texts[0][1].strip().startswith(world.retain_facts[0].answer)
 
 
+def beams(model, tokenizer, prompt: str, use_cache: bool = True, n: int = 4) -> list[str]:
+    batch = tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**batch, num_beams=n, num_return_sequences=n, max_new_tokens=12, do_sample=False,
+                             use_cache=use_cache, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("method", ["grace", "wise"])
+def test_beam_search_carries_the_routing_state_with_the_beams(world, trained_models, method):
+    """Beam search reorders the key/value cache between steps; a beam that reaches an edited context must keep
+    following the edit (and one that does not must not), exactly as without the cache."""
+    base, tokenizer = trained_models("llama")
+    question = world.retain_facts[0].question
+    second_beam = beams(base, tokenizer, question)[1].split()
+    prompt = f"{question} {' '.join(second_beam[:2])}"  # a context that only some beams generate
+    config = pu.GraceConfig(replacement="all") if method == "grace" else pu.WiseConfig(n_iter=30)
+    model = get_peft_model(copy.deepcopy(base), config)
+    pu.edit(model, tokenizer, [pu.EditRequest(prompt, " Sorry, I cannot provide that information.")], progress=False)
+    cached = beams(model, tokenizer, question)
+    assert cached == beams(model, tokenizer, question, use_cache=False)
+    assert cached != beams(base, tokenizer, question)  # the edited context is reached by some beam
+
+
 def test_reload_gives_identical_outputs(edited, tmp_path):
     _, base, model, tokenizer, _, requests, _, _ = edited
     model.save_pretrained(tmp_path)

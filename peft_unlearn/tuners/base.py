@@ -43,9 +43,19 @@ class BatchAwareLayer:
     _attention_mask: torch.Tensor | None = None
     _batch_rows: int | None = None
     _continues_sequences: bool = False
+    # Attributes holding, per adapter, a [rows, ...] routing state carried across decoding steps.
+    _row_states: tuple[str, ...] = ()
 
     def token_grid(self, hidden: torch.Tensor) -> torch.Tensor:
         return token_grid(hidden, self._batch_rows)
+
+    def reorder_rows(self, index: torch.Tensor) -> None:
+        """Follow the cache when beam search reorders its rows: row i's state becomes row ``index[i]``'s."""
+        for name in self._row_states:
+            states = getattr(self, name)
+            for adapter, state in list(states.items()):
+                if state is not None and state.shape[0] == index.shape[0]:
+                    states[adapter] = state[index.to(state.device)]
 
 
 def cached_length(cache: Any) -> int:
@@ -59,10 +69,29 @@ def _share_batch_layout(module: nn.Module, args, kwargs) -> None:
         inputs.setdefault("input_ids", args[0])
     mask, rows = inputs.get("attention_mask"), batch_rows(inputs)
     # Recent transformers pass the cache as `cache`, earlier 5.x releases as `past_key_values`.
-    continues = cached_length(inputs.get("cache", inputs.get("past_key_values"))) > 0
-    for layer in module.modules():
-        if isinstance(layer, BatchAwareLayer):
-            layer._attention_mask, layer._batch_rows, layer._continues_sequences = mask, rows, continues
+    cache = inputs.get("cache", inputs.get("past_key_values"))
+    continues = cached_length(cache) > 0
+    layers = [layer for layer in module.modules() if isinstance(layer, BatchAwareLayer)]
+    for layer in layers:
+        layer._attention_mask, layer._batch_rows, layer._continues_sequences = mask, rows, continues
+    _follow_reorders(cache, layers)
+
+
+def _follow_reorders(cache: Any, layers: list[BatchAwareLayer]) -> None:
+    """Beam search reorders the cache's rows between decoding steps (``reorder_cache``); the layers' routing state
+    must move with them, or a row would keep one beam's keys and values and another beam's routing."""
+    if not hasattr(cache, "reorder_cache") or getattr(cache, "_routing_follows", False):
+        return
+    reorder_cache = cache.reorder_cache
+
+    def reorder_with_routing(beam_idx: torch.Tensor, *args: Any, **kwargs: Any):
+        result = reorder_cache(beam_idx, *args, **kwargs)
+        for layer in layers:
+            layer.reorder_rows(beam_idx)
+        return result
+
+    cache.reorder_cache = reorder_with_routing
+    cache._routing_follows = True
 
 
 class SingleLayerTuner(EditingTuner):

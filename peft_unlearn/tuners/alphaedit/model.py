@@ -95,6 +95,7 @@ class AlphaEditModel(EditingTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        self._forget_session(adapter_name)  # a new adapter under a deleted one's name rehearses nothing of it
         if isinstance(target, AlphaEditLayer):
             target.update_layer(adapter_name, peft_config)
             return
@@ -102,6 +103,14 @@ class AlphaEditModel(EditingTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._forget_session(adapter_name)
+
+    def _forget_session(self, adapter_name: str) -> None:
+        """Drop what this session kept in memory for ``adapter_name`` (the requests refinement rehearses)."""
+        self.__dict__.get("_rehearsal", {}).pop(adapter_name, None)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

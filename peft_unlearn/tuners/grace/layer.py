@@ -53,6 +53,8 @@ class GraceLayer(BaseTunerLayer, BatchAwareLayer):
     (one id per target text), the id of the edit that created each entry, and a log of radius changes (expansions
     and splits) so that edits can be rolled back."""
 
+    _row_states = ("_following",)
+
     adapter_layer_names = ("grace_values",)
     other_param_names = ("grace_keys", "grace_eps", "grace_labels", "grace_edit_ids", "grace_change_ids",
                          "grace_change_eps")
@@ -81,6 +83,7 @@ class GraceLayer(BaseTunerLayer, BatchAwareLayer):
 
     def update_layer(self, adapter_name: str, config: GraceConfig) -> None:
         """Create the codebook of ``adapter_name`` with the recorded sizes (so a saved adapter reloads)."""
+        self._following.pop(adapter_name, None)  # a new adapter under a deleted one's name starts without its state
         device = self.get_base_layer().weight.device
         n, c = config.codebook_size, config.n_changes
         self.grace_values[adapter_name] = nn.Parameter(

@@ -37,6 +37,8 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
     that scored highest on its prompt (``wise_keys``) with the memory it lives in (``wise_key_memory``), from which
     routing thresholds are derived."""
 
+    _row_states = ("_running",)
+
     adapter_layer_names = ("wise_working",)
     other_param_names = ("wise_memories", "wise_keys", "wise_key_memory")
 
@@ -73,6 +75,7 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
         self.wise_keys[adapter_name] = torch.zeros(config.n_edits, self.in_features, device=device)
         self.wise_key_memory[adapter_name] = torch.zeros(config.n_edits, dtype=torch.long, device=device)
         self.wise_config[adapter_name] = config
+        self.invalidate(adapter_name)  # a new adapter under a deleted one's name starts without its caches
         self.set_adapter(self.active_adapters)
 
     # --- memories -----------------------------------------------------------------------------------------------
