@@ -69,8 +69,10 @@ class adapters_disabled:
 
     def __init__(self, model: nn.Module) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper  # modules_to_save, trainable tokens
 
-        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        wrappers = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+        self.layers = [m for m in model.modules() if isinstance(m, wrappers)]
 
     def __enter__(self) -> None:
         self.states = [layer._disable_adapters for layer in self.layers]

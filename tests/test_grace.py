@@ -86,6 +86,31 @@ def test_beam_search_carries_the_routing_state_with_the_beams(world, trained_mod
     assert cached != beams(base, tokenizer, question)  # the edited context is reached by some beam
 
 
+def test_the_cache_reorders_routing_without_a_cycle_and_a_copy_reorders_itself():
+    import gc
+    import weakref
+
+    from transformers import DynamicCache
+
+    model = get_peft_model(tiny_llama(), pu.GraceConfig(replacement="all"))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 64, (3, 5)), past_key_values=cache, use_cache=True)
+    assert isinstance(cache, DynamicCache) and type(cache).__name__ == "DynamicCache"
+    copied = copy.deepcopy(cache)
+    keys = cache.layers[0].keys.clone()
+    copied.reorder_cache(torch.tensor([2, 1, 0]))
+    torch.testing.assert_close(cache.layers[0].keys, keys)  # the copy reordered itself, not the original
+    torch.testing.assert_close(copied.layers[0].keys, keys[[2, 1, 0]])
+    gc.disable()
+    try:
+        alive = weakref.ref(cache)
+        del cache
+        assert alive() is None  # freed at once: no reference cycle holds the keys and values
+    finally:
+        gc.enable()
+
+
 def test_reload_gives_identical_outputs(edited, tmp_path):
     _, base, model, tokenizer, _, requests, _, _ = edited
     model.save_pretrained(tmp_path)

@@ -410,6 +410,39 @@ def test_an_adapter_attached_through_transformers_is_the_reference_without_a_cop
     assert not torch.allclose(outputs.logits["forget"], original, atol=1e-2)
 
 
+def test_the_reference_switches_off_modules_to_save_and_serves_parts_only_it_reads(tofu, tmp_path):
+    from peft import inject_adapter_in_model
+    from peft.utils import ModulesToSaveWrapper
+
+    from peft_unlearn.unlearning.losses import (
+        FORGET,
+        RETAIN,
+        LossTerm,
+        UnlearningLoss,
+        gradient_ascent,
+        register_unlearning_loss,
+    )
+
+    # An adapter attached the way transformers' load_adapter does, with a trained copy of lm_head.
+    config = LoraConfig(r=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model = inject_adapter_in_model(config, copy.deepcopy(tofu.model), adapter_name="default")
+    model.peft_config, model._hf_peft_config_loaded = {"default": config}, True
+    for wrapper in (m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)):
+        for parameter in wrapper.modules_to_save.parameters():
+            torch.nn.init.normal_(parameter, std=0.5)
+    trainer = make_trainer(tofu, model, make_args(tmp_path, "npo", max_steps=1))
+    batch = first_batch(trainer)
+    _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    torch.testing.assert_close(outputs.reference_logits["forget"], original_forget_logits(tofu, batch),
+                               rtol=1e-5, atol=1e-5)
+    # A loss term that reads a part from the reference alone.
+    register_unlearning_loss(UnlearningLoss("ga_reference_retain", LossTerm(gradient_ascent, (FORGET,)),
+                                            LossTerm(lambda outputs, c: outputs.reference_nll(RETAIN).mean(), (),
+                                                     (RETAIN,))))
+    trainer = make_trainer(tofu, lora_model(tofu), make_args(tmp_path, "ga_reference_retain", max_steps=1))
+    assert torch.isfinite(trainer.compute_loss(trainer.model, first_batch(trainer)))
+
+
 def test_trainer_options_it_cannot_honour_are_refused_and_counters_see_every_part(tofu, tmp_path):
     model = lora_model(tofu)
     with pytest.raises(ValueError, match="no evaluation loop"):

@@ -3,6 +3,7 @@ trained by an outer optimiser, and they target modules by exact name."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -79,19 +80,32 @@ def _share_batch_layout(module: nn.Module, args, kwargs) -> None:
 
 def _follow_reorders(cache: Any, layers: list[BatchAwareLayer]) -> None:
     """Beam search reorders the cache's rows between decoding steps (``reorder_cache``); the layers' routing state
-    must move with them, or a row would keep one beam's keys and values and another beam's routing."""
-    if not hasattr(cache, "reorder_cache") or getattr(cache, "_routing_follows", False):
+    must move with them, or a row would keep one beam's keys and values and another beam's routing. The cache
+    becomes an instance of a subclass that also reorders the layers (held by weak reference: no cycle keeps the
+    cache alive, and a copy of the cache reorders itself)."""
+    if not hasattr(cache, "reorder_cache"):
         return
-    reorder_cache = cache.reorder_cache
+    cache._routing_layers = [weakref.ref(layer) for layer in layers]
+    if not isinstance(cache, _ReordersRouting):
+        base = type(cache)
+        if base not in _ROUTING_CACHES:
+            _ROUTING_CACHES[base] = type(base.__name__, (_ReordersRouting, base), {"__module__": base.__module__})
+        cache.__class__ = _ROUTING_CACHES[base]
 
-    def reorder_with_routing(beam_idx: torch.Tensor, *args: Any, **kwargs: Any):
-        result = reorder_cache(beam_idx, *args, **kwargs)
-        for layer in layers:
-            layer.reorder_rows(beam_idx)
+
+class _ReordersRouting:
+    """Mixed into a key/value cache class: ``reorder_cache`` also reorders the routing state of the layers."""
+
+    def reorder_cache(self, beam_idx: torch.Tensor, *args: Any, **kwargs: Any):
+        result = super().reorder_cache(beam_idx, *args, **kwargs)
+        for reference in getattr(self, "_routing_layers", ()):
+            layer = reference()
+            if layer is not None:
+                layer.reorder_rows(beam_idx)
         return result
 
-    cache.reorder_cache = reorder_with_routing
-    cache._routing_follows = True
+
+_ROUTING_CACHES: dict[type, type] = {}
 
 
 class SingleLayerTuner(EditingTuner):

@@ -309,13 +309,15 @@ class UnlearningTrainer(Trainer):
         step's mean whatever the accumulation; called alone, the batch is its own window."""
         window = num_items_in_batch if isinstance(num_items_in_batch, AccumulationWindow) else None
         loss = self.unlearning_loss
-        reference_logits = {}
+        reference_logits, reference_labels = {}, {}
         reference_parts = loss.reference_parts(self.with_retain)
         if reference_parts:
             # Before the model's pass, so the reference activations are gone before the autograd graph is built.
             with torch.no_grad(), self.reference(model) as reference:
-                reference_logits, _ = self._run_parts(reference, inputs, reference_parts)
+                reference_logits, reference_labels = self._run_parts(reference, inputs, reference_parts)
         logits, labels = self._run_parts(model, inputs, loss.parts(self.with_retain))
+        # Both passes keep the same columns, so a part read from the reference alone has its labels too.
+        labels = {**reference_labels, **labels}
         outputs = UnlearningOutputs(logits=logits, labels=labels, reference_logits=reference_logits, window=window)
         terms = loss(outputs, self.args.coefficients, self.with_retain)
         if model.training and self.args.logging_strategy != "no":
