@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from .metrics import collapse_whitespace
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def model_card(method: str, base_model: str, n_edits: int | None = None, metrics
 
 
 def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
+    return collapse_whitespace(text).lower()
 
 
 def _readable_text(path: Path) -> str:

@@ -115,12 +115,13 @@ def sample_texts(
     return [" ".join(f"{starter} {text}".split()) for starter, text in zip(starters, continuations)]
 
 
-def _normalise(text: str) -> str:
+def collapse_whitespace(text: str) -> str:
+    """``text`` with every run of whitespace one space and no leading or trailing whitespace."""
     return re.sub(r"\s+", " ", text).strip()
 
 
 def starts_with_answer(generated: str, expected: str) -> bool:
-    return _normalise(generated).startswith(_normalise(expected))
+    return collapse_whitespace(generated).startswith(collapse_whitespace(expected))
 
 
 def generation_match(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -16,7 +15,14 @@ from peft import PeftModel
 from torch import nn
 
 from ..losses import labelled_logits
-from ..metrics import answer_accuracy, batches, eval_mode, generation_match, model_device
+from ..metrics import (
+    answer_accuracy,
+    batches,
+    collapse_whitespace,
+    eval_mode,
+    generation_match,
+    model_device,
+)
 from ..requests import IGNORE_INDEX, EditRequest, as_edit_requests, tokenize_pairs
 from .report import EvaluationReport
 from .scores import default_max_new_tokens, generate_answers
@@ -79,10 +85,6 @@ def _argmax_answer_tokens(
     return predictions
 
 
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
-
-
 def locality(
     model: nn.Module,
     tokenizer,
@@ -115,7 +117,7 @@ def locality(
     with _pre_edit_model(model, reference_model) as pre_edit:
         pre_tokens, pre_texts = outputs(pre_edit)
     token_agreement = [(a == b).float().mean().item() for a, b in zip(edited_tokens, pre_tokens)]
-    unchanged = [_normalise(a) == _normalise(b) for a, b in zip(edited_texts, pre_texts)]
+    unchanged = [collapse_whitespace(a) == collapse_whitespace(b) for a, b in zip(edited_texts, pre_texts)]
     return {
         "teacher_forced": sum(token_agreement) / len(token_agreement),
         "generation": sum(unchanged) / len(unchanged),

@@ -26,6 +26,20 @@ EARLY_STOP_NLL = 1e-2
 SAME_KEY = 1e-4
 # Unrelated prompts per forward when their keys are read.
 UNRELATED_BATCH = 64
+# The codebook's per-entry tensors, and with them the change log: what editing and rollback read and write.
+ENTRY_FIELDS = ("keys", "values", "eps", "labels", "edit_ids")
+BOOK_FIELDS = ENTRY_FIELDS + ("change_ids", "change_eps")
+
+
+def _append_entry(book: dict, key: torch.Tensor, eps: float, label: int, edit_id: int) -> int:
+    """Add one entry to the codebook being edited (its value zero until trained) and return its index."""
+    device = book["keys"].device
+    book["keys"] = torch.cat([book["keys"], key[None]])
+    book["values"] = torch.cat([book["values"], torch.zeros(1, book["values"].shape[1], device=device)])
+    book["eps"] = torch.cat([book["eps"], torch.tensor([eps], device=device)])
+    book["labels"] = torch.cat([book["labels"], torch.tensor([label], device=device)])
+    book["edit_ids"] = torch.cat([book["edit_ids"], torch.tensor([edit_id], device=device)])
+    return book["keys"].shape[0] - 1
 
 
 def key_positions(batch, per_answer_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +111,7 @@ class GraceModel(SingleLayerTuner):
         first_id = config.n_edits
         edit_ids = list(range(first_id, first_id + len(requests)))
 
-        book = {k: getattr(layer, f"grace_{k}")[adapter_name].detach().clone() for k in
-                ("keys", "values", "eps", "labels", "edit_ids", "change_ids", "change_eps")}
+        book = {k: getattr(layer, f"grace_{k}")[adapter_name].detach().clone() for k in BOOK_FIELDS}
         book["keys"], book["values"], book["eps"] = book["keys"].float(), book["values"].float(), book["eps"].float()
         # Which entry serves each (request, slot); entries from n_old on are new (their values are trained).
         n_old, n_logged = layer.size(adapter_name), book["change_ids"].shape[0]
@@ -159,12 +172,7 @@ class GraceModel(SingleLayerTuner):
                 else:
                     book["eps"][j] = d / 2  # split: both entries shrink to half the distance
                     eps_init = d / 2
-        book["keys"] = torch.cat([book["keys"], query[None]])
-        book["values"] = torch.cat([book["values"], torch.zeros(1, book["values"].shape[1], device=device)])
-        book["eps"] = torch.cat([book["eps"], torch.tensor([eps_init], device=device)])
-        book["labels"] = torch.cat([book["labels"], torch.tensor([label], device=device)])
-        book["edit_ids"] = torch.cat([book["edit_ids"], torch.tensor([edit_id], device=device)])
-        return book["keys"].shape[0] - 1
+        return _append_entry(book, query, eps_init, label, edit_id)
 
     def _unrelated_keys(self, tokenizer, prompts: list[str], layer) -> torch.Tensor:
         """The layer's inputs at every token of ordinary prompts: keys no edit may capture."""
@@ -210,13 +218,7 @@ class GraceModel(SingleLayerTuner):
             radius = min(initial_radius(kind, query, config.eps_init), float(nearest_distance[0]) / 2)
             if len(negatives):
                 radius = min(radius, float(key_distances(kind, query[None], negatives).min()) / 2)
-            device = book["keys"].device
-            book["keys"] = torch.cat([book["keys"], query[None]])
-            book["values"] = torch.cat([book["values"], torch.zeros(1, book["values"].shape[1], device=device)])
-            book["eps"] = torch.cat([book["eps"], torch.tensor([radius], device=device)])
-            book["labels"] = torch.cat([book["labels"], labels[row, slot][None].to(device)])
-            book["edit_ids"] = torch.cat([book["edit_ids"], torch.tensor([edit_ids[row]], device=device)])
-            entry[row, slot] = book["keys"].shape[0] - 1
+            entry[row, slot] = _append_entry(book, query, radius, int(labels[row, slot]), edit_ids[row])
 
     @staticmethod
     def _drop_unread_entries(book, entry, valid, n_old: int, n_logged: int) -> None:
@@ -228,7 +230,7 @@ class GraceModel(SingleLayerTuner):
         read[entry[valid]] = True
         new_index = torch.cumsum(read.long(), 0) - 1
         if not bool(read.all()):
-            for name in ("keys", "values", "eps", "labels", "edit_ids"):
+            for name in ENTRY_FIELDS:
                 book[name] = book[name][read.to(book[name].device)]
             entry[valid] = new_index[entry[valid]]
         rows = book["change_ids"][n_logged:]
@@ -300,8 +302,7 @@ class GraceModel(SingleLayerTuner):
         unknown = sorted(i for i in removed if not 0 <= i < config.n_edits)
         if unknown:
             raise ValueError(f"unknown edit ids {unknown[:10]}: this adapter has edits 0..{config.n_edits - 1}")
-        book = {k: getattr(layer, f"grace_{k}")[adapter_name].detach().clone() for k in
-                ("keys", "values", "eps", "labels", "edit_ids", "change_ids", "change_eps")}
+        book = {k: getattr(layer, f"grace_{k}")[adapter_name].detach().clone() for k in BOOK_FIELDS}
         undo = torch.tensor([int(c) in removed for c in book["change_ids"][:, 0]], dtype=torch.bool)
         for position in reversed(undo.nonzero().flatten().tolist()):  # newest change first
             owner, ordinal = int(book["change_ids"][position, 1]), int(book["change_ids"][position, 2])
@@ -310,7 +311,7 @@ class GraceModel(SingleLayerTuner):
                 book["eps"][match[ordinal]] = book["change_eps"][position].to(book["eps"])
         keep = torch.tensor([int(i) not in removed for i in book["edit_ids"]], dtype=torch.bool)
         n_removed = int((~keep).sum())
-        for name in ("keys", "values", "eps", "labels", "edit_ids"):
+        for name in ENTRY_FIELDS:
             book[name] = book[name][keep.to(book[name].device)]
         # Changes recorded against removed entries no longer apply either.
         alive = torch.tensor([int(o) not in removed for o in book["change_ids"][:, 1]], dtype=torch.bool) & ~undo

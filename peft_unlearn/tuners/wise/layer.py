@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,9 +58,9 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
         self._forced_delta: torch.Tensor | None = None
         # Per adapter and row, the running maximum score per memory over a generated sequence.
         self._running: dict[str, torch.Tensor] = {}
-        # Per adapter: (the state they were derived from, the routing thresholds).
+        # Per adapter, (the state they were derived from, value) of: the routing thresholds; the candidates' deltas
+        # in the forward's dtype (see _cached).
         self._thresholds: dict[str, tuple[tuple, torch.Tensor]] = {}
-        # Per adapter: ((the state, dtype) they were derived from, the candidates' deltas in that dtype).
         self._deltas: dict[str, tuple[tuple, list[tuple[int, torch.Tensor]]]] = {}
 
     def update_layer(self, adapter_name: str, config: WiseConfig) -> None:
@@ -103,15 +104,21 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
     def routing_deltas(self, adapter_name: str, dtype: torch.dtype) -> list[tuple[int, torch.Tensor]]:
         """:meth:`candidates` in the forward's dtype, cached while the memories, keys and config stay as they are:
         a forward (each decoding step) neither re-adds nor re-casts out x in matrices."""
-        stamp = (self._state_stamp(adapter_name), dtype)
-        cached_stamp, cached = self._deltas.get(adapter_name, (None, None))
+        return self._cached(self._deltas, adapter_name, dtype, lambda: [
+            (index, delta.detach().to(dtype)) for index, delta in self.candidates(adapter_name)
+        ])
+
+    def _cached(self, store: dict, adapter_name: str, variant: Any, compute: Callable[[], Any]) -> Any:
+        """``store[adapter_name]``, recomputed when the memories, keys or config (or ``variant``) changed."""
+        stamp = (self._state_stamp(adapter_name), variant)
+        cached_stamp, cached = store.get(adapter_name, (None, None))
         if cached_stamp != stamp:
-            cached = [(index, delta.detach().to(dtype)) for index, delta in self.candidates(adapter_name)]
-            self._deltas[adapter_name] = (stamp, cached)
+            cached = compute()
+            store[adapter_name] = (stamp, cached)
         return cached
 
     def _state_stamp(self, adapter_name: str) -> tuple:
-        """What the thresholds depend on: the memories and keys (in-place loads bump their versions) and the config."""
+        """What the caches depend on: the memories and keys (in-place loads bump their versions) and the config."""
         tensors = (self.wise_working[adapter_name], self.wise_memories[adapter_name], self.wise_keys[adapter_name],
                    self.wise_key_memory[adapter_name])
         config = self.wise_config[adapter_name]
@@ -120,21 +127,19 @@ class WiseLayer(BaseTunerLayer, BatchAwareLayer):
     def thresholds(self, adapter_name: str) -> torch.Tensor:
         """Per candidate: act_ratio x the smallest score of its own edits' keys (cached while the memories, keys
         and config stay as they are)."""
-        stamp = self._state_stamp(adapter_name)
-        cached_stamp, cached = self._thresholds.get(adapter_name, (None, None))
-        if cached_stamp != stamp:
-            config = self.wise_config[adapter_name]
-            keys = self.wise_keys[adapter_name].float()
-            owners = self.wise_key_memory[adapter_name]
-            main = nn.functional.linear(keys, self.main_weight().float())
-            values = []
-            for index, delta in self.candidates(adapter_name):
-                mine = torch.ones_like(owners, dtype=torch.bool) if not config.retrieve else owners == index
-                scores = activation_scores(keys[mine], delta, main[mine])
-                values.append(config.act_ratio * scores.min() if len(scores) else torch.tensor(float("inf")))
-            cached = torch.stack(values) if values else torch.empty(0)
-            self._thresholds[adapter_name] = (stamp, cached)
-        return cached
+        return self._cached(self._thresholds, adapter_name, None, lambda: self._compute_thresholds(adapter_name))
+
+    def _compute_thresholds(self, adapter_name: str) -> torch.Tensor:
+        config = self.wise_config[adapter_name]
+        keys = self.wise_keys[adapter_name].float()
+        owners = self.wise_key_memory[adapter_name]
+        main = nn.functional.linear(keys, self.main_weight().float())
+        values = []
+        for index, delta in self.candidates(adapter_name):
+            mine = torch.ones_like(owners, dtype=torch.bool) if not config.retrieve else owners == index
+            scores = activation_scores(keys[mine], delta, main[mine])
+            values.append(config.act_ratio * scores.min() if len(scores) else torch.tensor(float("inf")))
+        return torch.stack(values) if values else torch.empty(0)
 
     def route(self, adapter_name: str, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's decision for sequence scores [B, K]: per row the candidate most above its threshold and
