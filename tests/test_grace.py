@@ -8,7 +8,7 @@ import peft_unlearn as pu
 from peft_unlearn.capture import capture_at_positions
 from peft_unlearn.metrics import answer_accuracy, generation_match
 from peft_unlearn.tuners.grace.layer import GraceLayer
-from peft_unlearn.tuners.grace.model import GraceModel, label_of
+from peft_unlearn.tuners.grace.model import CodebookDraft, label_of
 
 from .conftest import tiny_gpt2, tiny_llama
 
@@ -152,21 +152,25 @@ def test_removing_edits_restores_original_answers(edited):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_later_call_edits_a_prompt_again_and_rollback_restores_the_first_target(world, trained_models, arch):
+@pytest.mark.parametrize("n_first", [3, 30])  # 30: a codebook of hundreds of entries
+def test_a_later_call_edits_a_prompt_again_and_rollback_restores_the_first_target(world, trained_models, arch,
+                                                                                    n_first):
     base, tokenizer = trained_models(arch)
     model = get_peft_model(copy.deepcopy(base), pu.GraceConfig())
-    facts = world.forget_facts[:3]
+    facts = world.forget_facts[:n_first]
     first = pu.forget_requests([f.question for f in facts], [f.subject for f in facts],
                                refusal="I don't know who that is.")
-    again = pu.forget_requests([facts[0].question], [facts[0].subject],
+    again = pu.forget_requests([f.question for f in facts[:3]], [f.subject for f in facts[:3]],
                                refusal="Sorry, I cannot provide that information.")
     pu.edit(model, tokenizer, first, progress=False)
     assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in first]) == 1.0
-    result = pu.edit(model, tokenizer, again, progress=False)  # the same key, another target: it takes over
-    assert generation_match(model, tokenizer, [(again[0].prompt, again[0].target)]) == 1.0
-    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in first[1:]]) == 1.0
-    pu.remove_edits(model, result.edit_ids)
-    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in first]) == 1.0
+    for request in again:
+        result = pu.edit(model, tokenizer, [request], progress=False)  # the same key, another target: it takes over
+        assert generation_match(model, tokenizer, [(request.prompt, request.target)]) == 1.0
+        others = [(r.prompt, r.target) for r in first if r.prompt != request.prompt]
+        assert generation_match(model, tokenizer, others) == 1.0
+        pu.remove_edits(model, result.edit_ids)
+        assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in first]) == 1.0
     size = model.peft_config["default"].codebook_size
     with pytest.raises(ValueError, match="two targets"):
         pu.edit(model, tokenizer, [first[1], again[0], pu.EditRequest(first[1].prompt, "No comment.")])
@@ -235,29 +239,46 @@ def test_codebook_rules_add_expand_split_and_take_over():
     _, layer = model.base_model.grace_layer("default")
     book = {k: getattr(layer, f"grace_{k}")["default"].clone() for k in
             ("keys", "values", "eps", "labels", "edit_ids", "change_ids", "change_eps")}
-    place = GraceModel._place
+    draft = CodebookDraft(book, "euclidean", room=1)  # too little room: appends make more
     origin = torch.zeros(layer.in_features)
     origin[1] = 1.0
     step = origin.clone()
     step[0] = 1.5
-    assert place(layer, "default", book, origin, label_of("A"), 0, 1.0) == 0  # add
-    assert place(layer, "default", book, step, label_of("A"), 1, 1.0) == 0  # same label: expand
-    assert book["eps"].tolist() == [1.5] and book["keys"].shape[0] == 1
+    assert draft.place(origin, label_of("A"), 0, 1.0) == 0  # add
+    assert draft.place(step, label_of("A"), 1, 1.0) == 0  # same label: expand
+    assert draft.book()["eps"].tolist() == [1.5] and draft.book()["keys"].shape[0] == 1
     other = origin.clone()
     other[0] = -1.5
-    assert place(layer, "default", book, other, label_of("B"), 2, 1.0) == 1  # conflict: split
+    assert draft.place(other, label_of("B"), 2, 1.0) == 1  # conflict: split
+    book = draft.book()
     assert book["eps"].tolist() == [0.75, 0.75]
     assert book["labels"].tolist() == [label_of("A"), label_of("B")]  # labels in the order of keys
     # (changing edit, owner edit, entry index: apply_edits turns it into the owner's ordinal at the end)
     assert book["change_ids"].tolist() == [[1, 0, 0], [2, 0, 0]] and book["change_eps"].tolist() == [1.0, 1.5]
     # The same key with another label (a prompt edited again): a new entry takes over the old one's radius,
     # the old one rests at radius 0 and no lookup reaches it.
-    assert place(layer, "default", book, other + 1e-6, label_of("C"), 3, 1.0) == 2
+    assert draft.place(other + 1e-6, label_of("C"), 3, 1.0) == 2
+    book = draft.book()
     assert book["eps"].tolist() == [0.75, 0.0, 0.75]
     assert book["change_ids"].tolist()[-1] == [3, 2, 1] and book["change_eps"].tolist()[-1] == 0.75
     layer.set_codebook("default", **book)
     nearest, inside = layer.lookup("default", other[None])
     assert nearest.tolist() == [2] and inside.tolist() == [True]
+
+
+def test_a_prompt_edited_again_is_recognised_in_a_large_codebook():
+    """The same key must be found at distance 0 however large the codebook: the batched distance alone is off by
+    up to 1e-3 of the key's norm, ten times the same-key tolerance, and took the edit for a neighbour to split."""
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(600, 2048, generator=generator) * 3 + 5
+    book = {"keys": keys, "values": torch.zeros(600, 8), "eps": torch.full((600,), 1.0),
+            "labels": torch.arange(600), "edit_ids": torch.arange(600),
+            "change_ids": torch.zeros(0, 3, dtype=torch.long), "change_eps": torch.zeros(0)}
+    draft = CodebookDraft(book, "euclidean", room=8)
+    taken = [draft.place(keys[i].clone(), 1000 + i, 600 + i, 0.05) for i in range(0, 600, 75)]
+    eps = draft.book()["eps"]
+    assert taken == list(range(600, 608))  # a new entry per key ...
+    assert eps[0:600:75].tolist() == [0.0] * 8 and eps[600:].tolist() == [1.0] * 8  # ... taking over the radius
 
 
 def test_bad_input_leaves_the_model_untouched(trained_models):

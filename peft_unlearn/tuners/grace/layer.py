@@ -14,8 +14,8 @@ from ..base import BatchAwareLayer
 from .config import GraceConfig
 
 NO_MATCH = -1
-# Distances of the same pair differ in the last bits between single and batched computation: radii are compared
-# with this relative slack so that a key placed exactly on a radius stays covered.
+# A radius set to reach a key exactly is compared with this relative slack, so float rounding of the distance
+# (recomputed at lookup) cannot leave that key uncovered.
 RADIUS_SLACK = 1e-4
 
 
@@ -27,12 +27,26 @@ def key_distances(kind: str, queries: torch.Tensor, keys: torch.Tensor) -> torch
     return torch.cdist(queries, keys)
 
 
-def nearest_live_entries(distance: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query (rows of ``distance`` [M, N]) the distance to and index of the nearest entry with a positive
-    radius: an entry whose key a later edit took over keeps radius 0 (so removing that edit restores it) and serves
-    nothing meanwhile."""
-    distance = distance.masked_fill(eps.to(distance.device)[None] <= 0, float("inf"))
-    return distance.min(dim=-1)
+def paired_distances(kind: str, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Distance of each query [M, d] to its own key [M, d], computed term by term: exact (0 for equal vectors),
+    where the matrix form of :func:`key_distances` loses up to about 1e-3 of a key's norm to cancellation."""
+    queries, keys = queries.float(), keys.float()
+    if kind == "cosine":
+        return 1 - (nn.functional.normalize(queries, dim=-1) * nn.functional.normalize(keys, dim=-1)).sum(-1)
+    return (queries - keys).norm(dim=-1)
+
+
+def nearest_live_entries(
+    kind: str, queries: torch.Tensor, keys: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query [M, d] the distance to and index of the nearest entry with a positive radius (an entry whose key
+    a later edit took over keeps radius 0, so removing that edit restores it, and serves nothing meanwhile); inf
+    where none is live. The entry is found by :func:`key_distances` and its distance recomputed exactly, so a
+    query equal to a key is at distance 0 and radius checks do not depend on how the batch was formed."""
+    distance = key_distances(kind, queries, keys).masked_fill(eps.to(queries.device)[None] <= 0, float("inf"))
+    nearest_distance, nearest = distance.min(dim=-1)
+    exact = paired_distances(kind, queries, keys[nearest])
+    return torch.where(torch.isinf(nearest_distance), nearest_distance, exact), nearest
 
 
 def replacement_mask(length: int, start: torch.Tensor, replacement: str) -> torch.Tensor:
@@ -118,8 +132,8 @@ class GraceLayer(BaseTunerLayer, BatchAwareLayer):
     def lookup(self, adapter_name: str, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest live entry of each query and whether the query lies within its radius (vectorised)."""
         eps = self.grace_eps[adapter_name].float()
-        distance = key_distances(self.grace_distance[adapter_name], queries, self.grace_keys[adapter_name])
-        nearest_distance, nearest = nearest_live_entries(distance, eps)
+        kind, keys = self.grace_distance[adapter_name], self.grace_keys[adapter_name]
+        nearest_distance, nearest = nearest_live_entries(kind, queries, keys, eps)
         inside = nearest_distance <= eps[nearest] * (1 + RADIUS_SLACK)
         return nearest, inside
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from ...metrics import batches
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
 from .config import GraceConfig
-from .layer import RADIUS_SLACK, GraceLayer, GraceLinear, key_distances, nearest_live_entries
+from .layer import RADIUS_SLACK, GraceLayer, GraceLinear, key_distances, paired_distances
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +30,161 @@ UNRELATED_BATCH = 64
 # The codebook's per-entry tensors, and with them the change log: what editing and rollback read and write.
 ENTRY_FIELDS = ("keys", "values", "eps", "labels", "edit_ids")
 BOOK_FIELDS = ENTRY_FIELDS + ("change_ids", "change_eps")
+# Keys whose distances to the codebook (or to unrelated keys) are read in one pass while a call places them.
+PLACEMENT_CHUNK = 256
 
 
-def _append_entry(book: dict, key: torch.Tensor, eps: float, label: int, edit_id: int) -> int:
-    """Add one entry to the codebook being edited (its value zero until trained) and return its index."""
-    device = book["keys"].device
-    book["keys"] = torch.cat([book["keys"], key[None]])
-    book["values"] = torch.cat([book["values"], torch.zeros(1, book["values"].shape[1], device=device)])
-    book["eps"] = torch.cat([book["eps"], torch.tensor([eps], device=device)])
-    book["labels"] = torch.cat([book["labels"], torch.tensor([label], device=device)])
-    book["edit_ids"] = torch.cat([book["edit_ids"], torch.tensor([edit_id], device=device)])
-    return book["keys"].shape[0] - 1
+class CodebookDraft:
+    """The codebook while one call writes into it, under GRACE's rules.
+
+    Its tensors keep room for more entries, so an entry is added in place (a ``torch.cat`` per entry made a call
+    quadratic in its keys), and keys are taken in chunks: a chunk's distances to the entries it starts with come
+    from one batched pass, those to entries added since from a small one. The nearest live entry's distance is then
+    recomputed exactly (the batched form loses up to 1e-3 of a key's norm, enough to miss a prompt edited again)."""
+
+    def __init__(self, book: dict[str, torch.Tensor], kind: str, room: int) -> None:
+        self.kind = kind
+        self.size = book["keys"].shape[0]
+        self.tensors = {name: book[name] for name in ENTRY_FIELDS}
+        self._reserve(room)
+        self.change_ids = [book["change_ids"]]
+        self.change_eps = [book["change_eps"]]
+
+    @property
+    def eps(self) -> torch.Tensor:
+        return self.tensors["eps"][: self.size]
+
+    def book(self) -> dict[str, torch.Tensor]:
+        """The codebook as written so far (entries and change log, one tensor each)."""
+        book = {name: tensor[: self.size].clone() for name, tensor in self.tensors.items()}
+        book["change_ids"] = torch.cat(self.change_ids)
+        book["change_eps"] = torch.cat(self.change_eps)
+        return book
+
+    def _reserve(self, room: int) -> None:
+        spare = self.tensors["keys"].shape[0] - self.size
+        if spare >= room:
+            return
+        grow = max(room - spare, self.size)  # at least doubling: appends stay O(1) on average
+        for name, tensor in self.tensors.items():
+            self.tensors[name] = torch.cat([tensor, tensor.new_zeros((grow, *tensor.shape[1:]))])
+
+    def append(self, key: torch.Tensor, eps: float, label: int, edit_id: int) -> int:
+        """Add an entry (its value zero until trained) and return its index."""
+        self._reserve(1)
+        index = self.size
+        for name, value in (("keys", key), ("eps", eps), ("labels", label), ("edit_ids", edit_id)):
+            self.tensors[name][index] = value
+        self.size += 1
+        return index
+
+    def _log_change(self, edit_id: int, entry: int) -> None:
+        """Record that ``edit_id`` changed ``entry``'s radius (the index becomes the owner's ordinal at the end)."""
+        log = self.change_ids[0]
+        owner = int(self.tensors["edit_ids"][entry])
+        self.change_ids.append(torch.tensor([[edit_id, owner, entry]], dtype=log.dtype, device=log.device))
+        self.change_eps.append(self.eps[entry : entry + 1].to(self.change_eps[0]).clone())
+
+    def _chunks(self, queries: torch.Tensor):
+        """(offset, keys, their distances to the entries at the chunk's start, that count) per chunk of keys."""
+        for offset in range(0, len(queries), PLACEMENT_CHUNK):
+            chunk = queries[offset : offset + PLACEMENT_CHUNK]
+            start = self.size
+            distances = key_distances(self.kind, chunk, self.tensors["keys"][:start]) if start else None
+            yield offset, chunk, distances, start
+
+    def _nearest(self, query: torch.Tensor, distances: torch.Tensor | None, start: int) -> tuple[float, int]:
+        """Exact distance to and index of the nearest live entry ((inf, -1) if none), given the query's distances
+        to the first ``start`` entries."""
+        parts = [] if distances is None else [distances]
+        if self.size > start:
+            parts.append(key_distances(self.kind, query[None], self.tensors["keys"][start : self.size])[0])
+        if not parts:
+            return math.inf, -1
+        distance = torch.cat(parts).masked_fill(self.eps <= 0, math.inf)
+        nearest_distance, nearest = distance.min(dim=0)
+        if math.isinf(float(nearest_distance)):
+            return math.inf, -1
+        j = int(nearest)
+        return float(paired_distances(self.kind, query[None], self.tensors["keys"][j : j + 1])[0]), j
+
+    def place_all(self, queries: torch.Tensor, labels: torch.Tensor, edit_ids: torch.Tensor,
+                  eps_init: float) -> torch.Tensor:
+        """Place each key [M, d] in order (:meth:`place`); returns the entry serving each."""
+        self._reserve(len(queries))
+        labels, edit_ids = labels.tolist(), edit_ids.tolist()
+        entries = []
+        for offset, chunk, distances, start in self._chunks(queries):
+            for i, query in enumerate(chunk):
+                row = None if distances is None else distances[i]
+                entries.append(self._place(query, row, start, labels[offset + i], edit_ids[offset + i], eps_init))
+        return torch.tensor(entries, dtype=torch.long)
+
+    def place(self, query: torch.Tensor, label: int, edit_id: int, eps_init: float) -> int:
+        """Apply GRACE's rule for one new key: add an entry, expand a same-label entry, or split on a conflict.
+        Returns the entry that now serves the key."""
+        return int(self.place_all(query[None], torch.tensor([label]), torch.tensor([edit_id]), eps_init)[0])
+
+    def _place(self, query, distances, start: int, label: int, edit_id: int, eps_init: float) -> int:
+        same_key = initial_radius(self.kind, query, SAME_KEY)
+        radius = initial_radius(self.kind, query, eps_init)
+        d, j = self._nearest(query, distances, start)
+        eps = self.eps
+        if j >= 0 and d <= radius + float(eps[j]):
+            self._log_change(edit_id, j)
+            if int(self.tensors["labels"][j]) == label:
+                eps[j] = max(float(eps[j]), d)  # expand the coverage
+                return j
+            if d <= same_key:
+                # The same key with a new target (an edit edited again): the new entry takes over the old one's
+                # coverage; the old one rests at radius 0 until the new edit is removed.
+                radius = float(eps[j])
+                eps[j] = 0.0
+            else:
+                eps[j] = d / 2  # split: both entries shrink to half the distance
+                radius = d / 2
+        return self.append(query, radius, label, edit_id)
+
+    def keep_clear_of(self, old_eps: torch.Tensor, negatives: torch.Tensor) -> None:
+        """Radii this call created or widened shrink to half their distance to the nearest unrelated key; a widened
+        entry keeps at least the radius it had before the call (earlier edits rely on it)."""
+        eps, n_old = self.eps, old_eps.shape[0]
+        grown = torch.cat([eps[:n_old] > old_eps, torch.ones(self.size - n_old, dtype=torch.bool, device=eps.device)])
+        if len(negatives) == 0 or not bool(grown.any()):
+            return
+        clear = clearance(self.kind, self.tensors["keys"][: self.size][grown], negatives).to(eps)
+        floor = torch.cat([old_eps, torch.zeros(self.size - n_old, dtype=eps.dtype, device=eps.device)])[grown]
+        eps[grown] = torch.maximum(floor, torch.minimum(eps[grown], clear))
+
+    def cover_all(self, queries: torch.Tensor, labels: torch.Tensor, edit_ids: torch.Tensor, eps_init: float,
+                  negatives: torch.Tensor) -> torch.Tensor:
+        """A later split, or keeping clear of unrelated keys, can shrink an entry that a key of this call was
+        relying on: give every key left uncovered (or covered by an entry of another label) an entry of its own,
+        so each edit holds. Its radius reaches neither another entry's key nor an unrelated key. Returns the entry
+        serving each key."""
+        labels, edit_ids = labels.tolist(), edit_ids.tolist()
+        entries = []
+        for offset, chunk, distances, start in self._chunks(queries):
+            clear = clearance(self.kind, chunk, negatives) if len(negatives) else None
+            for i, query in enumerate(chunk):
+                label = labels[offset + i]
+                d, j = self._nearest(query, None if distances is None else distances[i], start)
+                if j >= 0 and d <= float(self.eps[j]) * (1 + RADIUS_SLACK) and int(self.tensors["labels"][j]) == label:
+                    entries.append(j)
+                    continue
+                radius = min(initial_radius(self.kind, query, eps_init), d / 2)
+                if clear is not None:
+                    radius = min(radius, float(clear[i]))
+                entries.append(self.append(query, radius, label, edit_ids[offset + i]))
+        return torch.tensor(entries, dtype=torch.long)
+
+
+def clearance(kind: str, keys: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Half of each key's distance to the nearest unrelated key: the largest radius that reaches none."""
+    return torch.cat([
+        key_distances(kind, keys[start : start + PLACEMENT_CHUNK], negatives).min(1).values / 2
+        for start in range(0, len(keys), PLACEMENT_CHUNK)
+    ])
 
 
 def key_positions(batch, per_answer_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +198,27 @@ def key_positions(batch, per_answer_token: bool) -> tuple[torch.Tensor, torch.Te
     valid = slots < lengths[:, None]
     positions = torch.where(valid, batch.prompt_last[:, None] + slots, batch.prompt_last[:, None])
     return positions, valid
+
+
+def ordinals_within_edits(owners: torch.Tensor) -> torch.Tensor:
+    """Per entry, how many earlier entries belong to the same edit: its ordinal among that edit's entries."""
+    order = torch.argsort(owners, stable=True)
+    grouped = owners[order]
+    index = torch.arange(len(owners))
+    first = torch.ones(len(owners), dtype=torch.bool)
+    first[1:] = grouped[1:] != grouped[:-1]
+    group_start = torch.cummax(torch.where(first, index, 0), dim=0).values
+    ordinals = torch.empty_like(index)
+    ordinals[order] = index - group_start
+    return ordinals
+
+
+def slot_labels(batch, positions: torch.Tensor, requests: Sequence[EditRequest], replacement: str) -> torch.Tensor:
+    """The label of each key slot [B, P]: in 'answer' mode the token the slot predicts (entries agree when they
+    produce the same token), otherwise the request's target text."""
+    if replacement == "answer":
+        return batch.input_ids.gather(1, positions + 1)
+    return torch.tensor([label_of(r.target) for r in requests], device=positions.device)[:, None].expand_as(positions)
 
 
 def initial_radius(kind: str, key: torch.Tensor, eps_init: float) -> float:
@@ -113,27 +279,24 @@ class GraceModel(SingleLayerTuner):
 
         book = {k: getattr(layer, f"grace_{k}")[adapter_name].detach().clone() for k in BOOK_FIELDS}
         book["keys"], book["values"], book["eps"] = book["keys"].float(), book["values"].float(), book["eps"].float()
-        # Which entry serves each (request, slot); entries from n_old on are new (their values are trained).
+        # Entries from n_old on are new (their values are trained).
         n_old, n_logged = layer.size(adapter_name), book["change_ids"].shape[0]
         old_eps = book["eps"].clone()
-        entry = torch.full(valid.shape, -1, dtype=torch.long)
-        labels = torch.zeros(valid.shape, dtype=torch.long)
-        for row, request in enumerate(requests):
-            for slot in valid[row].nonzero().flatten().tolist():
-                if config.replacement == "answer":
-                    labels[row, slot] = int(batch.input_ids[row, positions[row, slot] + 1])  # the token predicted
-                else:
-                    labels[row, slot] = label_of(request.target)
-                entry[row, slot] = self._place(
-                    layer, adapter_name, book, queries[row, slot], int(labels[row, slot]), edit_ids[row],
-                    config.eps_init,
-                )
+        # The keys in order (request by request, slot by slot), with their labels and edits.
+        keys = queries[valid]
+        labels = slot_labels(batch, positions, requests, config.replacement)[valid]
+        owners = torch.tensor(edit_ids, dtype=torch.long, device=valid.device)[valid.nonzero()[:, 0]]
+        draft = CodebookDraft(book, layer.grace_distance[adapter_name], room=len(keys))
+        draft.place_all(keys, labels, owners, config.eps_init)
         # Radii grown in this call stay clear of the unrelated keys; keys that a shrunk radius no longer covers
         # then get entries of their own, clear of them too.
         negatives = self._unrelated_keys(tokenizer, unrelated, layer)
-        self._keep_clear_of(layer, adapter_name, book, old_eps, negatives)
-        self._cover_uncovered(layer, adapter_name, book, queries, valid, entry, labels, edit_ids, config, negatives)
-        self._drop_unread_entries(book, entry, valid, n_old, n_logged)
+        draft.keep_clear_of(old_eps, negatives)
+        # Which entry serves each (request, slot).
+        entry = torch.full(valid.shape, -1, dtype=torch.long)
+        entry[valid.cpu()] = draft.cover_all(keys, labels, owners, config.eps_init, negatives)
+        book = draft.book()
+        self._drop_unread_entries(book, entry, valid.cpu(), n_old, n_logged)
         trained = self._train_values(adapter_name, layer, batch, positions, valid, entry, book["values"], current,
                                      n_old, config, progress)
         book["values"][n_old:] = trained.to(book["values"])
@@ -143,36 +306,6 @@ class GraceModel(SingleLayerTuner):
         config.n_edits = first_id + len(requests)
         new_entries = config.codebook_size - n_old
         return {"edit_ids": edit_ids, "codebook_size": config.codebook_size, "new_entries": new_entries}
-
-    @staticmethod
-    def _place(layer, adapter_name, book, query, label, edit_id, eps_init) -> int:
-        """Apply GRACE's rule for one new key: add an entry, expand a same-label entry, or split on a conflict.
-        Returns the entry that now serves the key."""
-        device = book["keys"].device
-        kind = layer.grace_distance[adapter_name]
-        same_key = initial_radius(kind, query, SAME_KEY)
-        eps_init = initial_radius(kind, query, eps_init)
-        if book["keys"].shape[0]:
-            distance = key_distances(kind, query[None], book["keys"])
-            nearest_distance, nearest = nearest_live_entries(distance, book["eps"])
-            d, j = float(nearest_distance[0]), int(nearest[0])
-            if d <= eps_init + float(book["eps"][j]):
-                # (changing edit, owner edit, entry index): the index becomes the owner's ordinal at the end
-                log = torch.tensor([[edit_id, int(book["edit_ids"][j]), j]], device=device)
-                book["change_ids"] = torch.cat([book["change_ids"], log])
-                book["change_eps"] = torch.cat([book["change_eps"], book["eps"][j : j + 1].to(book["change_eps"])])
-                if int(book["labels"][j]) == label:
-                    book["eps"][j] = max(float(book["eps"][j]), d)  # expand the coverage
-                    return j
-                if d <= same_key:
-                    # The same key with a new target (an edit edited again): the new entry takes over the old one's
-                    # coverage; the old one rests at radius 0 until the new edit is removed.
-                    eps_init = float(book["eps"][j])
-                    book["eps"][j] = 0.0
-                else:
-                    book["eps"][j] = d / 2  # split: both entries shrink to half the distance
-                    eps_init = d / 2
-        return _append_entry(book, query, eps_init, label, edit_id)
 
     def _unrelated_keys(self, tokenizer, prompts: list[str], layer) -> torch.Tensor:
         """The layer's inputs at every token of ordinary prompts: keys no edit may capture."""
@@ -184,41 +317,6 @@ class GraceModel(SingleLayerTuner):
                 captured = capture_at_positions(self.model, {"key": layer}, batch.model_inputs, None, stop_early=True)
                 keys.append(captured["key"][batch.attention_mask.bool()].float())
         return torch.cat(keys)
-
-    @staticmethod
-    def _keep_clear_of(layer, adapter_name, book, old_eps: torch.Tensor, negatives: torch.Tensor) -> None:
-        """Radii this call created or widened shrink to half their distance to the nearest unrelated key; a widened
-        entry keeps at least the radius it had before the call (earlier edits rely on it)."""
-        eps, n_old = book["eps"], old_eps.shape[0]
-        n_new = eps.shape[0] - n_old
-        grown = torch.cat([eps[:n_old] > old_eps, torch.ones(n_new, dtype=torch.bool, device=eps.device)])
-        if len(negatives) == 0 or not bool(grown.any()):
-            return
-        kind = layer.grace_distance[adapter_name]
-        clear = key_distances(kind, book["keys"][grown], negatives).min(1).values.to(eps) / 2
-        floor = torch.cat([old_eps, torch.zeros(n_new, dtype=eps.dtype, device=eps.device)])[grown]
-        eps[grown] = torch.maximum(floor, torch.minimum(eps[grown], clear))
-
-    @staticmethod
-    def _cover_uncovered(layer, adapter_name, book, queries, valid, entry, labels, edit_ids, config,
-                         negatives: torch.Tensor) -> None:
-        """A later split, or keeping clear of unrelated keys, can shrink an entry that a key of this call was
-        relying on; give every key left uncovered (or covered by an entry of another label) an entry of its own,
-        so each edit holds. Its radius reaches neither another entry's key nor an unrelated key."""
-        kind = layer.grace_distance[adapter_name]
-        for row, slot in valid.nonzero().tolist():
-            query = queries[row, slot]
-            distance = key_distances(kind, query[None], book["keys"])
-            nearest_distance, nearest = nearest_live_entries(distance, book["eps"])
-            j = int(nearest[0])
-            covered = float(nearest_distance[0]) <= float(book["eps"][j]) * (1 + RADIUS_SLACK)
-            if covered and int(book["labels"][j]) == int(labels[row, slot]):
-                entry[row, slot] = j
-                continue
-            radius = min(initial_radius(kind, query, config.eps_init), float(nearest_distance[0]) / 2)
-            if len(negatives):
-                radius = min(radius, float(key_distances(kind, query[None], negatives).min()) / 2)
-            entry[row, slot] = _append_entry(book, query, radius, int(labels[row, slot]), edit_ids[row])
 
     @staticmethod
     def _drop_unread_entries(book, entry, valid, n_old: int, n_logged: int) -> None:
@@ -237,10 +335,9 @@ class GraceModel(SingleLayerTuner):
         if len(rows):
             changed = rows[:, 2].cpu()
             alive = read[changed]  # a change to a dropped entry is gone with it
-            owners = book["edit_ids"].cpu()
-            ordinals = [int((owners[: int(new_index[j])] == owners[int(new_index[j])]).sum()) for j in changed[alive]]
+            ordinals = ordinals_within_edits(book["edit_ids"].cpu())[new_index[changed[alive]]]
             rows = rows[alive.to(rows.device)].clone()
-            rows[:, 2] = torch.tensor(ordinals, dtype=rows.dtype, device=rows.device)
+            rows[:, 2] = ordinals.to(rows)
             keep = torch.cat([torch.ones(n_logged, dtype=torch.bool), alive])
             book["change_ids"] = torch.cat([book["change_ids"][:n_logged], rows])
             book["change_eps"] = book["change_eps"][keep.to(book["change_eps"].device)]
