@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .metrics import evaluating
@@ -114,6 +115,16 @@ def check_unrelated(unrelated: Sequence[str]) -> list[str]:
     return kept
 
 
+def the_active_adapter(model: nn.Module, what: str) -> str:
+    """The one active adapter of a ``PeftModel``: with several active, every forward runs through all of them, so
+    an edit fitted there would not hold in its adapter alone (and ``PeftModel.active_adapter`` may name any)."""
+    active = list(model.base_model.active_adapters)
+    if len(active) != 1:
+        raise ValueError(f"{what} acts on one adapter, but {len(active)} are active ({active}); activate the one to "
+                         "use with model.set_adapter(name)")
+    return active[0]
+
+
 def _editing_tuner(model: nn.Module, what: str) -> tuple[EditableTuner, str]:
     from peft import PeftModel
 
@@ -123,7 +134,7 @@ def _editing_tuner(model: nn.Module, what: str) -> tuple[EditableTuner, str]:
             f"(e.g. peft.get_peft_model(model, AlphaEditConfig(...))); got {type(model).__name__}"
         )
     tuner = model.base_model
-    adapter_name = model.active_adapter
+    adapter_name = the_active_adapter(model, what)
     if not isinstance(tuner, EditableTuner):
         peft_type = model.peft_config[adapter_name].peft_type
         raise TypeError(
@@ -242,7 +253,9 @@ def edit(
         if self_improve:
             requests, own = self_improved_requests(model, tokenizer, requests, chat_template=chat_template)
             extra = {"targets": [r.target for r in requests], "self_improved": sum(own)}
-        outcome = tuner.apply_edits(tokenizer, requests, adapter_name, **options)
+        # Methods fit their edits by gradients, also when called under torch.no_grad() or inference_mode().
+        with torch.inference_mode(False), torch.enable_grad():
+            outcome = tuner.apply_edits(tokenizer, requests, adapter_name, **options)
     seconds = time.perf_counter() - start
     outcome = {**extra, **(outcome or {})}
     edit_ids = list(outcome.pop("edit_ids", []))

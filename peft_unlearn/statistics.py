@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import capture_at_positions, linear_shape, unwrap_model
+from .editing import the_active_adapter
 from .metrics import evaluating
 from .requests import tokenize_pairs
 
@@ -183,7 +184,7 @@ def _statistics_tuner(model: nn.Module):
     from peft import PeftModel
 
     if isinstance(model, PeftModel) and hasattr(model.base_model, "attach_statistics"):
-        return model.base_model, model.active_adapter
+        return model.base_model, the_active_adapter(model, "statistics")
     return None, None
 
 

@@ -123,3 +123,81 @@ def test_chat_template_edits_the_prompts_as_the_metrics_read_them(world, trained
     assert answer_accuracy(model, tokenizer, targets, chat_template=True) >= 0.95
     assert generation_match(model, tokenizer, targets, chat_template=True) >= 0.875
     assert generation_match(model, tokenizer, [f.pair for f in facts]) == 1.0  # the plain questions still answer
+
+
+EDIT_CONFIGS = [lambda: peft_unlearn.GraceConfig(layer=1), lambda: peft_unlearn.WiseConfig(layer=1, n_iter=5),
+                lambda: peft_unlearn.AlphaEditConfig(layers=[1], refine_steps=5)]
+WORDS = ["w1 w2 w3 w4", "w5 w6 w7 w8", "w2 w4 w6 w8"]
+
+
+def word_model(make_config, adapter_name: str = "default"):
+    """A tiny GPT-2 with a word tokenizer and an editing adapter (statistics collected where the method needs them)."""
+    from peft_unlearn.testing import train_tokenizer
+
+    tokenizer = train_tokenizer(WORDS, "word", vocab_size=40)
+    model = get_peft_model(tiny_gpt2(vocab_size=len(tokenizer)), make_config(), adapter_name=adapter_name)
+    if isinstance(model.peft_config[adapter_name], peft_unlearn.AlphaEditConfig):
+        peft_unlearn.collect_statistics(model, tokenizer, WORDS, progress=False)
+    return model, tokenizer
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS)
+def test_a_different_adapter_per_row_is_refused_not_ignored(make_config):
+    """PeftModel drops `adapter_names` for a tuner that does not take it: every row would silently get the active
+    adapter (an edited answer where the caller asked for the base model)."""
+    model, tokenizer = word_model(make_config)
+    edit(model, tokenizer, [EditRequest("w1 w2 w3", "w5 w6", subject="w2")], progress=False)
+    ids = tokenizer(WORDS[:2], return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="adapter_names"):
+        model(**ids, adapter_names=["__base__", "default"])
+    with pytest.raises(ValueError, match="adapter_names"):
+        model.generate(**ids, adapter_names=["__base__", "default"], max_new_tokens=2)
+    model(**ids)  # without it, as before
+
+
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS)
+def test_editing_with_several_active_adapters_is_refused(make_config):
+    """Every forward runs through all active adapters, so an edit fitted with two active would not hold in its own
+    adapter alone; which one PeftModel.active_adapter names depends on history."""
+    model, tokenizer = word_model(make_config)
+    model.add_adapter("other", make_config())
+    model.base_model.set_adapter(["default", "other"])
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match="2 are active"):
+        edit(model, tokenizer, [EditRequest("w1 w2 w3", "w5 w6", subject="w2")], progress=False)
+    with pytest.raises(ValueError, match="2 are active"):
+        remove_edits(model, [0])
+    if isinstance(model.peft_config["default"], peft_unlearn.AlphaEditConfig):
+        with pytest.raises(ValueError, match="2 are active"):
+            peft_unlearn.collect_statistics(model, tokenizer, WORDS, progress=False)
+    after = adapter_state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS)
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_editing_under_no_grad_or_inference_mode_gives_the_same_edit(make_config, context):
+    request = [EditRequest("w1 w2 w3", "w5 w6", subject="w2")]
+    reference, tokenizer = word_model(make_config)
+    edit(reference, tokenizer, request, progress=False)
+    model, _ = word_model(make_config)
+    with context():
+        edit(model, tokenizer, request, progress=False)
+    expected, got, unedited = adapter_state(reference), adapter_state(model), adapter_state(word_model(make_config)[0])
+    assert any(not torch.equal(expected[k], unedited[k]) for k in expected)  # the edit wrote something
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS)
+def test_activating_an_adapter_leaves_its_edits_frozen(make_config):
+    """PEFT's set_adapter marks the active adapter's tensors trainable; edits are written by editing alone."""
+    model, tokenizer = word_model(make_config)
+    edit(model, tokenizer, [EditRequest("w1 w2 w3", "w5 w6", subject="w2")], progress=False)
+    model.set_adapter("default")
+    assert model.get_nb_trainable_parameters()[0] == 0
+    assert not any(p.requires_grad for p in model.parameters())

@@ -4,10 +4,12 @@ trained by an outer optimiser, and they target modules by exact name."""
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..capture import (
@@ -33,6 +35,25 @@ class EditingTuner(BaseTuner, EditableTuner):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for parameter in model.parameters():
             parameter.requires_grad = False
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PeftModel's forward and generate enter this; without it their ``adapter_names`` (a per-row choice of
+        adapter, which LoRA supports) would be dropped silently and every row would use the active adapter."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "adapter_names (a different adapter per row) is not supported by editing adapters; run one batch "
+                "per adapter with model.set_adapter(name), and `with model.disable_adapter():` for the base model"
+            )
+        yield
+
+
+class EditLayer(BaseTunerLayer):
+    """A tuner layer whose adapter tensors are written by editing, never by an optimiser: activating an adapter
+    (PEFT's ``set_adapter`` marks the active adapter's tensors trainable) leaves them frozen."""
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=True)
 
 
 class BatchAwareLayer:

@@ -7,15 +7,16 @@ from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...capture import linear_shape
+from ..base import EditLayer
 from .config import AlphaEditConfig
 
 
-class AlphaEditLayer(BaseTunerLayer):
+class AlphaEditLayer(EditLayer):
     """Per-adapter state: factors ``alphaedit_B`` [out, rank] and ``alphaedit_A`` [rank, in] with delta ``B @ A``,
     plus the preserved keys' second moment, the null-space projector derived from it (alphaedit solver only) and
     the accumulated second moment of keys edited so far. Those are saved only with ``save_projection=True``."""

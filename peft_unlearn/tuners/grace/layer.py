@@ -6,11 +6,10 @@ from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...capture import linear_shape
-from ..base import BatchAwareLayer
+from ..base import BatchAwareLayer, EditLayer
 from .config import GraceConfig
 
 NO_MATCH = -1
@@ -62,7 +61,7 @@ def replacement_mask(length: int, start: torch.Tensor, replacement: str) -> torc
     return where & (start >= 0)
 
 
-class GraceLayer(BaseTunerLayer, BatchAwareLayer):
+class GraceLayer(EditLayer, BatchAwareLayer):
     """Per adapter: trained values (``grace_values``, a parameter) and, as saved buffers, the keys, radii, labels
     (one id per target text), the id of the edit that created each entry, and a log of radius changes (expansions
     and splits) so that edits can be rolled back."""

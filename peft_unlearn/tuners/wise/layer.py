@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...capture import linear_shape, linear_weight
-from ..base import BatchAwareLayer
+from ..base import BatchAwareLayer, EditLayer
 from .config import WiseConfig
 
 WORKING = -1  # the memory index of edits in the unfinished shard
@@ -32,7 +31,7 @@ def sequence_scores(x: torch.Tensor, delta: torch.Tensor, main: torch.Tensor, va
     return activation_scores(x, delta, main).masked_fill(~valid, 0.0).amax(dim=1)
 
 
-class WiseLayer(BaseTunerLayer, BatchAwareLayer):
+class WiseLayer(EditLayer, BatchAwareLayer):
     """Per adapter: the unfinished shard's delta (``wise_working``), the finished side memories' deltas
     (``wise_memories``: one merged memory, or one per shard in retrieve mode), and for every edit the layer input
     that scored highest on its prompt (``wise_keys``) with the memory it lives in (``wise_key_memory``), from which
