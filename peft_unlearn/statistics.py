@@ -57,14 +57,27 @@ class SecondMoments:
         return cls(load_file(str(path)), {k: int(v) for k, v in json.loads(metadata.get("counts", "{}")).items()})
 
 
+# An eigenvalue this many times the next is an outlier feature (a massive activation of a few neurons), not part of
+# the energy the null space is measured against.
+OUTLIER_GAP = 100.0
+
+
 def null_space_projector(second_moment: torch.Tensor, energy: float) -> torch.Tensor:
     """Projector onto the low-variance directions of the preserved keys: the eigenvectors of ``second_moment``
     with the smallest eigenvalues whose sum is at most ``energy`` times the trace (scale-free across models). The
     preserved keys' component in that subspace, the only part an update restricted to it acts on, holds at most
-    that fraction of their energy; how much their outputs change also depends on the update's size."""
+    that fraction of their energy; how much their outputs change also depends on the update's size.
+
+    The trace leaves out outlier eigenvalues (each ``OUTLIER_GAP`` times the next): a neuron hundreds of times
+    larger than the rest would otherwise dominate it and let the null space take directions the preserved keys
+    use."""
     eigenvalues, eigenvectors = torch.linalg.eigh(second_moment.double())  # ascending
-    cumulative = torch.cumsum(eigenvalues.clamp(min=0), 0)
-    keep = cumulative <= energy * cumulative[-1].clamp(min=1e-30)
+    values = eigenvalues.clamp(min=0)
+    reference = len(values)
+    while reference > 1 and values[reference - 1] > OUTLIER_GAP * values[reference - 2]:
+        reference -= 1
+    cumulative = torch.cumsum(values, 0)
+    keep = cumulative <= energy * cumulative[reference - 1].clamp(min=1e-30)
     basis = eigenvectors[:, keep]
     return (basis @ basis.T).float()
 

@@ -125,6 +125,21 @@ def test_null_space_projector_keeps_low_energy_directions():
     assert torch.allclose(projector @ projector, projector, atol=1e-5)
 
 
+def test_an_outlier_neuron_does_not_widen_the_null_space():
+    """A neuron hundreds of times larger than the rest (a massive activation) holds most of the trace: the null
+    space must still be measured against the other directions' energy, or it takes directions they use."""
+    basis = torch.linalg.qr(torch.randn(7, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    bulk = torch.tensor([100.0, 50.0, 10.0, 0.01, 0.005, 0.001], dtype=torch.float64)  # float32 would blur 1e-3
+    without = basis[:, :6] @ torch.diag(bulk) @ basis[:, :6].T
+    with_outlier = without + 1e6 * torch.outer(basis[:, 6], basis[:, 6])  # 10^4 times the next eigenvalue
+    # Without the neuron its direction carries nothing and belongs to the null space; with it, the null space is the
+    # other directions' (without the fix, 0.1% of the trace admitted every one of them).
+    low = (basis[:, 3:] @ basis[:, 3:].T).float()
+    torch.testing.assert_close(null_space_projector(without, energy=1e-3), low, atol=1e-5, rtol=0)
+    expected = (basis[:, 3:6] @ basis[:, 3:6].T).float()
+    torch.testing.assert_close(null_space_projector(with_outlier, energy=1e-3), expected, atol=1e-5, rtol=0)
+
+
 def test_distributed_statistics_equal_one_process(word_tokenizer, tmp_path):
     word_tokenizer.save_pretrained(tmp_path / "tok")
     base = tiny_llama(vocab_size=len(word_tokenizer), layers=2)

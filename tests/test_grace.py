@@ -7,7 +7,7 @@ from peft import PeftModel, get_peft_model
 import peft_unlearn as pu
 from peft_unlearn.capture import capture_at_positions
 from peft_unlearn.metrics import answer_accuracy, generation_match
-from peft_unlearn.tuners.grace.layer import GraceLayer
+from peft_unlearn.tuners.grace.layer import GraceLayer, nearest_live_entries
 from peft_unlearn.tuners.grace.model import CodebookDraft, label_of
 
 from .conftest import tiny_gpt2, tiny_llama
@@ -279,6 +279,24 @@ def test_a_prompt_edited_again_is_recognised_in_a_large_codebook():
     eps = draft.book()["eps"]
     assert taken == list(range(600, 608))  # a new entry per key ...
     assert eps[0:600:75].tolist() == [0.0] * 8 and eps[600:].tolist() == [1.0] * 8  # ... taking over the radius
+
+
+def test_of_two_nearby_entries_a_query_equal_to_one_key_finds_that_one():
+    """Two entries split at a distance below the matrix-form distance's error: a query equal to one key must not be
+    sent to the other (whose exact distance is twice its radius), in a forward of many tokens."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(64, 2048, generator=generator) * 3 + 5
+    missed = 0
+    for i in range(20):
+        key = tokens[i]
+        near = key + torch.randn(2048, generator=generator) * (3e-4 * float(key.norm()) / 2048**0.5)
+        book = torch.cat([key[None], near[None], tokens[32:]])
+        gap = float((key - near).norm())
+        eps = torch.cat([torch.full((2,), gap / 2), torch.full((32,), 1e-9)])
+        distance, nearest = nearest_live_entries("euclidean", torch.cat([key[None], tokens[:i], tokens[i + 1 :]]),
+                                                 book, eps)
+        missed += int(nearest[0]) != 0 or float(distance[0]) > gap / 2
+    assert missed == 0
 
 
 def test_bad_input_leaves_the_model_untouched(trained_models):

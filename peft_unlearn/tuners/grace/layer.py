@@ -16,6 +16,8 @@ NO_MATCH = -1
 # A radius set to reach a key exactly is compared with this relative slack, so float rounding of the distance
 # (recomputed at lookup) cannot leave that key uncovered.
 RADIUS_SLACK = 1e-4
+# Nearest candidates by the matrix-form distance whose exact distances decide which entry is nearest.
+RERANKED = 8
 
 
 def key_distances(kind: str, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -40,12 +42,24 @@ def nearest_live_entries(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query [M, d] the distance to and index of the nearest entry with a positive radius (an entry whose key
     a later edit took over keeps radius 0, so removing that edit restores it, and serves nothing meanwhile); inf
-    where none is live. The entry is found by :func:`key_distances` and its distance recomputed exactly, so a
-    query equal to a key is at distance 0 and radius checks do not depend on how the batch was formed."""
+    where none is live. Exact: see :func:`nearest_by_exact_distance`."""
     distance = key_distances(kind, queries, keys).masked_fill(eps.to(queries.device)[None] <= 0, float("inf"))
-    nearest_distance, nearest = distance.min(dim=-1)
-    exact = paired_distances(kind, queries, keys[nearest])
-    return torch.where(torch.isinf(nearest_distance), nearest_distance, exact), nearest
+    return nearest_by_exact_distance(kind, queries, keys, distance)
+
+
+def nearest_by_exact_distance(
+    kind: str, queries: torch.Tensor, keys: torch.Tensor, distance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query, the nearest key by exact distance among the ``RERANKED`` nearest by ``distance`` [M, N] (the
+    matrix form of :func:`key_distances`, inf for keys not to consider): that form misorders keys closer together
+    than its error, so a query equal to one of two nearby keys could be sent to the other. Returns the exact
+    distance (inf where no key counts) and the key's index."""
+    approximate, candidates = distance.topk(min(RERANKED, distance.shape[1]), dim=-1, largest=False)
+    exact = torch.stack(
+        [paired_distances(kind, queries, keys[candidates[:, c]]) for c in range(candidates.shape[1])], dim=1
+    ).masked_fill(torch.isinf(approximate), float("inf"))
+    nearest_distance, which = exact.min(dim=-1)
+    return nearest_distance, candidates.gather(1, which[:, None]).squeeze(1)
 
 
 def replacement_mask(length: int, start: torch.Tensor, replacement: str) -> torch.Tensor:

@@ -18,7 +18,7 @@ from ...metrics import batches
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
 from .config import GraceConfig
-from .layer import RADIUS_SLACK, GraceLayer, GraceLinear, key_distances, paired_distances
+from .layer import RADIUS_SLACK, GraceLayer, GraceLinear, key_distances, nearest_by_exact_distance
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,9 @@ class CodebookDraft:
 
     Its tensors keep room for more entries, so an entry is added in place (a ``torch.cat`` per entry made a call
     quadratic in its keys), and keys are taken in chunks: a chunk's distances to the entries it starts with come
-    from one batched pass, those to entries added since from a small one. The nearest live entry's distance is then
-    recomputed exactly (the batched form loses up to 1e-3 of a key's norm, enough to miss a prompt edited again)."""
+    from one batched pass, those to entries added since from a small one. Which entry is nearest, and how far, is
+    decided by exact distances (:func:`nearest_by_exact_distance`): the batched form is off by up to 1e-3 of a
+    key's norm, enough to miss a prompt edited again."""
 
     def __init__(self, book: dict[str, torch.Tensor], kind: str, room: int) -> None:
         self.kind = kind
@@ -102,11 +103,11 @@ class CodebookDraft:
         if not parts:
             return math.inf, -1
         distance = torch.cat(parts).masked_fill(self.eps <= 0, math.inf)
-        nearest_distance, nearest = distance.min(dim=0)
-        if math.isinf(float(nearest_distance)):
+        nearest_distance, nearest = nearest_by_exact_distance(self.kind, query[None], self.tensors["keys"][: self.size],
+                                                              distance[None])
+        if math.isinf(float(nearest_distance[0])):
             return math.inf, -1
-        j = int(nearest)
-        return float(paired_distances(self.kind, query[None], self.tensors["keys"][j : j + 1])[0]), j
+        return float(nearest_distance[0]), int(nearest[0])
 
     def place_all(self, queries: torch.Tensor, labels: torch.Tensor, edit_ids: torch.Tensor,
                   eps_init: float) -> torch.Tensor:
