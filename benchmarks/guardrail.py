@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, table, write_json
+from common import RESULTS, long_prompt_copy, table, write_json
 
 TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 TOFU_COLUMNS = ["method", "seconds", "forget.accuracy", "forget.rouge_l", "forget.refusal_rate",
@@ -101,7 +101,9 @@ def tofu_rows(data: Path, n_forget: int, n_retain: int) -> dict:
 
     untouched = pu.evaluate_unlearning(model, tokenizer, forget, retain, **options)
     guarded_forget = guarded(forget, guardrail)
-    report = pu.evaluate_unlearning(model, tokenizer, guarded_forget, guarded(retain, guardrail), **options)
+    model = long_prompt_copy(model)
+    report = pu.evaluate_unlearning(model, tokenizer, guarded_forget, guarded(retain, guardrail),
+                                    **{**options, "retain_model": long_prompt_copy(retain_model)})
     # evaluate_unlearning gives the retain model the same (guarded) questions; the other rows of the TOFU table
     # compare with the retain model on the plain questions, so that is the comparable forget quality.
     same_prompt = report["forget_quality"]
@@ -147,7 +149,7 @@ def fact_world_rows() -> dict:
 
     rows, reports = [], {}
     for method, guard in (("untouched", None), ("guardrail", guardrail)):
-        values, reports[method] = row(method, base, 0.0, guard)
+        values, reports[method] = row(method, base if guard is None else long_prompt_copy(base), 0.0, guard)
         rows.append(values)
     model = get_peft_model(copy.deepcopy(base), pu.GraceConfig())
     requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, table, write_json  # noqa: E402
+from common import RESULTS, long_prompt_copy, table, write_json  # noqa: E402
 
 TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 ROW_KEYS = ["forget.accuracy", "forget.refusal_rate", "retain.accuracy", "forget_quality", "model_utility"]
@@ -47,8 +47,9 @@ def guardrail_row(base, tokenizer, forget, retain, retain_model, retain_tokenize
 
     guardrail = Guardrail(tofu_forget_subjects(forget))
     guarded_forget = guarded(forget, guardrail)
+    base = long_prompt_copy(base)
     report = pu.evaluate_unlearning(base, tokenizer, guarded_forget, guarded(retain, guardrail),
-                                    retain_model=retain_model, retain_tokenizer=retain_tokenizer)
+                                    retain_model=long_prompt_copy(retain_model), retain_tokenizer=retain_tokenizer)
     reports["guardrail"] = report
     row = {"method": "guardrail (prompt only)", "seconds": 0.0, **{k: lookup(report, k) for k in ROW_KEYS}}
     row["forget_quality"] = forget_quality(

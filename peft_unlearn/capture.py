@@ -352,3 +352,21 @@ def add_at_positions(module: nn.Module, delta: torch.Tensor, positions: torch.Te
         yield
     finally:
         handle.remove()
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The number of positions the model can attend over, from its config (None when it does not say)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_fits_context(model: nn.Module, length: int, what: str) -> None:
+    """Refuse ``length`` positions beyond the model's context: learned position embeddings fail with an index
+    error, rotary ones return numbers from positions the model never saw."""
+    limit = context_length(model)
+    if limit is not None and length > limit:
+        raise ValueError(f"{what} need {length} positions, more than the model's context of {limit}; shorten them")

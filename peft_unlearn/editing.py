@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .capture import context_length
 from .metrics import evaluating
 from .refusal_targets import self_improved_requests
 from .requests import EditRequest, as_edit_requests, chat_formatted, tokenize_requests
@@ -159,16 +160,6 @@ def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
             f"mismatched tokenizer: it has {len(tokenizer)} tokens but the model's embedding has {vocab} rows; "
             "load the tokenizer that belongs to this model"
         )
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The number of positions the model can attend over, from its config (None when it does not say)."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def check_requests_fit(model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import unwrap_model
+from .capture import check_fits_context, unwrap_model
 from .requests import IGNORE_INDEX
 
 
@@ -36,6 +36,7 @@ def labelled_logits(
     (float32 [rows, columns, vocabulary] tensors dominate memory for long prompts and large vocabularies).
     Models that cannot keep chosen positions (``logits_to_keep``) return every column. ``width`` (at least
     :func:`labelled_width` of ``labels``) fixes the number of columns, so that passes over different rows align."""
+    check_fits_context(model, labels.shape[1], "the texts (prompt and answer)")
     scored = labels[:, 1:] != IGNORE_INDEX  # column p predicts the label at p + 1
     if not bool(scored.any()) or not _keeps_positions(model):
         return model(**inputs).logits, labels

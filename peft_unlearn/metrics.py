@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from .capture import context_length
 from .losses import labelled_logits, per_example_accuracy
 from .requests import tokenize_pairs, tokenize_prompts
 
@@ -76,7 +77,8 @@ def generate_continuations(
     batch_size: int = 64,
     chat_template: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens."""
+    """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens; at most as many
+    new tokens as the model's context leaves after the batch's longest prompt."""
     device = model_device(model)
     texts: list[str] = []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -85,14 +87,37 @@ def generate_continuations(
             batch = tokenize_prompts(tokenizer, chunk, padding_side="left", chat_template=chat_template).to(device)
             output = model.generate(
                 **batch.model_inputs,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=_room_to_generate(model, batch.input_ids.shape[1], max_new_tokens),
                 do_sample=False,
                 pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_token_ids(model, tokenizer),
             )
             new_tokens = output[:, batch.input_ids.shape[1] :]
             texts.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return texts
+
+
+def _room_to_generate(model: nn.Module, prompt_width: int, max_new_tokens: int) -> int:
+    """``max_new_tokens``, or fewer where the model's context ends first: learned position embeddings fail with an
+    index error past it, rotary ones produce text from positions the model never saw."""
+    limit = context_length(model)
+    if limit is None:
+        return max_new_tokens
+    if prompt_width >= limit:
+        raise ValueError(f"the prompts need {prompt_width} positions, more than the model's context of {limit} leaves "
+                         "for an answer; shorten them")
+    return min(max_new_tokens, limit - prompt_width)
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int] | None:
+    """Where generation ends: the model's own stop tokens (a chat model's end of turn often lives only in its
+    generation config) and the tokenizer's end of sequence."""
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids or None
 
 
 def sample_texts(
@@ -121,7 +146,13 @@ def collapse_whitespace(text: str) -> str:
 
 
 def starts_with_answer(generated: str, expected: str) -> bool:
-    return collapse_whitespace(generated).startswith(collapse_whitespace(expected))
+    """Whether ``generated`` begins with ``expected`` (whitespace collapsed) and the match ends at a word boundary:
+    "a hedgehog" does not begin with the answer "a hedge"."""
+    generated, expected = collapse_whitespace(generated), collapse_whitespace(expected)
+    if not expected or not generated.startswith(expected):
+        return False
+    rest = generated[len(expected) :]
+    return not (rest and rest[0].isalnum() and expected[-1].isalnum())
 
 
 def generation_match(
@@ -138,6 +169,9 @@ def generation_match(
     pairs = list(pairs)
     if not pairs:
         raise ValueError("pairs is empty")
+    blank = [i for i, (_, answer) in enumerate(pairs) if not answer.strip()]
+    if blank:
+        raise ValueError(f"answers {blank[:10]} are empty: every text would begin with them")
     if max_new_tokens is None:
         longest = max(len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) for _, answer in pairs)
         max_new_tokens = longest + 2

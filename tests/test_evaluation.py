@@ -27,6 +27,7 @@ from peft_unlearn.evaluation import (
     refusal_rate,
     rouge_l,
     rouge_l_recall,
+    tofu,
     true_answer_probabilities,
     true_answer_probability,
     truth_ratio,
@@ -47,9 +48,10 @@ def _perturbed_row(fact, n=3):
 
 
 def _hand_nll(model, tokenizer, question, answer):
-    """Mean token NLL of ``answer`` after ``question``, computed here on one unpadded sequence."""
+    """Mean token NLL of ``answer`` and the end of sequence after it (as TOFU scores an answer) following
+    ``question``, computed here on one unpadded sequence."""
     prompt_ids = tokenizer(question)["input_ids"]
-    full_ids = tokenizer(question + " " + answer)["input_ids"]
+    full_ids = tokenizer(question + " " + answer)["input_ids"] + [tokenizer.eos_token_id]
     assert full_ids[: len(prompt_ids)] == prompt_ids
     with torch.no_grad():
         logits = model(torch.tensor([full_ids])).logits[0]
@@ -83,6 +85,14 @@ def test_rouge_l_recall_matches_hand_computed_values(monkeypatch):
     )
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         rouge_l_recall(predictions[:2], references[:1])
+
+
+def test_rouge_l_recall_reads_words_of_every_script():
+    """rouge_score's default keeps a-z and 0-9 only: a verbatim Cyrillic or Chinese answer scored 0."""
+    assert rouge_l_recall(["Москва", "北京大学", "Gabriel García Márquez"],
+                          ["Москва", "北京", "Gabriel García"]) == pytest.approx([1.0, 1.0, 1.0])
+    assert rouge_l_recall(["Márquez wrote"], ["García Márquez"]) == pytest.approx([0.5])  # "garcía" is one word
+    assert rouge_l_recall(["上海"], ["北京"]) == [0.0]
 
 
 def test_truth_ratio_and_true_probability_from_known_losses():
@@ -158,8 +168,29 @@ def test_model_metrics_match_hand_computed_losses(world, trained_models):
         sum(math.exp(-c) / (math.exp(-c) + sum(math.exp(-x) for x in w)) for c, w in zip(correct, wrong)) / 5,
         rel=1e-4,
     )
-    # The model knows these facts: it prefers each true answer by far.
-    assert max(expected) < 0.01
+    # The model knows these facts: it prefers each true answer by far (the end of sequence, which true and
+    # perturbed answers share, is one of the tokens each mean is taken over).
+    assert max(expected) < 0.05
+
+
+def test_an_answer_cut_short_is_not_scored_as_the_whole_answer(world, trained_models):
+    """TOFU scores the end of sequence after the answer: the first word of a longer answer the model knows must not
+    get the full answer's probability."""
+    model, tokenizer = trained_models("llama")
+    facts = [f for f in world.retain_facts if len(f.answer.split()) > 1][:8]
+    whole = answer_scores(model, tokenizer, [f.pair for f in facts]).probability
+    cut = [(f.question, f.answer.split()[0]) for f in facts]
+    assert min(whole) > 0.9
+    assert max(answer_scores(model, tokenizer, cut).probability) < 0.5
+    assert min(answer_scores(model, tokenizer, cut, append_eos=False).probability) > 0.9  # the answer alone
+
+
+def test_tofu_statistics_of_a_diverged_model_stay_finite():
+    """Gradient ascent can push answer NLLs to thousands of nats: exp() of their differences overflows a float."""
+    ratios = tofu.truth_ratios_from_nll([5400.0, 1.0, 0.0], [[2.0, 3.0], [1.5], [9000.0]])
+    assert ratios[0] > 1e300 and ratios[2] < 1e-300 and all(math.isfinite(r) and r > 0 for r in ratios)
+    assert 0 < tofu.truth_ratio_score(ratios, forget=True) < 1 and 0 < tofu.truth_ratio_score(ratios, forget=False) < 1
+    assert tofu.true_answer_probabilities([5400.0, 1.0], [[2.0], [1.0, 1.0]]) == pytest.approx([0.0, 1 / 3], abs=1e-12)
 
 
 def test_extraction_strength_equals_greedy_suffix_completion(world, trained_models):

@@ -127,7 +127,8 @@ def test_chat_guardrail_is_a_system_message_the_metrics_see(chat_tokenizer, trai
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     assert reloaded.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                         tokenize=False) == prompt
-    model = trained_models("llama")[0]
+    model = copy.deepcopy(trained_models("llama")[0])
+    model.config.max_position_embeddings = 256  # the guarded prompt outgrows the fact model's 64 positions
     with _SeenInputs(model) as seen:
         rate = refusal_rate(model, guarded_tokenizer, [(question, answer)], chat_template=True)
     assert 0.0 <= rate <= 1.0
@@ -187,6 +188,8 @@ def test_guarded_refuses_what_it_cannot_guard():
 @pytest.fixture(scope="module")
 def setting(world, trained_models):
     model, tokenizer = trained_models("llama")
+    model = copy.deepcopy(model)
+    model.config.max_position_embeddings = 256  # the guarded prompts outgrow the fact model's 64 positions
     forget = [f.pair for f in world.forget_facts]
     retain = [f.pair for f in world.retain_facts]
     return model, tokenizer, forget, retain, Guardrail(world.forget_subjects)

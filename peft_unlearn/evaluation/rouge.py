@@ -7,11 +7,18 @@ absolute imports only, so it can also be loaded by path: ``evaluate.load(peft_un
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 
 import datasets
 import evaluate
+from nltk.stem import porter
 from rouge_score import rouge_scorer
+
+# Chinese, Japanese and Korean characters (one word each: those scripts do not separate words by spaces) and runs of
+# any other letters and digits.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_WORD = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
 
 _DESCRIPTION = """ROUGE-L recall of each prediction against its reference (TOFU scores greedy answers this way):
 the length of their longest common subsequence of (Porter-stemmed, lower-cased) words over the reference length."""
@@ -32,9 +39,21 @@ Returns:
 """
 
 
+class WordTokenizer:
+    """rouge_score's default words (lower case, letters and digits, Porter stems of words longer than three
+    characters) in every script: its default keeps only a-z and 0-9, so a verbatim answer in Cyrillic or Chinese
+    scored 0 and "García" became "garc", "a". On ASCII text the words are the same."""
+
+    def __init__(self) -> None:
+        self._stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        return [self._stemmer.stem(w) if len(w) > 3 else w for w in _WORD.findall(text.lower())]
+
+
 @functools.lru_cache(maxsize=1)
 def _scorer() -> rouge_scorer.RougeScorer:
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=WordTokenizer())
 
 
 def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> list[float]:

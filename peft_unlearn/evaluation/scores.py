@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.refusals import is_refusal
+from ..capture import context_length
 from ..losses import labelled_logits, per_example_accuracy, sequence_nll
 from ..metrics import batches, eval_mode, generate_continuations, model_device
 from ..requests import IGNORE_INDEX, tokenize_pairs
@@ -39,6 +40,16 @@ class AnswerScores:
     def probability(self) -> list[float]:
         """Per-token normalised answer probability exp(-mean NLL)."""
         return [math.exp(-nll) for nll in self.nll]
+
+
+def _without_last_label(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` with each row's last scored token (the appended end of sequence) no longer scored."""
+    scored = labels != IGNORE_INDEX
+    last = torch.where(scored, torch.arange(labels.shape[1], device=labels.device), -1).max(dim=1).values
+    rows = torch.arange(labels.shape[0], device=labels.device)[last >= 0]
+    labels = labels.clone()
+    labels[rows, last[last >= 0]] = IGNORE_INDEX
+    return labels
 
 
 def _extraction_strength(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,19 +76,30 @@ def answer_scores(
     batch_size: int = 32,
     chat_template: bool = False,
     progress: bool = False,
+    append_eos: bool = True,
 ) -> AnswerScores:
-    """Score each (question, answer) pair teacher-forced, in batches of ``batch_size``."""
+    """Score each (question, answer) pair teacher-forced, in batches of ``batch_size``.
+
+    As in TOFU, the NLL scores the answer's tokens and the end-of-sequence token after them (``append_eos``;
+    skipped for a tokenizer without one): an answer that is only the beginning of what the model would say does
+    not get the full answer's probability. Accuracy and extraction strength read the answer's own tokens. A pair
+    longer than the model's context is cut to it, as TOFU's ``max_length`` cuts: the answer's end is not scored.
+    """
     pairs = list(pairs)
     if not pairs:
         raise ValueError("no (question, answer) pairs to score")
+    append_eos = append_eos and tokenizer.eos_token_id is not None
     device = model_device(model)
     nll, accuracy, strength = [], [], []
     chunks = list(batches(pairs, batch_size))
     with eval_mode(model):
         for chunk in tqdm(chunks, desc="scoring answers", disable=not progress, leave=False):
-            batch = tokenize_pairs(tokenizer, chunk, chat_template=chat_template).to(device)
+            batch = tokenize_pairs(tokenizer, chunk, chat_template=chat_template, append_eos=append_eos,
+                                   max_length=context_length(model)).to(device)
             logits, labels = labelled_logits(model, batch.model_inputs, batch.labels)
             nll.extend(sequence_nll(logits, labels).tolist())
+            if append_eos:
+                labels = _without_last_label(labels)
             accuracy.extend(per_example_accuracy(logits, labels).tolist())
             strength.extend(_extraction_strength(logits, labels).tolist())
     return AnswerScores(nll, accuracy, strength)

@@ -11,6 +11,10 @@ from collections.abc import Sequence
 
 from scipy import stats
 
+# Truth ratios are kept within exp(+-LOG_RATIO_LIMIT): a diverged model's NLL differences of thousands of nats
+# would overflow a float (and their reciprocals divide by zero) without changing any score or rank.
+LOG_RATIO_LIMIT = 700.0
+
 
 def _check_perturbed(correct_nll: Sequence[float], perturbed_nll: Sequence[Sequence[float]]) -> None:
     if len(correct_nll) != len(perturbed_nll):
@@ -23,7 +27,10 @@ def truth_ratios_from_nll(correct_nll: Sequence[float], perturbed_nll: Sequence[
     """Per-sample truth ratio R = P(perturbed) / P(correct), where P(perturbed) is the geometric mean over the
     perturbed answers; from mean token NLLs this is ``exp(nll_correct - mean(nll_perturbed))``."""
     _check_perturbed(correct_nll, perturbed_nll)
-    return [math.exp(correct - sum(group) / len(group)) for correct, group in zip(correct_nll, perturbed_nll)]
+    return [
+        math.exp(min(max(correct - sum(group) / len(group), -LOG_RATIO_LIMIT), LOG_RATIO_LIMIT))
+        for correct, group in zip(correct_nll, perturbed_nll)
+    ]
 
 
 def truth_ratio_score(ratios: Sequence[float], forget: bool) -> float:
@@ -43,8 +50,9 @@ def true_answer_probabilities(true_nll: Sequence[float], perturbed_nll: Sequence
     _check_perturbed(true_nll, perturbed_nll)
     scores = []
     for true, group in zip(true_nll, perturbed_nll):
-        p_true = math.exp(-true)
-        scores.append(p_true / (p_true + sum(math.exp(-nll) for nll in group)))
+        # 1 / (1 + sum P_false / P_true), from NLL differences: exp(-nll) of a diverged model underflows to 0.
+        others = sum(math.exp(min(true - nll, LOG_RATIO_LIMIT)) for nll in group)
+        scores.append(1.0 / (1.0 + others))
     return scores
 
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...capture import FrozenLayers, add_at_positions, capture_at_positions
-from ...editing import context_length
+from ...capture import FrozenLayers, add_at_positions, capture_at_positions, context_length
 from ...losses import labelled_logits, logits_at, row_chunks, sequence_nll
 from ...metrics import sample_texts
 from ...requests import EditRequest, TokenizedBatch, tokenize_pairs, tokenize_prompts
