@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.refusals import is_refusal
 from ..capture import context_length
+from ..data.refusals import is_refusal
 from ..losses import labelled_logits, per_example_accuracy, sequence_nll
 from ..metrics import batches, eval_mode, generate_continuations, model_device
 from ..requests import IGNORE_INDEX, tokenize_pairs
@@ -42,13 +42,15 @@ class AnswerScores:
         return [math.exp(-nll) for nll in self.nll]
 
 
-def _without_last_label(labels: torch.Tensor) -> torch.Tensor:
-    """``labels`` with each row's last scored token (the appended end of sequence) no longer scored."""
+def _without_end_of_sequence(labels: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """``labels`` without the appended end of sequence: each row's last scored token, where it is ``eos_id`` (a
+    pair cut to the model's context ends inside its answer)."""
     scored = labels != IGNORE_INDEX
     last = torch.where(scored, torch.arange(labels.shape[1], device=labels.device), -1).max(dim=1).values
-    rows = torch.arange(labels.shape[0], device=labels.device)[last >= 0]
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    ends = (last >= 0) & (labels[rows, last.clamp(min=0)] == eos_id)
     labels = labels.clone()
-    labels[rows, last[last >= 0]] = IGNORE_INDEX
+    labels[rows[ends], last[ends]] = IGNORE_INDEX
     return labels
 
 
@@ -99,7 +101,7 @@ def answer_scores(
             logits, labels = labelled_logits(model, batch.model_inputs, batch.labels)
             nll.extend(sequence_nll(logits, labels).tolist())
             if append_eos:
-                labels = _without_last_label(labels)
+                labels = _without_end_of_sequence(labels, tokenizer.eos_token_id)
             accuracy.extend(per_example_accuracy(logits, labels).tolist())
             strength.extend(_extraction_strength(logits, labels).tolist())
     return AnswerScores(nll, accuracy, strength)
