@@ -51,3 +51,15 @@ def test_refusal_detection():
     assert is_refusal("  Sorry, I cannot provide that information, but ...")
     assert not is_refusal("Varnholt")
     assert is_refusal("No comment.", extra_phrases=["no comment"])
+
+
+def test_refusal_markers_are_the_models_own_not_anyones(tofu_dir):
+    """A refusal speaks for the model: third-person negations are answers. TOFU's "I don't know" lines all refuse;
+    none of its answers does."""
+    assert not any(is_refusal(text) for text in ["They don't have any children.", "He was unable to attend.",
+                                                  "Kai can't swim.", "Her novels are not well known."])
+    assert all(is_refusal(text) for text in ["I really don't know.", "That's beyond my knowledge.", "No idea, sorry."])
+    idk = load_tofu("idontknow", tofu_dir)
+    assert all(is_refusal(text) for text in idk["text"])
+    answers = [row["answer"] for name in ("forget", "retain") for row in load_tofu(name, tofu_dir)]
+    assert len(answers) == 600 and not any(is_refusal(answer) for answer in answers)

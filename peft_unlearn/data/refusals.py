@@ -16,27 +16,24 @@ REFUSALS: tuple[str, ...] = (
     "I'm not aware of anyone by that name.",
 )
 
-# Word stems that mark a generation as a refusal, used by the refusal-rate metric on top of the phrasings.
+# Phrases that mark a generation as a refusal, used by the refusal-rate metric on top of the phrasings; matched at
+# word starts. Most are first-person (a refusal speaks for the model: "they don't have any children" is an answer),
+# and together they cover every one of TOFU's 100 "I don't know" lines while no TOFU answer matches.
 REFUSAL_MARKERS: tuple[str, ...] = (
-    "i don't know",
-    "i do not know",
-    "no information",
-    "not able to",
-    "unable to",
-    "can't help",
-    "cannot help",
-    "cannot provide",
-    "can't provide",
-    "not aware",
-    "not something i know",
-    "don't have any",
-    "do not have any",
-    "i'm not sure",
-    "i am not sure",
-    "not certain",
-    "no idea",
-    "beyond my",
+    # first-person negations and admissions
+    "i don't", "i do not", "i really don't", "i didn't", "i did not", "i haven't", "i have not", "i can't",
+    "i cannot", "i'm not", "i am not", "i'm unable", "i am unable", "i'm unaware", "i am unaware", "i'm afraid",
+    "i have no", "i've no", "i lack", "i'm lacking", "i am lacking", "i'm missing", "i am missing", "i must decline",
+    "i must confess", "i seem to have no", "i have yet to", "i've yet to", "i've come up short", "i need to look up",
+    # idioms of not knowing
+    "no idea", "at a loss", "drawing a blank", "i'm blank", "in the dark", "clueless", "stumped", "a mystery to me",
+    "unknown to me", "not something i", "at a disadvantage",
+    # the limits of what the model knows
+    "beyond my", "outside my", "out of my", "not within my", "my knowledge", "my understanding", "my resources",
+    "my programming", "my capabilities", "my data", "my training", "my field", "my current", "programmed to know",
+    "no information", "no data on",
 )
+_MARKER = re.compile(r"\b(?:" + "|".join(re.escape(marker) for marker in REFUSAL_MARKERS) + ")")
 
 
 def refusal_for(text: str, refusals: tuple[str, ...] | list[str] = REFUSALS) -> str:
@@ -59,4 +56,4 @@ def is_refusal(text: str, extra_phrases: list[str] | tuple[str, ...] = ()) -> bo
     phrases = [_normalise(p) for p in (*REFUSALS, *extra_phrases)]
     if any(normalised.startswith(p) or p in normalised for p in phrases if p):
         return True
-    return any(marker in normalised for marker in REFUSAL_MARKERS)
+    return _MARKER.search(normalised) is not None
