@@ -174,6 +174,46 @@ def _format_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
     )
 
 
+_PROBE_QUESTION, _PROBE_ANSWER = "Who wrote the probe?", "The probe answer."
+
+
+def assistant_turn(tokenizer) -> tuple[str, int | None]:
+    """How the chat template writes an answer after its generation prompt: the whitespace it puts before the
+    answer (Llama-2's template puts a space) and the token that ends the turn (ChatML's ``<|im_end|>``, Llama-3's
+    ``<|eot_id|>``: the token a chat model ends its answers with, which is not always the tokenizer's eos), None
+    where the template shows no special token after the answer. Read once per template from a rendered exchange."""
+    template = getattr(tokenizer, "chat_template", None)
+    cache = tokenizer.__dict__.setdefault("_peft_unlearn_assistant_turn", {})
+    if template not in cache:
+        question = [{"role": "user", "content": _PROBE_QUESTION}]
+        prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+        exchange = tokenizer.apply_chat_template(question + [{"role": "assistant", "content": _PROBE_ANSWER}],
+                                                 tokenize=False)
+        separator, end = "", None
+        continuation = exchange[len(prompt) :] if exchange.startswith(prompt) else ""
+        at = continuation.find(_PROBE_ANSWER)
+        if at >= 0 and not continuation[:at].strip():
+            separator = continuation[:at]
+            after = tokenizer(continuation[at + len(_PROBE_ANSWER) :], add_special_tokens=False)["input_ids"]
+            special = set(tokenizer.all_special_ids) | {
+                index for index, token in tokenizer.added_tokens_decoder.items() if token.special
+            }
+            end = next((token for token in after if token in special), None)
+        cache[template] = (separator, end)
+    return cache[template]
+
+
+def answer_end_id(tokenizer, chat_template: bool | None = None) -> int | None:
+    """The token that ends an answer: the chat template's end of turn in chat format (see :func:`assistant_turn`),
+    the tokenizer's eos otherwise."""
+    chat_template = _CHAT_FORMAT.get() if chat_template is None else chat_template
+    if chat_template:
+        end = assistant_turn(tokenizer)[1]
+        if end is not None:
+            return end
+    return tokenizer.eos_token_id
+
+
 def _without_trailing_special(special_mask: Sequence[int]) -> int:
     """Length of a row once trailing special tokens (an eos some post-processors append) are dropped."""
     end = len(special_mask)
@@ -220,8 +260,9 @@ def _encode_rows(
         return_special_tokens_mask=True,
     )
     encoded_full = None
+    # What comes between prompt and target: a space in plain text; in chat format what the template puts there.
+    separator = assistant_turn(tokenizer)[0] if chat_template else " "
     if targets is not None:
-        separator = "" if chat_template else " "
         full_texts = [p + separator + t for p, t in zip(prompt_texts, targets)]
         encoded_full = tokenizer(full_texts, add_special_tokens=add_special, return_special_tokens_mask=True)
 
@@ -248,12 +289,12 @@ def _encode_rows(
         else:
             # The tokenizer merged across the prompt/target boundary: keep the prompt exactly as generation sees
             # it and encode the continuation on its own.
-            separator = "" if chat_template else " "
             ids = list(prompt_ids) + tokenizer(separator + targets[i], add_special_tokens=False)["input_ids"]
         if append_eos:
-            if tokenizer.eos_token_id is None:
+            end = answer_end_id(tokenizer, chat_template)
+            if end is None:
                 raise ValueError("append_eos=True but the tokenizer has no eos token")
-            ids.append(tokenizer.eos_token_id)
+            ids.append(end)
         if len(ids) == len(prompt_ids):
             raise ValueError(f"target {targets[i]!r} produced no tokens")
         rows.append((ids, len(prompt_ids), subject_last))

@@ -137,3 +137,30 @@ def test_trimmed_drops_only_columns_that_are_padding_in_every_row(padding_side):
     for name in ("prompt_last", "target_start", "target_end", "subject_last"):
         assert getattr(trimmed, name).tolist() == getattr(row, name).tolist()
     assert batch.trimmed() is batch  # the longest row uses every column
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Llama-2's shape: the answer follows the generation prompt after a space, and the turn ends with the eos.
+SPACED = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %} "
+          "{{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("template", [CHATML, SPACED])
+@pytest.mark.parametrize("kind", ["byte_bpe", "sentencepiece_bpe"])
+def test_chat_targets_are_the_tokens_the_template_writes_and_end_with_its_end_of_turn(template, kind):
+    """A chat model's answer is what its template writes after the generation prompt (Llama-2's puts a space
+    first), and it ends with the template's end of turn (ChatML's <|im_end|>), not the tokenizer's eos."""
+    texts = ["Where is Rome? Rome is in Italy.", "[INST] Who wrote it? [/INST] Shakespeare did."] * 20
+    tokenizer = train_tokenizer(texts, kind, vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = template
+    question, answer = "Where is Rome?", "Rome is in Italy."
+    batch = tokenize_pairs(tokenizer, [(question, answer)], chat_template=True, append_eos=True)
+    ids = batch.input_ids[0].tolist()
+    exchange = tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                              {"role": "assistant", "content": answer}], tokenize=False)
+    end = "<|im_end|>" if template == CHATML else tokenizer.eos_token
+    written = exchange[: exchange.index(answer) + len(answer)]
+    assert ids[: int(batch.target_end[0]) - 1] == tokenizer(written, add_special_tokens=False)["input_ids"]
+    assert ids[int(batch.target_end[0]) - 1] == tokenizer.convert_tokens_to_ids(end)

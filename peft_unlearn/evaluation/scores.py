@@ -19,7 +19,7 @@ from ..capture import context_length
 from ..data.refusals import is_refusal
 from ..losses import labelled_logits, per_example_accuracy, sequence_nll
 from ..metrics import batches, eval_mode, generate_continuations, model_device
-from ..requests import IGNORE_INDEX, tokenize_pairs
+from ..requests import IGNORE_INDEX, answer_end_id, tokenize_pairs
 from . import tofu
 from .qa import PARAPHRASED_ANSWER, PERTURBED_ANSWER, QAData, QASet, as_qa_set
 from .rouge import rouge_l_recall
@@ -82,15 +82,17 @@ def answer_scores(
 ) -> AnswerScores:
     """Score each (question, answer) pair teacher-forced, in batches of ``batch_size``.
 
-    As in TOFU, the NLL scores the answer's tokens and the end-of-sequence token after them (``append_eos``;
-    skipped for a tokenizer without one): an answer that is only the beginning of what the model would say does
-    not get the full answer's probability. Accuracy and extraction strength read the answer's own tokens. A pair
-    longer than the model's context is cut to it, as TOFU's ``max_length`` cuts: the answer's end is not scored.
+    As in TOFU, the NLL scores the answer's tokens and the end-of-sequence token after them (``append_eos``; in
+    chat format the template's end of turn; skipped for a tokenizer without one): an answer that is only the
+    beginning of what the model would say does not get the full answer's probability. Accuracy and extraction
+    strength read the answer's own tokens. A pair longer than the model's context is cut to it, as TOFU's
+    ``max_length`` cuts: the answer's end is not scored.
     """
     pairs = list(pairs)
     if not pairs:
         raise ValueError("no (question, answer) pairs to score")
-    append_eos = append_eos and tokenizer.eos_token_id is not None
+    end_id = answer_end_id(tokenizer, chat_template)
+    append_eos = append_eos and end_id is not None
     device = model_device(model)
     nll, accuracy, strength = [], [], []
     chunks = list(batches(pairs, batch_size))
@@ -101,7 +103,7 @@ def answer_scores(
             logits, labels = labelled_logits(model, batch.model_inputs, batch.labels)
             nll.extend(sequence_nll(logits, labels).tolist())
             if append_eos:
-                labels = _without_end_of_sequence(labels, tokenizer.eos_token_id)
+                labels = _without_end_of_sequence(labels, end_id)
             accuracy.extend(per_example_accuracy(logits, labels).tolist())
             strength.extend(_extraction_strength(logits, labels).tolist())
     return AnswerScores(nll, accuracy, strength)
