@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 
 from .data.refusals import REFUSALS, refusal_for
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -187,8 +190,13 @@ def assistant_turn(tokenizer) -> tuple[str, int | None]:
     if template not in cache:
         question = [{"role": "user", "content": _PROBE_QUESTION}]
         prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
-        exchange = tokenizer.apply_chat_template(question + [{"role": "assistant", "content": _PROBE_ANSWER}],
-                                                 tokenize=False)
+        try:
+            exchange = tokenizer.apply_chat_template(question + [{"role": "assistant", "content": _PROBE_ANSWER}],
+                                                     tokenize=False)
+        except Exception as error:  # a template's own checks (jinja raise_exception) reject the exchange
+            logger.warning("the chat template does not render an answer (%s): answers follow the generation prompt "
+                           "directly and end with the tokenizer's eos", error)
+            exchange = ""
         separator, end = "", None
         continuation = exchange[len(prompt) :] if exchange.startswith(prompt) else ""
         at = continuation.find(_PROBE_ANSWER)
