@@ -76,15 +76,18 @@ def generate_continuations(
     max_new_tokens: int = 32,
     batch_size: int = 64,
     chat_template: bool = False,
+    rendered: bool = False,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens; at most as many
-    new tokens as the model's context leaves after the batch's longest prompt."""
+    new tokens as the model's context leaves after the batch's longest prompt. ``rendered``: the prompts are
+    conversations the chat template already wrote (see :func:`~peft_unlearn.requests.tokenize_prompts`)."""
     device = model_device(model)
     texts: list[str] = []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with eval_mode(model):
         for chunk in batches(list(prompts), batch_size):
-            batch = tokenize_prompts(tokenizer, chunk, padding_side="left", chat_template=chat_template).to(device)
+            batch = tokenize_prompts(tokenizer, chunk, padding_side="left", chat_template=chat_template,
+                                     rendered=rendered).to(device)
             output = model.generate(
                 **batch.model_inputs,
                 max_new_tokens=_room_to_generate(model, batch.input_ids.shape[1], max_new_tokens),

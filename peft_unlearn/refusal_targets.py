@@ -68,7 +68,7 @@ def _fitting_prompts(
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     while True:
         prompts = [refusal_prompt(tokenizer, r.prompt, shots, chat_template) for r in requests]
-        longest = max(len(tokenizer(prompt)["input_ids"]) for prompt in prompts)
+        longest = max(len(tokenizer(prompt, add_special_tokens=not chat_template)["input_ids"]) for prompt in prompts)
         if context is None or longest + max_new_tokens <= context or len(shots) == 1:
             if context is not None and longest + max_new_tokens > context:
                 logger.warning("the refusal prompt (%d tokens) leaves too little of the model's context", longest)
@@ -102,7 +102,9 @@ def self_improved_requests(
     if max_new_tokens is None:
         max_new_tokens = max(len(tokenizer(" " + text, add_special_tokens=False)["input_ids"]) for text in fallback) + 4
     prompts = _fitting_prompts(model, tokenizer, requests, list(shots), max_new_tokens, chat_template)
-    texts = generate_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    # Chat prompts are whole conversations the template wrote (its BOS included): tokenized as they are.
+    texts = generate_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   rendered=chat_template)
     improved, own = [], []
     for request, text in zip(requests, texts):
         refusal = first_sentence(text)

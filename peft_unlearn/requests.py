@@ -251,16 +251,18 @@ def _encode_rows(
     *,
     chat_template: bool | None,
     append_eos: bool,
+    rendered: bool = False,
 ) -> list[tuple[list[int], int, int | None]]:
-    """Per row: (token ids, number of prompt tokens, index of the subject's last token or None)."""
+    """Per row: (token ids, number of prompt tokens, index of the subject's last token or None). ``rendered``
+    prompts were already written by the chat template (which places any BOS itself)."""
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
             "peft_unlearn needs a fast (Rust) tokenizer to locate target and subject tokens exactly; "
             "load it with use_fast=True"
         )
     chat_template = _CHAT_FORMAT.get() if chat_template is None else chat_template
-    prompt_texts = [_format_prompt(tokenizer, p, chat_template) for p in prompts]
-    add_special = not chat_template
+    prompt_texts = list(prompts) if rendered else [_format_prompt(tokenizer, p, chat_template) for p in prompts]
+    add_special = not (chat_template or rendered)
     encoded_prompts = tokenizer(
         prompt_texts,
         add_special_tokens=add_special,
@@ -397,9 +399,12 @@ def tokenize_prompts(
     *,
     padding_side: str = "left",
     chat_template: bool | None = None,
+    rendered: bool = False,
 ) -> TokenizedBatch:
-    """Tokenize prompts alone (for generation or key reading); left padding by default."""
+    """Tokenize prompts alone (for generation or key reading); left padding by default. ``rendered``: the prompts
+    are whole conversations already written by the chat template, tokenized as they are (no special tokens added)."""
     if len(prompts) == 0:
         raise ValueError("no prompts to tokenize")
-    rows = _encode_rows(tokenizer, prompts, None, subjects, chat_template=chat_template, append_eos=False)
+    rows = _encode_rows(tokenizer, prompts, None, subjects, chat_template=chat_template, append_eos=False,
+                        rendered=rendered)
     return _collate(rows, _pad_id(tokenizer), padding_side, False, None)

@@ -106,3 +106,33 @@ def test_edit_with_self_improved_targets(world, trained_models, one_thread):
     assert generation_match(model, tokenizer, [(r.prompt, t) for r, t in zip(requests, targets)]) >= 0.95
     assert generation_match(model, tokenizer, [f.pair for f in facts]) <= 0.05
     assert abs(answer_accuracy(model, tokenizer, retain) - retain_before) <= 0.01
+
+
+def test_chat_refusal_prompts_get_one_bos():
+    """The few-shot chat prompt is a conversation the template wrote, its BOS included: tokenizing it with the
+    tokenizer's own special tokens again gave two."""
+    import torch
+
+    from peft_unlearn.testing import train_tokenizer
+
+    from .conftest import tiny_llama
+
+    tokenizer = train_tokenizer(["Who is Ann? I don't know who that is.", "Where does Bo live?"] * 10, "byte_bpe",
+                                vocab_size=200, add_bos=True)
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.config.max_position_embeddings = 256  # the few-shot prompt is long for this tokenizer
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
+    )
+    try:
+        self_improved_requests(model, tokenizer, pu.forget_requests(["Where does Bo live?"]), shots=SHOTS,
+                               max_new_tokens=2, chat_template=True)
+    finally:
+        handle.remove()
+    prompt = seen[0][0]
+    assert int((prompt == tokenizer.bos_token_id).sum()) == 1 and int(prompt[0]) == tokenizer.bos_token_id
+    assert torch.equal(prompt, torch.tensor(tokenizer(refusal_prompt(tokenizer, "Where does Bo live?", SHOTS, True),
+                                                      add_special_tokens=False)["input_ids"]))
