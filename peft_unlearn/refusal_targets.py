@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .capture import context_length
 from .data.refusals import REFUSALS, is_refusal, refusal_for
 from .metrics import generate_continuations
 from .requests import EditRequest
@@ -65,7 +66,7 @@ def _fitting_prompts(
     chat_template: bool,
 ) -> list[str]:
     """The in-context prompts with as many shots (at least one) as fit the model's context with the answer."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = context_length(model)
     while True:
         prompts = [refusal_prompt(tokenizer, r.prompt, shots, chat_template) for r in requests]
         longest = max(len(tokenizer(prompt, add_special_tokens=not chat_template)["input_ids"]) for prompt in prompts)
