@@ -197,3 +197,20 @@ def test_refinement_in_row_chunks_writes_the_same_edit(world, trained_models, mo
     for whole, chunked in zip(*factors.values()):
         # Equal up to float rounding (other padding widths per chunk), which Adam's normalised steps carry along.
         assert float((chunked - whole).norm() / whole.norm()) < 1e-3
+
+
+def test_an_edit_repeats_exactly_with_several_threads(world, trained_models):
+    """Two runs of the same edit write the same bits when torch runs several threads: repeated keys' gradients are
+    not summed in a run-dependent order (the refinement would amplify ~1e-6 differences into different edits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        states = []
+        for _ in range(2):
+            _, model, tokenizer, requests = setup(world, trained_models, "llama", n=10, refine_steps=20)
+            pu.edit(model, tokenizer, requests, progress=False)
+            states.append({k: v.clone() for k, v in model.state_dict().items() if "alphaedit_" in k})
+    finally:
+        torch.set_num_threads(threads)
+    assert states[0].keys() == states[1].keys() and states[0]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

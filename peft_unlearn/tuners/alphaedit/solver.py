@@ -160,6 +160,14 @@ class TargetValues:
     steps: int
 
 
+def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` along the first dimension, for an index of any shape. Through ``index_select``: the
+    backward of advanced indexing adds repeated indices' gradients with atomic adds on CPU (in a different order on
+    every run when several threads run), and the target values then differ from run to run by ~1e-6, which the
+    refinement amplifies into visibly different edits."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+
+
 def optimize_target_values(
     model: nn.Module,
     tokenizer,
@@ -231,9 +239,9 @@ def optimize_target_values(
         for chunk in row_chunks(model, rows.batch.labels[selected]):
             chosen = selected if chunk is None else selected[chunk]
             part = rows.batch.select(chosen).trimmed()
-            delta = scaled[keys] * unit
+            delta = rows_of(scaled, keys) * unit
             with frozen.replayed(chosen, part.input_ids.shape[1]), add_at_positions(
-                layer_output_module, delta[owner[chosen]], rows.positions[chosen]
+                layer_output_module, rows_of(delta, owner[chosen]), rows.positions[chosen]
             ):
                 chunk_nll = sequence_nll(*labelled_logits(model, part.model_inputs, part.labels))
             grad += torch.autograd.grad(chunk_nll.sum() / n_templates, [scaled])[0]
@@ -249,7 +257,7 @@ def optimize_target_values(
         if use_kl:
             kl_part = kl.select(running).trimmed()
             with frozen_kl.replayed(running, kl_part.input_ids.shape[1]), add_at_positions(
-                layer_output_module, (scaled[keys] * unit)[running, 0], kl.subject_last[running]
+                layer_output_module, rows_of(rows_of(scaled, keys) * unit, running)[:, 0], kl.subject_last[running]
             ):
                 kl_logits = logits_at(model, kl_part.model_inputs, kl.prompt_last[running])
             kl_logprobs = torch.log_softmax(kl_logits.float(), dim=-1)
@@ -269,7 +277,7 @@ def optimize_target_values(
             scaled[done] = previous[done]
             norms = scaled.norm(dim=-1, keepdim=True)
             scaled.mul_(torch.where(norms > limit, limit / norms.clamp(min=1e-12), torch.ones_like(norms)))
-    delta = (scaled[keys] * unit).detach()
+    delta = (rows_of(scaled, keys) * unit).detach()
     logger.debug("target values: %d steps, mean NLL %.4f", step, nll.mean().item())
     return TargetValues(z=h + delta, h=h, initial_nll=initial_nll, final_nll=nll, steps=step)
 
