@@ -55,7 +55,8 @@ def answer_accuracy(
     chat_template: bool = False,
     per_example: bool = False,
 ) -> float | list[float]:
-    """Teacher-forced accuracy over the answer tokens of ``prompt + " " + answer``, averaged over pairs."""
+    """Teacher-forced accuracy over the answer tokens of ``prompt + " " + answer`` (joined as
+    :func:`~peft_unlearn.requests.tokenize_pairs` joins them), averaged over pairs."""
     pairs = list(pairs)
     if not pairs:
         raise ValueError("pairs is empty")

@@ -270,10 +270,12 @@ def _encode_rows(
         return_special_tokens_mask=True,
     )
     encoded_full = None
-    # What comes between prompt and target: a space in plain text; in chat format what the template puts there.
-    separator = assistant_turn(tokenizer)[0] if chat_template else " "
+    # What comes between prompt and target: in chat format what the template puts there; in plain text a space,
+    # unless the prompt already ends in whitespace ("Answer: ").
+    chat_separator = assistant_turn(tokenizer)[0] if chat_template else None
+    separators = [chat_separator if chat_template else "" if p[-1:].isspace() else " " for p in prompt_texts]
     if targets is not None:
-        full_texts = [p + separator + t for p, t in zip(prompt_texts, targets)]
+        full_texts = [p + separator + t for p, separator, t in zip(prompt_texts, separators, targets)]
         encoded_full = tokenizer(full_texts, add_special_tokens=add_special, return_special_tokens_mask=True)
 
     rows = []
@@ -299,7 +301,7 @@ def _encode_rows(
         else:
             # The tokenizer merged across the prompt/target boundary: keep the prompt exactly as generation sees
             # it and encode the continuation on its own.
-            ids = list(prompt_ids) + tokenizer(separator + targets[i], add_special_tokens=False)["input_ids"]
+            ids = list(prompt_ids) + _continuation_ids(tokenizer, separators[i] + targets[i])
         if append_eos:
             end = answer_end_id(tokenizer, chat_template)
             if end is None:
@@ -309,6 +311,20 @@ def _encode_rows(
             raise ValueError(f"target {targets[i]!r} produced no tokens")
         rows.append((ids, len(prompt_ids), subject_last))
     return rows
+
+
+CONTINUATION_ANCHOR = "\n"
+
+
+def _continuation_ids(tokenizer, text: str) -> list[int]:
+    """The tokens of ``text`` where it continues other text. Encoded alone, a SentencePiece (Metaspace) tokenizer
+    would read it as the start of a text and prefix a word boundary, a space the text does not have; so it is
+    encoded after an anchor whose own tokens are then dropped (or alone, if the anchor merges with it)."""
+    anchor = tokenizer(CONTINUATION_ANCHOR, add_special_tokens=False)["input_ids"]
+    anchored = tokenizer(CONTINUATION_ANCHOR + text, add_special_tokens=False)["input_ids"]
+    if anchor and len(anchored) > len(anchor) and anchored[: len(anchor)] == anchor:
+        return anchored[len(anchor) :]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _collate(
@@ -367,7 +383,8 @@ def tokenize_pairs(
     append_eos: bool = False,
     max_length: int | None = None,
 ) -> TokenizedBatch:
-    """Tokenize (prompt, target) pairs joined as ``prompt + " " + target``, or through the chat template
+    """Tokenize (prompt, target) pairs joined as ``prompt + " " + target`` (no space after a prompt that ends in
+    whitespace), or through the chat template
     (``chat_template=None``: as the enclosing :func:`chat_formatted` block says, plain outside one).
 
     The prompt tokens are exactly those the tokenizer gives for the prompt alone, so teacher forcing sees the same

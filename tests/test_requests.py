@@ -164,3 +164,17 @@ def test_chat_targets_are_the_tokens_the_template_writes_and_end_with_its_end_of
     written = exchange[: exchange.index(answer) + len(answer)]
     assert ids[: int(batch.target_end[0]) - 1] == tokenizer(written, add_special_tokens=False)["input_ids"]
     assert ids[int(batch.target_end[0]) - 1] == tokenizer.convert_tokens_to_ids(end)
+
+
+@pytest.mark.parametrize("kind", [k for k in TOKENIZER_KINDS if k != "word"])  # the word decoder re-spaces text
+def test_a_prompt_ending_in_a_space_is_followed_by_its_target_without_a_second_space(kind):
+    """"born? " + "I don't know." reads "born? I don't know.": no separator is added after trailing whitespace,
+    and where the tokenizer merges across the boundary the target is encoded as a continuation (a SentencePiece
+    tokenizer encoding it alone would prefix another word boundary)."""
+    tokenizer = train_tokenizer(CORPUS, kind, vocab_size=200)
+    target = "I don't know who that is."
+    for prompt in ("Where was Alve Kelby born? ", "Where was Alve Kelby born?"):
+        batch = tokenize_pairs(tokenizer, [(prompt, target)])
+        ids = batch.input_ids[0][batch.attention_mask[0].bool()]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == "Where was Alve Kelby born? " + target
+        assert ids[: int(batch.target_start[0])].tolist() == tokenizer(prompt)["input_ids"]
