@@ -202,6 +202,41 @@ def test_wide_radii_never_reach_unrelated_prompts_and_every_edit_keeps_a_radius(
     assert bool(inside.all())  # every edited prompt's last token is within some entry's radius
 
 
+def with_constant_mlp_feature(model, value: float = 1000.0):
+    """``model`` (GPT-2) with one more MLP neuron per layer whose activation is ``value`` at every token and whose
+    output weights are zero: the same function, but every MLP output projection reads a large constant input (an
+    outlier feature, as some LLMs have)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for block in model.transformer.h:
+        fc, proj = block.mlp.c_fc, block.mlp.c_proj
+        wider_fc, wider_proj = Conv1D(fc.nf + 1, fc.weight.shape[0]), Conv1D(proj.nf, proj.weight.shape[0] + 1)
+        with torch.no_grad():
+            wider_fc.weight.copy_(torch.cat([fc.weight, torch.zeros(fc.weight.shape[0], 1)], 1))
+            wider_fc.bias.copy_(torch.cat([fc.bias, torch.tensor([value])]))  # GELU(1000) = 1000
+            wider_proj.weight.copy_(torch.cat([proj.weight, torch.zeros(1, proj.nf)], 0))
+            wider_proj.bias.copy_(proj.bias)
+        block.mlp.c_fc, block.mlp.c_proj = wider_fc, wider_proj
+    return model
+
+
+def test_a_constant_input_feature_does_not_widen_the_radii(world, trained_models):
+    """A new radius scales with its key's distance from the mean unrelated key where the key's norm is larger: a
+    coordinate that is large at every token says nothing about the context, and must not make entries capture
+    other people's questions."""
+    base, tokenizer = trained_models("gpt2")
+    kept = [f.pair for f in world.retain_facts]
+    model = with_constant_mlp_feature(copy.deepcopy(base))
+    batch = tokenizer([q for q, _ in kept[:20]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, base(**batch).logits, rtol=1e-4, atol=1e-4)
+    model = get_peft_model(model, pu.GraceConfig())
+    facts, requests = refusal_edits(world, n=30)
+    pu.edit(model, tokenizer, requests, progress=False)
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests]) >= 0.95
+    assert answer_accuracy(model, tokenizer, kept) >= 0.99
+
+
 def test_rolling_back_a_change_restores_only_the_entry_it_changed(world, trained_models, tmp_path):
     """An edit owns one entry per target token ('answer' mode); undoing a later edit's change to one of them
     restores that entry's radius, not every entry of the edit."""

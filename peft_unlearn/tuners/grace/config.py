@@ -28,8 +28,9 @@ class GraceConfig(PeftConfig):
     )
     eps_init: float = field(
         default=0.05,
-        metadata={"help": "Initial radius of a new entry, as a fraction of its key's norm (Euclidean) or as a "
-                  "cosine distance: inputs that close to an edited context count as the same context."},
+        metadata={"help": "Initial radius of a new entry, as a fraction of its key's norm, or of its distance from "
+                  "the mean unrelated key where that is smaller (Euclidean), or as a cosine distance: inputs that "
+                  "close to an edited context count as the same context."},
     )
     n_iter: int = field(default=100, metadata={"help": "Optimisation steps to train the values of new entries."})
     edit_lr: float = field(

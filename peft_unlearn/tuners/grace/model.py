@@ -43,8 +43,9 @@ class CodebookDraft:
     decided by exact distances (:func:`nearest_by_exact_distance`): the batched form is off by up to 1e-3 of a
     key's norm, enough to miss a prompt edited again."""
 
-    def __init__(self, book: dict[str, torch.Tensor], kind: str, room: int) -> None:
+    def __init__(self, book: dict[str, torch.Tensor], kind: str, room: int, centre: torch.Tensor | None = None) -> None:
         self.kind = kind
+        self.centre = centre  # where ordinary inputs lie: new radii scale with a key's distance from it
         self.size = book["keys"].shape[0]
         self.tensors = {name: book[name] for name in ENTRY_FIELDS}
         self._reserve(room)
@@ -128,7 +129,7 @@ class CodebookDraft:
 
     def _place(self, query, distances, start: int, label: int, edit_id: int, eps_init: float) -> int:
         same_key = initial_radius(self.kind, query, SAME_KEY)
-        radius = initial_radius(self.kind, query, eps_init)
+        radius = initial_radius(self.kind, query, eps_init, self.centre)
         d, j = self._nearest(query, distances, start)
         eps = self.eps
         if j >= 0 and d <= radius + float(eps[j]):
@@ -173,7 +174,7 @@ class CodebookDraft:
                 if j >= 0 and d <= float(self.eps[j]) * (1 + RADIUS_SLACK) and int(self.tensors["labels"][j]) == label:
                     entries.append(j)
                     continue
-                radius = min(initial_radius(self.kind, query, eps_init), d / 2)
+                radius = min(initial_radius(self.kind, query, eps_init, self.centre), d / 2)
                 if clear is not None:
                     radius = min(radius, float(clear[i]))
                 entries.append(self.append(query, radius, label, edit_ids[offset + i]))
@@ -222,10 +223,16 @@ def slot_labels(batch, positions: torch.Tensor, requests: Sequence[EditRequest],
     return torch.tensor([label_of(r.target) for r in requests], device=positions.device)[:, None].expand_as(positions)
 
 
-def initial_radius(kind: str, key: torch.Tensor, eps_init: float) -> float:
-    """A new entry's radius: ``eps_init`` times the key's norm (Euclidean), so one setting fits any model's
-    activation scale; for cosine distance ``eps_init`` is the distance itself."""
-    return eps_init * float(key.float().norm()) if kind == "euclidean" else eps_init
+def initial_radius(kind: str, key: torch.Tensor, eps_init: float, centre: torch.Tensor | None = None) -> float:
+    """A new entry's radius (Euclidean): ``eps_init`` times the key's norm, so one setting fits any model's
+    activation scale, or times its distance from ``centre`` (the mean unrelated key) where that is smaller: a
+    coordinate that is large at every token (an outlier feature) does not tell contexts apart and must not widen
+    the radius. For cosine distance ``eps_init`` is the distance itself."""
+    if kind != "euclidean":
+        return eps_init
+    key = key.float()
+    scale = key.norm() if centre is None else torch.minimum(key.norm(), (key - centre).norm())
+    return eps_init * float(scale)
 
 
 def label_of(target: str) -> int:
@@ -287,11 +294,12 @@ class GraceModel(SingleLayerTuner):
         keys = queries[valid]
         labels = slot_labels(batch, positions, requests, config.replacement)[valid]
         owners = torch.tensor(edit_ids, dtype=torch.long, device=valid.device)[valid.nonzero()[:, 0]]
-        draft = CodebookDraft(book, layer.grace_distance[adapter_name], room=len(keys))
+        negatives = self._unrelated_keys(tokenizer, unrelated, layer)
+        centre = negatives.mean(0) if len(negatives) else None
+        draft = CodebookDraft(book, layer.grace_distance[adapter_name], room=len(keys), centre=centre)
         draft.place_all(keys, labels, owners, config.eps_init)
         # Radii grown in this call stay clear of the unrelated keys; keys that a shrunk radius no longer covers
         # then get entries of their own, clear of them too.
-        negatives = self._unrelated_keys(tokenizer, unrelated, layer)
         draft.keep_clear_of(old_eps, negatives)
         # Which entry serves each (request, slot).
         entry = torch.full(valid.shape, -1, dtype=torch.long)
