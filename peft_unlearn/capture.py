@@ -327,6 +327,14 @@ def _forwards_replaced(modules: list[nn.Module], forwards: list) -> Iterator[Non
                 module.forward = forward
 
 
+def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` along the first dimension, for an index of any shape, with a repeatable backward. Through
+    ``index_select``: the backward of advanced indexing adds repeated indices' gradients with atomic adds on CPU,
+    in a different order on every run when several threads run, so an optimisation over shared rows (AlphaEdit's
+    target values, GRACE's entry values) would differ from run to run."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+
+
 @contextlib.contextmanager
 def add_at_positions(module: nn.Module, delta: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
     """While active, add ``delta`` to ``module``'s output at token ``positions`` (batched, differentiable).

@@ -360,3 +360,24 @@ def test_bad_input_leaves_the_model_untouched(trained_models):
 def test_grace_wraps_gpt2_conv1d():
     model = get_peft_model(tiny_gpt2(), pu.GraceConfig())
     assert model.peft_config["default"].target_modules == ["transformer.h.1.mlp.c_proj"]
+
+
+def test_an_edit_repeats_exactly_with_several_threads(world, trained_models):
+    """Entry values shared by many key slots get their gradients summed in a fixed order: two runs of the same edit
+    write the same bits when torch runs several threads."""
+    base, tokenizer = trained_models("llama")
+    facts = world.all_forget_facts[:100]  # enough slots that the gradient sums run in parallel
+    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    unrelated = [f.question for f in world.retain_facts[:20]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        states = []
+        for _ in range(2):
+            model = get_peft_model(copy.deepcopy(base), pu.GraceConfig(replacement="answer"))
+            pu.edit(model, tokenizer, requests, unrelated=unrelated, progress=False)
+            states.append({k: v.clone() for k, v in model.state_dict().items() if "grace_" in k})
+    finally:
+        torch.set_num_threads(threads)
+    assert states[0].keys() == states[1].keys() and states[0]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

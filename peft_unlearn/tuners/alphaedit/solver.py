@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...capture import FrozenLayers, add_at_positions, capture_at_positions, context_length
+from ...capture import FrozenLayers, add_at_positions, capture_at_positions, context_length, rows_of
 from ...losses import labelled_logits, logits_at, row_chunks, sequence_nll
 from ...metrics import sample_texts
 from ...requests import EditRequest, TokenizedBatch, tokenize_pairs, tokenize_prompts
@@ -158,14 +158,6 @@ class TargetValues:
     initial_nll: torch.Tensor
     final_nll: torch.Tensor
     steps: int
-
-
-def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table[index]`` along the first dimension, for an index of any shape. Through ``index_select``: the
-    backward of advanced indexing adds repeated indices' gradients with atomic adds on CPU (in a different order on
-    every run when several threads run), and the target values then differ from run to run by ~1e-6, which the
-    refinement amplifies into visibly different edits."""
-    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
 def optimize_target_values(

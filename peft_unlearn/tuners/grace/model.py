@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...capture import capture_at_positions
+from ...capture import capture_at_positions, rows_of
 from ...editing import adapters_disabled, check_unrelated, own_unrelated_prompts
 from ...losses import labelled_logits, sequence_nll
 from ...metrics import batches
@@ -382,7 +382,7 @@ class GraceModel(SingleLayerTuner):
         try:
             for step in tqdm(range(config.n_iter), desc="training GRACE values", disable=not progress, leave=False):
                 table = torch.cat([fixed, start + offset * scale])
-                layer._training_values = (positions, table[entry.clamp(min=0)], valid)
+                layer._training_values = (positions, rows_of(table, entry.clamp(min=0)), valid)
                 with frozen.replayed():
                     nll = sequence_nll(*labelled_logits(self.model, batch.model_inputs, batch.labels))
                 if bool((nll.detach() < EARLY_STOP_NLL).all()):
