@@ -230,6 +230,31 @@ def test_full_model_unlearning_copies_the_reference_with_a_warning(tofu, tmp_pat
         torch.testing.assert_close(p, q)
 
 
+class EveryColumn(torch.nn.Module):
+    """A reference model that cannot keep chosen positions (no ``logits_to_keep``): it returns every column."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids=None, attention_mask=None, use_cache=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("loss", ["npo", "kl"])
+def test_a_reference_that_returns_every_column_is_scored_on_its_own_columns(tofu, tmp_path, loss):
+    """The trained model keeps only the answer columns; an explicit reference that cannot gives the same loss as
+    the disabled adapter (the reference's labels follow its own columns: NPO was 73 instead of 14 with the model's
+    narrow labels, and KL failed on mismatched shapes)."""
+    model = lora_model(tofu)
+    disabled = make_trainer(tofu, model, make_args(tmp_path, loss))
+    batch = first_batch(disabled)
+    expected = disabled.compute_loss(model, batch)
+    explicit = make_trainer(tofu, model, make_args(tmp_path, loss),
+                            reference_model=EveryColumn(copy.deepcopy(tofu.model)))
+    torch.testing.assert_close(explicit.compute_loss(model, batch), expected, rtol=1e-5, atol=1e-5)
+
+
 # --- Trainer features ---------------------------------------------------------------------------------------------
 
 
@@ -304,6 +329,56 @@ def test_two_processes_under_accelerate_launch_keep_one_adapter(tofu_dir, tmp_pa
     _, distributed_type, wrapper, world_size, same, total = line.split()
     assert (distributed_type, wrapper, world_size) == ("MULTI_CPU", "DistributedDataParallel", "2")
     assert same == "True" and float(total) > 0
+
+
+def test_two_processes_take_the_step_one_process_takes(tofu_dir, tmp_path):
+    """Under DDP every process divides its sums by the whole step's sizes, summed over processes (transformers'
+    average_tokens_across_devices): 2 processes with 2 rows each give one process's update with 4 rows, for token
+    means over answers of different lengths (GradDiff; per-process means gave another update)."""
+    script = tmp_path / "one_step.py"
+    script.write_text(textwrap.dedent(
+        f"""
+        import os, torch, torch.distributed as dist
+        from peft import LoraConfig, get_peft_model
+        from peft_unlearn.testing.tofu import tofu_pairs, train_tofu_models
+        from peft_unlearn.unlearning import UnlearningArguments, UnlearningTrainer
+
+        torch.set_num_threads(1)
+        forget, retain = tofu_pairs({str(tofu_dir)!r}, 40, 100)
+        base, tokenizer = train_tofu_models(forget, retain, with_retain_model=False, progress=False).full
+        torch.manual_seed(0)
+        model = get_peft_model(base.double(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        generator = torch.Generator().manual_seed(1)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # B = 0 would leave A without gradient
+                parameter.data.copy_(0.02 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+        before = {{n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}}
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        args = UnlearningArguments(output_dir={str(tmp_path)!r}, unlearn_loss="grad_diff", optim="sgd",
+                                   per_device_train_batch_size=4 // processes, learning_rate=0.1, max_steps=1,
+                                   max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[], save_strategy="no",
+                                   use_cpu=True, disable_tqdm=True, seed=0, logging_strategy="no")
+        trainer = UnlearningTrainer(model, args, forget_dataset=forget[:4], retain_dataset=retain[:4],
+                                    processing_class=tokenizer)
+        trainer.train()
+        if int(os.environ.get("RANK", "0")) == 0:
+            update = {{n: p.detach() - before[n] for n, p in model.named_parameters() if "lora_" in n}}
+            torch.save(update, os.path.join({str(tmp_path)!r}, f"update_{{processes}}.pt"))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        """
+    ))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    for command in ([sys.executable, str(script)],
+                    [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (torch.load(tmp_path / f"update_{n}.pt") for n in (1, 2))
+    assert one.keys() == two.keys() and one
+    for name in one:
+        assert float(one[name].norm()) > 0
+        assert float((two[name] - one[name]).norm() / one[name].norm()) < 1e-9, name
 
 
 # --- data and pairing ---------------------------------------------------------------------------------------------
@@ -561,3 +636,29 @@ def test_bad_inputs_are_refused_with_the_problem_named(tofu, tmp_path):
         make_trainer(tofu, model, make_args(tmp_path, "npo"), train_dataset=tofu.forget)
     with pytest.raises(TypeError, match="UnlearningArguments"):
         UnlearningTrainer(model, make_args(tmp_path, "npo").to_dict(), forget_dataset=tofu.forget)
+
+
+def test_a_shared_reference_a_mismatched_tokenizer_and_rows_past_the_context_are_refused_before_training(tofu,
+                                                                                                         tmp_path):
+    output_dir = tmp_path / "never_written"
+    base = copy.deepcopy(tofu.model)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj"]))  # wraps base in place
+    with pytest.raises(ValueError, match="reference_model shares weights with the model being trained"):
+        make_trainer(tofu, model, make_args(output_dir, "npo"), reference_model=base)
+    assert any(p.requires_grad for p in model.parameters())  # the adapter was not frozen by the refusal
+
+    small = copy.deepcopy(tofu.model)
+    small.resize_token_embeddings(len(tofu.tokenizer) - 10)
+    with pytest.raises(ValueError, match="mismatched tokenizer"):
+        make_trainer(tofu, get_peft_model(small, LoraConfig(r=8, target_modules=["q_proj"])),
+                     make_args(output_dir, "npo"))
+
+    context = tofu.model.config.max_position_embeddings
+    long_question = " ".join(["Where was the author born"] * context) + "?"
+    with pytest.raises(ValueError, match="need .* positions, more than the model's context"):
+        UnlearningTrainer(lora_model(tofu), make_args(output_dir, "ga", max_length=4 * context),
+                          forget_dataset=[(long_question, "Paris")], processing_class=tofu.tokenizer)
+
+    with pytest.raises(ValueError, match="train_sampling_strategy='group_by_length'"):
+        make_trainer(tofu, lora_model(tofu), make_args(output_dir, "npo", train_sampling_strategy="group_by_length"))
+    assert not output_dir.exists()

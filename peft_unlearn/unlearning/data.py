@@ -178,6 +178,10 @@ class ForgetRetainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.forget)
 
+    def parts(self) -> list[list[TokenizedRow]]:
+        """The row lists the items draw from (forget, and retain and refusal rows where present)."""
+        return [rows for rows in (self.forget, self.retain, self.forget_refusal) if rows is not None]
+
     def __getitem__(self, index: int) -> dict[str, TokenizedRow]:
         item = {"forget": self.forget[index]}
         if self.retain is not None:

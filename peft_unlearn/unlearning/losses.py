@@ -43,6 +43,7 @@ class AccumulationWindow:
     micro_batches: int
     examples: dict[str, int]
     tokens: dict[str, int]
+    processes: int = 1  # > 1: the sizes are summed over the processes of a distributed run
 
     @classmethod
     def of(cls, batches: Sequence[dict]) -> AccumulationWindow:
@@ -55,15 +56,29 @@ class AccumulationWindow:
                 tokens[part] = tokens.get(part, 0) + int((labels[:, 1:] != IGNORE_INDEX).sum())
         return cls(len(batches), examples, tokens)
 
+    def across_processes(self, accelerator) -> AccumulationWindow:
+        """The sizes summed over every process of a distributed run (each process holds its own rows)."""
+        parts = sorted(self.examples)
+        local = torch.tensor([[self.examples[part], self.tokens[part]] for part in parts], device=accelerator.device)
+        total = accelerator.gather(local[None]).sum(0).tolist()
+        return AccumulationWindow(
+            self.micro_batches,
+            {part: int(count[0]) for part, count in zip(parts, total)},
+            {part: int(count[1]) for part, count in zip(parts, total)},
+            accelerator.num_processes,
+        )
+
 
 @dataclass
 class UnlearningOutputs:
-    """Logits of the trained model and of the reference on the parts of one batch, with the parts' labels, and the
-    accumulation window the batch belongs to (None: the batch alone)."""
+    """Logits of the trained model and of the reference on the parts of one batch, each with the labels aligned to
+    its own columns (a model that cannot keep chosen positions returns every column, so the two passes may keep
+    different ones), and the accumulation window the batch belongs to (None: the batch alone)."""
 
     logits: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
     reference_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    reference_labels: dict[str, torch.Tensor] = field(default_factory=dict)
     window: AccumulationWindow | None = None
 
     def nll(self, part: str, average: bool = True) -> torch.Tensor:
@@ -71,7 +86,14 @@ class UnlearningOutputs:
         return sequence_nll(self.logits[part], self.labels[part], average=average)
 
     def reference_nll(self, part: str, average: bool = True) -> torch.Tensor:
-        return sequence_nll(self.reference_logits[part], self.labels[part], average=average)
+        return sequence_nll(self.reference_logits[part], self.reference_labels[part], average=average)
+
+    def scored_logits(self, part: str, reference: bool = False) -> torch.Tensor:
+        """The logits that predict the part's labelled tokens, [tokens, vocabulary] in row and column order: the
+        same tokens in the same order for the model and the reference, whichever columns each pass kept."""
+        logits = (self.reference_logits if reference else self.logits)[part]
+        labels = (self.reference_labels if reference else self.labels)[part]
+        return logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]
 
     def example_mean(self, part: str, values: torch.Tensor) -> torch.Tensor:
         """The mean of per-example ``values`` over the examples of the part in the window."""
@@ -212,13 +234,11 @@ def retain_nll(outputs: UnlearningOutputs, coefficients: LossCoefficients) -> to
 
 def retain_kl(outputs: UnlearningOutputs, coefficients: LossCoefficients) -> torch.Tensor:
     """KL(reference || model) of the next-token distributions, averaged over the retain answer tokens."""
-    logits = outputs.logits[RETAIN][:, :-1].float()
-    reference = outputs.reference_logits[RETAIN][:, :-1].float()
-    mask = outputs.labels[RETAIN][:, 1:] != IGNORE_INDEX
-    kl = F.kl_div(
-        torch.log_softmax(logits, dim=-1), torch.log_softmax(reference, dim=-1), log_target=True, reduction="none"
-    ).sum(-1)
-    return outputs.token_mean(RETAIN, (kl * mask).sum(), mask)
+    logits = outputs.scored_logits(RETAIN).float()
+    reference = outputs.scored_logits(RETAIN, reference=True).float()
+    kl = F.kl_div(torch.log_softmax(logits, dim=-1), torch.log_softmax(reference, dim=-1), log_target=True,
+                  reduction="sum")
+    return outputs.token_mean(RETAIN, kl, outputs.labels[RETAIN][:, 1:] != IGNORE_INDEX)
 
 
 RETAIN_NLL = LossTerm(retain_nll, (RETAIN,))

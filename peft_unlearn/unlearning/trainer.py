@@ -16,8 +16,9 @@ from peft import PeftModel
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..capture import check_fits_context
 from ..data.refusals import REFUSALS
-from ..editing import adapters_disabled
+from ..editing import adapters_disabled, check_tokenizer_matches
 from ..losses import labelled_logits, labelled_width
 from ..metrics import evaluating
 from .data import (
@@ -29,7 +30,12 @@ from .data import (
     tokenize_rows,
 )
 from .localization import restrict_to_masks
-from .losses import AccumulationWindow, LossCoefficients, UnlearningOutputs, get_unlearning_loss
+from .losses import (
+    AccumulationWindow,
+    LossCoefficients,
+    UnlearningOutputs,
+    get_unlearning_loss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +60,10 @@ class UnlearningArguments(TrainingArguments):
         default=None, metadata={"help": "Inverse temperature of npo/simnpo/idk_dpo; default per loss."}
     )
     delta: float = field(default=0.0, metadata={"help": "SimNPO reward margin."})
-    max_length: int = field(default=128, metadata={"help": "Longest tokenized example (prompt truncated first)."})
+    max_length: int = field(
+        default=128,
+        metadata={"help": "Longest tokenized example: the answer is cut to fit (the prompt only if alone longer)."},
+    )
     append_eos: bool = field(default=True, metadata={"help": "End every answer with the eos token."})
     chat_template: bool = field(default=False, metadata={"help": "Format questions with the chat template."})
     remove_unused_columns: bool = field(
@@ -144,6 +153,17 @@ class UnlearningTrainer(Trainer):
             )
         if args.label_smoothing_factor:
             raise ValueError("label_smoothing_factor is not used by the unlearning losses; leave it at 0")
+        if args.train_sampling_strategy not in ("random", "sequential"):
+            raise ValueError(
+                f"train_sampling_strategy={args.train_sampling_strategy!r} groups rows by length, which the paired "
+                "forget/retain items do not have; use 'random' or 'sequential'"
+            )
+        if reference_model is not None and _shares_parameters(reference_model, model):
+            raise ValueError(
+                "reference_model shares weights with the model being trained (get_peft_model wraps the base model in "
+                "place, so the base model is the trained model): omit reference_model and the model with its "
+                "adapter disabled is the reference"
+            )
         if not any(parameter.requires_grad for parameter in model.parameters()):
             raise ValueError(
                 "nothing in the model is trainable: an adapter loaded with PeftModel.from_pretrained is frozen unless "
@@ -152,9 +172,12 @@ class UnlearningTrainer(Trainer):
         if processing_class is None:
             raise ValueError("UnlearningTrainer needs the tokenizer as processing_class to tokenize the datasets")
         tokenizer = processing_class
+        check_tokenizer_matches(model, tokenizer)
         self.unlearning_loss = get_unlearning_loss(args.unlearn_loss)
         self.with_retain = self.unlearning_loss.uses_retain and args.retain_weight > 0
         dataset = self._paired_dataset(tokenizer, args, forget_dataset, retain_dataset, refusals)
+        longest = max(len(row.input_ids) for rows in dataset.parts() for row in rows)
+        check_fits_context(model, longest, f"the longest tokenized row (max_length={args.max_length})")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad_id is None:
             raise ValueError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
@@ -237,7 +260,8 @@ class UnlearningTrainer(Trainer):
             key: torch.cat([inputs[part][key] for part in parts]) for key in ("input_ids", "attention_mask", "labels")
         }
         labels = concatenated.pop("labels")
-        # One width for every part of the batch: the reference pass reads other parts than the model's.
+        # One width for every part of the batch, so that the model's and the reference's columns line up where both
+        # passes keep chosen positions (each pass still carries its own labels: a model that cannot returns all).
         width = max(labelled_width(part_inputs["labels"]) for part_inputs in inputs.values())
         logits, labels = labelled_logits(model, {**concatenated, "use_cache": False}, labels, width)
         sizes = [inputs[part]["input_ids"].shape[0] for part in parts]
@@ -293,9 +317,14 @@ class UnlearningTrainer(Trainer):
         return sum(super(UnlearningTrainer, self).floating_point_ops(inputs[part]) for part in parts if part in inputs)
 
     def get_batch_samples(self, *args: Any, **kwargs: Any) -> tuple[list, AccumulationWindow]:
-        """The micro-batches of one optimizer step and their sizes, which compute_loss divides by."""
+        """The micro-batches of one optimizer step and their sizes, which compute_loss divides by: summed over the
+        processes of a distributed run when ``average_tokens_across_devices`` (the Trainer's default), so the update
+        does not depend on how the step's rows are spread over processes either."""
         batch_samples, _ = super().get_batch_samples(*args, **kwargs)
-        return batch_samples, AccumulationWindow.of(batch_samples)
+        window = AccumulationWindow.of(batch_samples)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            window = window.across_processes(self.accelerator)
+        return batch_samples, window
 
     def compute_loss(
         self,
@@ -316,16 +345,18 @@ class UnlearningTrainer(Trainer):
             with torch.no_grad(), self.reference(model) as reference:
                 reference_logits, reference_labels = self._run_parts(reference, inputs, reference_parts)
         logits, labels = self._run_parts(model, inputs, loss.parts(self.with_retain))
-        # Both passes keep the same columns, so a part read from the reference alone has its labels too.
-        labels = {**reference_labels, **labels}
-        outputs = UnlearningOutputs(logits=logits, labels=labels, reference_logits=reference_logits, window=window)
+        outputs = UnlearningOutputs(logits=logits, labels=labels, reference_logits=reference_logits,
+                                    reference_labels=reference_labels, window=window)
         terms = loss(outputs, self.args.coefficients, self.with_retain)
+        # A micro-batch's part of the step's mean; with the window summed over processes, the gradient average over
+        # processes divides by their number, which this multiplies back.
+        share = (window.micro_batches, window.processes) if window is not None else (1, 1)
         if model.training and self.args.logging_strategy != "no":
-            share = window.micro_batches if window is not None else 1  # a micro-batch's part of the step's mean
             for name, value in terms.items():
                 if name != "loss":
-                    self._logged_terms.setdefault(name, []).append(value.item() * share)
-        return (terms["loss"], outputs) if return_outputs else terms["loss"]
+                    self._logged_terms.setdefault(name, []).append(value.item() * share[0] * share[1])
+        total = terms["loss"] * share[1]
+        return (total, outputs) if return_outputs else total
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean forget/retain terms since the last training log (this process's batches)."""
@@ -334,3 +365,9 @@ class UnlearningTrainer(Trainer):
                 logs[name] = sum(values) / len(values)
             self._logged_terms = {}
         super().log(logs, start_time)
+
+
+def _shares_parameters(first: nn.Module, second: nn.Module) -> bool:
+    """Whether two modules hold any parameter tensor in common."""
+    held = {id(parameter) for parameter in second.parameters()}
+    return any(id(parameter) in held for parameter in first.parameters())
