@@ -22,6 +22,8 @@ MLP_OUTPUT_PROJECTIONS: tuple[str, ...] = (
     "mlp.fc_out",  # GPT-J, CodeGen
     "fc2",  # OPT (the MLP sits directly in the decoder layer)
     "ffn.down_proj",  # MPT
+    "feed_forward.down_proj",  # Jamba, Falcon-H1, Llama 4 (dense layers)
+    "feed_forward.w2",  # LFM2
 )
 
 # Attribute paths of the decoder-layer list, tried in order.
@@ -75,24 +77,52 @@ def mlp_output_projection_name(model: nn.Module, layer: int) -> str:
     """Module name of the MLP output projection of decoder layer ``layer`` (the module that editing methods change).
 
     Llama/Mistral/Qwen2 ``mlp.down_proj``, GPT-2 ``mlp.c_proj`` (Conv1D), GPT-NeoX ``mlp.dense_4h_to_h``,
-    Phi ``mlp.fc2``, GPT-J ``mlp.fc_out``, OPT ``fc2``, MPT ``ffn.down_proj``.
+    Phi ``mlp.fc2``, GPT-J ``mlp.fc_out``, OPT ``fc2``, MPT ``ffn.down_proj``, Jamba / Falcon-H1 / Llama 4
+    ``feed_forward.down_proj``, LFM2 ``feed_forward.w2``. A mixture-of-experts layer has none: the error names the
+    dense layers and any shared expert.
     """
     base = unwrap_model(model)
     layer_name = decoder_layer_name(model, layer)
     layer_module = base.get_submodule(layer_name)
-    for relative in MLP_OUTPUT_PROJECTIONS:
-        try:
-            layer_module.get_submodule(relative)
-        except AttributeError:
-            continue
+    relative = _mlp_output_projection(base, model, layer)
+    if relative is not None:
         return f"{layer_name}.{relative}"
     model_type = getattr(getattr(base, "config", None), "model_type", type(base).__name__)
+    experts = mixture_of_experts_blocks(layer_module)
+    if experts:
+        dense = [i for i in range(num_decoder_layers(model)) if _mlp_output_projection(base, model, i) is not None]
+        shared = [f"{layer_name}.{name}" for name, _ in layer_module.named_modules()
+                  if "shared_expert" in name and name.endswith(("down_proj", "w2"))]
+        raise ValueError(
+            f"layer {layer} of model type {model_type!r} is a mixture-of-experts layer: a router picks experts per "
+            "token, so no one MLP output projection serves every token. Choose a layer with a dense MLP (the "
+            f"config's layer/layers: {'layers ' + str(dense) if dense else 'this model has none'})"
+            + (f", or a shared expert: target_modules=['{shared[0]}']." if shared else ".")
+        )
     children = [name for name, _ in layer_module.named_modules() if name]
     raise ValueError(
         f"cannot find the MLP output projection of layer {layer} for model type {model_type!r} "
         f"(looked for {', '.join(MLP_OUTPUT_PROJECTIONS)}; the layer has {children[:12]}...). "
         f"Pass the module names explicitly, e.g. target_modules=['{layer_name}.<mlp output projection>']."
     )
+
+
+def _mlp_output_projection(base: nn.Module, model: nn.Module, layer: int) -> str | None:
+    """The relative name of layer ``layer``'s MLP output projection, or None if it has none of the known ones."""
+    layer_module = base.get_submodule(decoder_layer_name(model, layer))
+    for relative in MLP_OUTPUT_PROJECTIONS:
+        try:
+            layer_module.get_submodule(relative)
+        except AttributeError:
+            continue
+        return relative
+    return None
+
+
+def mixture_of_experts_blocks(module: nn.Module) -> list[str]:
+    """Names of the mixture-of-experts blocks inside ``module``: the modules with an ``experts`` child (whose
+    siblings are the routing gates)."""
+    return [name for name, child in module.named_modules() if isinstance(getattr(child, "experts", None), nn.Module)]
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:

@@ -3,11 +3,14 @@ the edit pulls its prompt towards its target, batching does not change any row, 
 
 Random models cannot show that a method works (they know nothing): the fact-model tests do that. These catch layouts
 that break the machinery: OPT flattens the batch around its MLP, MPT keeps its blocks elsewhere, GPT-2 uses Conv1D
-and (like BigCode) keeps dropout on in its config, Gemma 2 and OLMo 2 normalise the MLP output, GQA, tied embeddings."""
+and (like BigCode) keeps dropout on in its config, Gemma 2 and OLMo 2 normalise the MLP output, LFM2 mixes
+convolutions with attention, GQA, tied embeddings. Mixture-of-experts layers have no one MLP output projection: they
+are refused with the way out named, and UIPE's "all-linear" leaves their routers alone."""
 
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -47,6 +50,8 @@ ARCHITECTURES = {
     "bloom": lambda: tf.BloomConfig(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS),
     "falcon": lambda: tf.FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS),
     "mpt": lambda: tf.MptConfig(d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, expansion_ratio=2, max_seq_len=64),
+    # A hybrid of short convolutions and attention, its MLP under another name (feed_forward.w2).
+    "lfm2": lambda: tf.Lfm2Config(**GQA, layer_types=["conv", "full_attention", "conv"]),
 }
 METHODS = {"alphaedit": pu.AlphaEditConfig, "grace": pu.GraceConfig, "wise": pu.WiseConfig}
 
@@ -97,3 +102,48 @@ def test_method_runs_on_architecture(arch, method, tokenizer, tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(last_logits(reloaded, tokenizer, prompts), edited, rtol=1e-5, atol=1e-5)
+
+
+MOE = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=2)
+MIXTURES_OF_EXPERTS = {
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(**MOE, intermediate_size=FFN, moe_intermediate_size=32, num_experts=4,
+                                           shared_expert_intermediate_size=FFN, num_experts_per_tok=2),
+    # Routers that subclass nn.Linear but return (scores, experts).
+    "phimoe": lambda: tf.PhimoeConfig(**MOE, intermediate_size=FFN, num_local_experts=4, num_experts_per_tok=2),
+    "llama4_text": lambda: tf.Llama4TextConfig(**MOE, intermediate_size=FFN, intermediate_size_mlp=FFN,
+                                               num_local_experts=4, head_dim=8),
+}
+
+
+def tiny_mixture_of_experts(arch: str, tokenizer):
+    config = MIXTURES_OF_EXPERTS[arch]()
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_a_mixture_of_experts_layer_is_refused_with_its_shared_expert_named(tokenizer):
+    base = tiny_mixture_of_experts("qwen2_moe", tokenizer)
+    shared = "model.layers.1.mlp.shared_expert.down_proj"
+    for config in (pu.GraceConfig(), pu.WiseConfig(), pu.AlphaEditConfig()):
+        with pytest.raises(ValueError, match=r"mixture-of-experts layer.*target_modules=\['model\.layers\.\d\.mlp\."
+                                             r"shared_expert\.down_proj'\]"):
+            get_peft_model(copy.deepcopy(base), config)
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig(target_modules=[shared]))
+    before = target_nll(model, tokenizer, REQUEST)
+    pu.edit(model, tokenizer, [REQUEST], progress=False)
+    assert target_nll(model, tokenizer, REQUEST) < before - 1e-3
+
+
+@pytest.mark.parametrize("arch", sorted(MIXTURES_OF_EXPERTS))
+def test_uipe_all_linear_leaves_the_routers_alone_and_names_the_fused_experts(arch, tokenizer, caplog):
+    base = tiny_mixture_of_experts(arch, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="peft_unlearn.tuners.uipe.model"):
+        model = get_peft_model(copy.deepcopy(base), pu.UIPELoraConfig(r=4, target_modules="all-linear"))
+    assert "target_parameters=" in caplog.text and "experts.down_proj" in caplog.text
+    targets = model.peft_config["default"].target_modules
+    assert not any(name.endswith(("router", "mlp.gate", "shared_expert_gate")) for name in targets)
+    assert any(name.endswith("self_attn.q_proj") for name in targets)
+    with torch.no_grad():
+        adapted = last_logits(model, tokenizer, [REQUEST.prompt])  # a router wrapped by LoRA fails here
+    torch.testing.assert_close(adapted, last_logits(base, tokenizer, [REQUEST.prompt]))  # LoRA starts at B = 0

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraModel
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from safetensors.torch import save_file
 from torch import nn
 
+from ...capture import mixture_of_experts_blocks
 from .config import UIPELoraConfig, check_extrapolation_alpha
 from .layer import lora_layers, set_layer_extrapolation, update_b_parameter_names
 
@@ -41,6 +45,9 @@ class UIPELoraModel(LoraModel):
         low_cpu_mem_usage: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        config = self.peft_config[adapter_name]
+        if isinstance(config.target_modules, str) and config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+            config.target_modules = all_linear_projections(model, config)
         if state_dict is not None:
             # BaseTuner finds the targeted modules by splitting keys at "." + prefix; the keys carry LoRA's names.
             marker = "." + LORA_PREFIX
@@ -66,6 +73,31 @@ class UIPELoraModel(LoraModel):
         self.peft_config[adapter_name].extrapolation_alpha = 0.0
         for _, layer in lora_layers(self.model, adapter_name):
             set_layer_extrapolation(layer, adapter_name, 0.0)
+
+
+def all_linear_projections(model: nn.Module, config: LoraConfig) -> set[str]:
+    """PEFT's ``"all-linear"`` without the routing gates of mixture-of-experts blocks: a router's output (routing
+    logits, or a tuple with the chosen experts) is not a projection to unlearn in, and some routers subclass
+    ``nn.Linear`` while returning a tuple, which a LoRA layer cannot wrap. Fused expert weights are parameters, not
+    linear modules, so "all-linear" leaves them out; a warning names PEFT's ``target_parameters`` for them."""
+    expanded = _maybe_include_all_linear_layers(dataclasses.replace(config), model).target_modules
+    blocks = mixture_of_experts_blocks(model)
+    if not blocks:
+        return set(expanded)
+    gates = {name for name in expanded if name.rsplit(".", 1)[0] in blocks}
+    if gates:
+        logger.info("'all-linear' leaves out %d mixture-of-experts routing gates (e.g. %s)", len(gates), min(gates))
+    fused = [f"{block}.experts.{name}" for block in blocks
+             for name, weight in model.get_submodule(f"{block}.experts").named_parameters(recurse=False)
+             if weight.dim() > 2]
+    if fused and not config.target_parameters:
+        example = sorted({re.sub(r"^.*?\.\d+\.", "", name) for name in fused})  # relative to the decoder layer
+        logger.warning(
+            "'all-linear' adapts linear modules only: %d fused expert weights of mixture-of-experts blocks (e.g. %s) "
+            "are parameters and stay untouched; add them with target_parameters=%r",
+            len(fused), fused[0], example,
+        )
+    return set(expanded) - gates
 
 
 def load_uipe_keys_through_transformers() -> None:
