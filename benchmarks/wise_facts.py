@@ -78,7 +78,7 @@ def routed_fraction(model, tokenizer, prompts: list[str]) -> float:
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         model(**batch)
-    _, routed = layer.route("default", layer._running["default"])  # the scores of the pass just run
+    _, routed = layer.route("default", layer.latest_state("default"))  # the scores of the pass just run
     return float(routed.float().mean())
 
 

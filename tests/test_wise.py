@@ -44,7 +44,7 @@ def test_edits_are_routed_to_the_side_memory_and_raise_the_target(edited):
     batch = tokenizer([f.question for f in facts], return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         model(**batch)
-    scores = layer._running["default"][:, 0]
+    scores = layer.latest_state("default")[:, 0]
     assert bool((scores > layer.thresholds("default")[0]).all())
     assert result.n_requests == 50 and result.edit_ids == list(range(50))
 

@@ -3,7 +3,7 @@ trained by an outer optimiser, and they target modules by exact name."""
 
 from __future__ import annotations
 
-import weakref
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -45,7 +45,25 @@ class EditingTuner(BaseTuner, EditableTuner):
                 "adapter_names (a different adapter per row) is not supported by editing adapters; run one batch "
                 "per adapter with model.set_adapter(name), and `with model.disable_adapter():` for the base model"
             )
+        drafting = speculative_decoding(kwargs, getattr(self.model, "generation_config", None))
+        if drafting and any(isinstance(m, BatchAwareLayer) and m.routes_sequences() for m in self.model.modules()):
+            raise ValueError(
+                f"{drafting} verifies several drafted tokens per forward and rolls back the rejected ones, which "
+                "this adapter's routing (a decision per sequence, carried across decoding steps) cannot follow; "
+                "generate without it"
+            )
         yield
+
+
+def speculative_decoding(generate_kwargs: dict, model_config: Any) -> str | None:
+    """The speculative decoding a ``generate`` call asks for (an assistant model, prompt lookup or early exit), from
+    its arguments, its generation config or the model's; None if none."""
+    configs = [generate_kwargs, getattr(generate_kwargs.get("generation_config"), "__dict__", {}),
+               getattr(model_config, "__dict__", {})]
+    for option in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+        if any(config.get(option) is not None for config in configs):
+            return option
+    return None
 
 
 class EditLayer(BaseTunerLayer):
@@ -59,25 +77,63 @@ class EditLayer(BaseTunerLayer):
 class BatchAwareLayer:
     """A tuner layer whose decisions concern whole sequences. Before every forward its tuner hands it the batch's
     attention mask (padding never counts); its number of rows, from which :meth:`token_grid` recovers [B, T, d]
-    where the model flattened the batch (OPT runs its MLP on [B*T, d]); and whether the call continues the
-    previous call's sequences (a decoding step on a filled key/value cache) or starts new ones."""
+    where the model flattened the batch (OPT runs its MLP on [B*T, d]); whether the call continues sequences held
+    by a filled key/value cache; and where those sequences' routing state lives: on the cache itself, so the state
+    follows that cache (its copies, beam reorders, row selections and crops, and any later call that continues it)
+    and another call in between cannot touch it."""
 
     _attention_mask: torch.Tensor | None = None
     _batch_rows: int | None = None
     _continues_sequences: bool = False
-    # Attributes holding, per adapter, a [rows, ...] routing state carried across decoding steps.
-    _row_states: tuple[str, ...] = ()
+    _cached_length: int = 0
+    _sequence_states: dict | None = None
 
     def token_grid(self, hidden: torch.Tensor) -> torch.Tensor:
         return token_grid(hidden, self._batch_rows)
 
-    def reorder_rows(self, index: torch.Tensor) -> None:
-        """Follow the cache when beam search reorders its rows: row i's state becomes row ``index[i]``'s."""
-        for name in self._row_states:
-            states = getattr(self, name)
-            for adapter, state in list(states.items()):
-                if state is not None and state.shape[0] == index.shape[0]:
-                    states[adapter] = state[index.to(state.device)]
+    def routes_sequences(self) -> bool:
+        """Whether the active adapters decide per sequence (so a forward of several new tokens routes them as one)."""
+        return True
+
+    def routing_version(self, adapter: str) -> tuple:
+        """What the routing state depends on besides the tokens (an edit changes it): state kept under another
+        version is not continued."""
+        return ()
+
+    def _state_key(self, adapter: str) -> tuple:
+        if "_state_id" not in self.__dict__:
+            self._state_id = next(_STATE_IDS)
+        return self._state_id, adapter, self.routing_version(adapter)
+
+    def continued_state(self, adapter: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The routing state ``adapter`` left for the sequences this forward continues (of ``shape``)."""
+        history = (self._sequence_states or {}).get(self._state_key(adapter), [])
+        state = next((state for end, state in reversed(history) if end == self._cached_length), None)
+        if state is None or tuple(state.shape) != tuple(shape):
+            raise ValueError(
+                f"this forward continues a key/value cache without the routing state of adapter {adapter!r} for its "
+                f"{self._cached_length} tokens: the cache was filled with another adapter, with the adapter disabled "
+                "or changed by an edit since, or cropped; run the whole sequence again (without past_key_values) "
+                "or fill the cache with this adapter as it is now"
+            )
+        return state
+
+    def keep_state(self, adapter: str, state: torch.Tensor, length: int) -> None:
+        """Leave ``state`` [rows, ...] for a forward that continues these sequences (now ``length`` tokens longer);
+        :meth:`latest_state` reads it back."""
+        if self._sequence_states is not None:
+            self._sequence_states.setdefault(self._state_key(adapter), []).append((self._cached_length + length, state))
+        self.__dict__.setdefault("_latest_states", {})[adapter] = state
+
+    def latest_state(self, adapter: str) -> torch.Tensor | None:
+        """The routing state the most recent forward left (e.g. WISE's per-memory scores), for inspection."""
+        return self.__dict__.get("_latest_states", {}).get(adapter)
+
+    def forget_states(self, adapter: str) -> None:
+        self.__dict__.get("_latest_states", {}).pop(adapter, None)
+
+
+_STATE_IDS = itertools.count()
 
 
 def cached_length(cache: Any) -> int:
@@ -89,40 +145,68 @@ def _share_batch_layout(module: nn.Module, args, kwargs) -> None:
     inputs = dict(kwargs)
     if args and isinstance(args[0], torch.Tensor):
         inputs.setdefault("input_ids", args[0])
-    mask, rows = inputs.get("attention_mask"), batch_rows(inputs)
+    mask, rows = token_validity(inputs.get("attention_mask")), batch_rows(inputs)
     # Recent transformers pass the cache as `cache`, earlier 5.x releases as `past_key_values`.
     cache = inputs.get("cache", inputs.get("past_key_values"))
-    continues = cached_length(cache) > 0
-    layers = [layer for layer in module.modules() if isinstance(layer, BatchAwareLayer)]
-    for layer in layers:
-        layer._attention_mask, layer._batch_rows, layer._continues_sequences = mask, rows, continues
-    _follow_reorders(cache, layers)
+    past = cached_length(cache)
+    states = _routing_states(cache)
+    for layer in module.modules():
+        if isinstance(layer, BatchAwareLayer):
+            layer._attention_mask, layer._batch_rows = mask, rows
+            layer._continues_sequences, layer._cached_length, layer._sequence_states = past > 0, past, states
 
 
-def _follow_reorders(cache: Any, layers: list[BatchAwareLayer]) -> None:
-    """Beam search reorders the cache's rows between decoding steps (``reorder_cache``); the layers' routing state
-    must move with them, or a row would keep one beam's keys and values and another beam's routing. The cache
-    becomes an instance of a subclass that also reorders the layers (held by weak reference: no cycle keeps the
-    cache alive, and a copy of the cache reorders itself)."""
+def token_validity(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The attention mask as [B, T] validity: a 2-D mask as it is; a 4-D one (static and sliding-window caches pass
+    [B, 1, queries, keys], boolean or additive) marks the current tokens that attend to anything."""
+    if mask is None or mask.dim() != 4:
+        return mask
+    attends = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    return attends.any(dim=-1)
+
+
+def _routing_states(cache: Any) -> dict:
+    """Where this forward's layers keep their routing state: on a transformers key/value cache, per (layer,
+    adapter) the state after each forward that filled it, as [(cached length after it, state)] (the cache's class
+    becomes a subclass that carries the state through its row operations and crops; a copy of the cache copies it);
+    without a cache, a store that lives for this forward only."""
     if not hasattr(cache, "reorder_cache"):
-        return
-    cache._routing_layers = [weakref.ref(layer) for layer in layers]
-    if not isinstance(cache, _ReordersRouting):
+        return {}
+    if not isinstance(cache, _CarriesRouting):
         base = type(cache)
         if base not in _ROUTING_CACHES:
-            _ROUTING_CACHES[base] = type(base.__name__, (_ReordersRouting, base), {"__module__": base.__module__})
+            _ROUTING_CACHES[base] = type(base.__name__, (_CarriesRouting, base), {"__module__": base.__module__})
         cache.__class__ = _ROUTING_CACHES[base]
+    return cache.__dict__.setdefault("_routing_states", {})
 
 
-class _ReordersRouting:
-    """Mixed into a key/value cache class: ``reorder_cache`` also reorders the routing state of the layers."""
+class _CarriesRouting:
+    """Mixed into a key/value cache class: the routing state of its sequences follows its rows and its length."""
+
+    def _map_routing_rows(self, rows) -> None:
+        for history in self.__dict__.get("_routing_states", {}).values():
+            history[:] = [(end, rows(state)) for end, state in history]
 
     def reorder_cache(self, beam_idx: torch.Tensor, *args: Any, **kwargs: Any):
         result = super().reorder_cache(beam_idx, *args, **kwargs)
-        for reference in getattr(self, "_routing_layers", ()):
-            layer = reference()
-            if layer is not None:
-                layer.reorder_rows(beam_idx)
+        self._map_routing_rows(lambda state: state[beam_idx.to(state.device)])
+        return result
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        result = super().batch_select_indices(indices)
+        self._map_routing_rows(lambda state: state[indices.to(state.device)])
+        return result
+
+    def batch_repeat_interleave(self, repeats: int):
+        result = super().batch_repeat_interleave(repeats)
+        self._map_routing_rows(lambda state: state.repeat_interleave(repeats, dim=0))
+        return result
+
+    def crop(self, *args: Any, **kwargs: Any):
+        result = super().crop(*args, **kwargs)
+        length = cached_length(self)
+        for history in self.__dict__.get("_routing_states", {}).values():
+            history[:] = [(end, state) for end, state in history if end <= length]
         return result
 
 

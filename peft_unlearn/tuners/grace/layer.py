@@ -80,8 +80,6 @@ class GraceLayer(EditLayer, BatchAwareLayer):
     (one id per target text), the id of the edit that created each entry, and a log of radius changes (expansions
     and splits) so that edits can be rolled back."""
 
-    _row_states = ("_following",)
-
     adapter_layer_names = ("grace_values",)
     other_param_names = ("grace_keys", "grace_eps", "grace_labels", "grace_edit_ids", "grace_change_ids",
                          "grace_change_eps")
@@ -105,12 +103,10 @@ class GraceLayer(EditLayer, BatchAwareLayer):
         # Values injected while values are trained: (positions [B, P], values [B, P, d_out], valid [B, P]);
         # None at inference.
         self._training_values: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # Per row, the entry a generation is following ("all" replacement across decoding steps).
-        self._following: dict[str, torch.Tensor] = {}
 
     def update_layer(self, adapter_name: str, config: GraceConfig) -> None:
         """Create the codebook of ``adapter_name`` with the recorded sizes (so a saved adapter reloads)."""
-        self._following.pop(adapter_name, None)  # a new adapter under a deleted one's name starts without its state
+        self.forget_states(adapter_name)  # a new adapter under a deleted one's name starts without its state
         device = self.get_base_layer().weight.device
         n, c = config.codebook_size, config.n_changes
         self.grace_values[adapter_name] = nn.Parameter(
@@ -130,6 +126,15 @@ class GraceLayer(EditLayer, BatchAwareLayer):
 
     def size(self, adapter_name: str) -> int:
         return self.grace_keys[adapter_name].shape[0]
+
+    def routes_sequences(self) -> bool:
+        """'last' and 'answer' decide per token; 'all' and 'prompt' per sequence."""
+        return any(self.grace_replacement.get(a) in ("all", "prompt") for a in self.active_adapters)
+
+    def routing_version(self, adapter: str) -> tuple:
+        """The codebook as it is (editing replaces its tensors; a load copies into them, bumping their versions)."""
+        tensors = (self.grace_keys[adapter], self.grace_eps[adapter], self.grace_values[adapter])
+        return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def set_codebook(self, adapter_name: str, **tensors: torch.Tensor) -> None:
         """Replace some of the codebook tensors (``keys``, ``values``, ``eps``, ``labels``, ``edit_ids``,
@@ -202,10 +207,9 @@ class GraceLinear(nn.Module, GraceLayer):
             first = torch.where(any_match, inside.float().argmax(dim=1), no_match)
             entry = nearest.gather(1, first.clamp(min=0)[:, None]).squeeze(1)
             entry = torch.where(any_match, entry, torch.full_like(entry, NO_MATCH))
-            following = self._following.get(adapter)
-            if (replacement == "all" and self._continues_sequences and following is not None
-                    and following.shape[0] == batch):
+            if replacement == "all" and self._continues_sequences:
                 # A decoding step: rows already following an entry keep its value from the prompt on.
+                following = self.continued_state(adapter, (batch,))
                 continuing = following >= 0
                 first = torch.where(continuing, torch.zeros_like(first), first)
                 entry = torch.where(continuing, following, entry)
@@ -215,7 +219,8 @@ class GraceLinear(nn.Module, GraceLayer):
             else:
                 values = self.grace_values[adapter][entry.clamp(min=0)]
                 result = self._replace(result, torch.where(entry >= 0, first, entry), values, replacement)
-            self._following[adapter] = entry
+            if replacement == "all":
+                self.keep_state(adapter, entry, length)  # per row, the entry it follows (NO_MATCH: none)
         return result.reshape(flat_shape)
 
     def __repr__(self) -> str:

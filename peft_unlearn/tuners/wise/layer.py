@@ -37,8 +37,6 @@ class WiseLayer(EditLayer, BatchAwareLayer):
     that scored highest on its prompt (``wise_keys``) with the memory it lives in (``wise_key_memory``), from which
     routing thresholds are derived."""
 
-    _row_states = ("_running",)
-
     adapter_layer_names = ("wise_working",)
     other_param_names = ("wise_memories", "wise_keys", "wise_key_memory")
 
@@ -55,8 +53,6 @@ class WiseLayer(EditLayer, BatchAwareLayer):
         self.in_features, self.out_features = linear_shape(self.get_base_layer())
         # While editing: the delta every row uses (routing bypassed).
         self._forced_delta: torch.Tensor | None = None
-        # Per adapter and row, the running maximum score per memory over a generated sequence.
-        self._running: dict[str, torch.Tensor] = {}
         # Per adapter, (the state they were derived from, value) of: the routing thresholds; the candidates' deltas
         # in the forward's dtype (see _cached).
         self._thresholds: dict[str, tuple[tuple, torch.Tensor]] = {}
@@ -116,6 +112,9 @@ class WiseLayer(EditLayer, BatchAwareLayer):
             store[adapter_name] = (stamp, cached)
         return cached
 
+    def routing_version(self, adapter: str) -> tuple:
+        return self._state_stamp(adapter)
+
     def _state_stamp(self, adapter_name: str) -> tuple:
         """What the caches depend on: the memories and keys (in-place loads bump their versions) and the config."""
         tensors = (self.wise_working[adapter_name], self.wise_memories[adapter_name], self.wise_keys[adapter_name],
@@ -149,7 +148,7 @@ class WiseLayer(EditLayer, BatchAwareLayer):
     def invalidate(self, adapter_name: str) -> None:
         self._thresholds.pop(adapter_name, None)
         self._deltas.pop(adapter_name, None)
-        self._running.pop(adapter_name, None)
+        self.forget_states(adapter_name)
 
 
 def memory_slots(config: WiseConfig) -> int:
@@ -208,10 +207,9 @@ class WiseLinear(nn.Module, WiseLayer):
                 token_scores = token_scores.masked_fill(~mask, 0.0)
             per_memory.append(token_scores.amax(dim=1))  # a sequence's score is its most reactive token
         scores = torch.stack(per_memory, dim=1)  # [B, K]
-        running = self._running.get(adapter)
-        if self._continues_sequences and running is not None and running.shape == scores.shape:
-            scores = torch.maximum(scores, running)  # a decoding step continues its sequence
-        self._running[adapter] = scores.detach()
+        if self._continues_sequences:  # a decoding step continues its sequences: their running maximum
+            scores = torch.maximum(scores, self.continued_state(adapter, tuple(scores.shape)).to(scores))
+        self.keep_state(adapter, scores.detach(), length)
         best, routed = self.route(adapter, scores)
         if not bool(routed.any()):
             return main.reshape(flat_shape)

@@ -1,0 +1,114 @@
+"""Routing state across decoding steps (GRACE's 'all' replacement, WISE): it lives on the key/value cache that holds
+the sequences, so a cache continued later gives what running the whole sequence again gives, whatever ran in
+between, and a copy of a prefix cache starts from the prefix's state. Checked on a fact model with 10 edits."""
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import DynamicCache
+
+import peft_unlearn as pu
+from peft_unlearn.tuners.base import BatchAwareLayer
+from peft_unlearn.tuners.wise.layer import WiseLayer
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+CONFIGS = {"grace": lambda: pu.GraceConfig(replacement="all"), "wise": lambda: pu.WiseConfig()}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def edited(request, world, trained_models):
+    base, tokenizer = trained_models("llama")
+    facts = world.forget_facts[:10]
+    model = get_peft_model(copy.deepcopy(base), CONFIGS[request.param]())
+    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    pu.edit(model, tokenizer, requests, progress=False, unrelated=[f.question for f in world.retain_facts[:20]])
+    return request.param, model, tokenizer, facts
+
+
+def ids(tokenizer, text: str, special: bool = True) -> torch.Tensor:
+    return tokenizer(text, return_tensors="pt", add_special_tokens=special)["input_ids"]
+
+
+def last_logits(model, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids, past_key_values=cache, use_cache=cache is not None).logits[:, -1]
+
+
+def routed(model) -> bool:
+    """Whether the first row of the latest forward went to the edits (GRACE: follows an entry; WISE: passes a
+    memory's threshold)."""
+    layer = next(m for m in model.modules() if isinstance(m, BatchAwareLayer))
+    state = layer.latest_state("default")
+    return bool(layer.route("default", state)[1][0]) if isinstance(layer, WiseLayer) else bool(state[0] >= 0)
+
+
+def test_a_cache_continued_after_other_calls_gives_the_whole_sequence_again(edited, world):
+    """Turn 2 of a conversation continues turn 1's cache after other calls ran (a batch of another size, another
+    conversation): it is routed as turn 1 was, not as the last call."""
+    _, model, tokenizer, facts = edited
+    follow_up = ids(tokenizer, " the", special=False)
+    decisions = []
+    for first, other in ((facts[0].question, world.retain_facts[0].question),  # routed, and a call that is not
+                         ("What is", facts[1].question)):  # not routed, and a call that is
+        turn_one = ids(tokenizer, first)
+        cache = DynamicCache()
+        last_logits(model, turn_one, cache)
+        with torch.no_grad():
+            model(**tokenizer([other, first], return_tensors="pt", padding=True))
+        last_logits(model, ids(tokenizer, other), DynamicCache())
+        decisions.append(not routed(model))
+        continued = last_logits(model, follow_up, cache)
+        whole = last_logits(model, torch.cat([turn_one, follow_up], dim=1))
+        decisions[-1] = decisions[-1] == routed(model)  # the call in between decided the other way
+        torch.testing.assert_close(continued, whole, rtol=1e-4, atol=1e-4)
+    assert decisions == [True, True]
+
+
+def test_copies_of_a_prefix_cache_start_from_the_prefix(edited):
+    """Two continuations of copies of one prefix cache: an edited question, then a text that is not routed."""
+    _, model, tokenizer, facts = edited
+    question = ids(tokenizer, facts[0].question)
+    prefix, ends = question[:, :1], (question[:, 1:], ids(tokenizer, " the", special=False))
+    prefix_cache = DynamicCache()
+    last_logits(model, prefix, prefix_cache)
+    decisions = []
+    for end in ends:
+        continued = last_logits(model, end, copy.deepcopy(prefix_cache))
+        torch.testing.assert_close(continued, last_logits(model, torch.cat([prefix, end], dim=1)),
+                                   rtol=1e-4, atol=1e-4)
+        decisions.append(routed(model))
+    assert decisions == [True, False]
+
+
+def test_a_cache_without_this_adapters_routing_is_refused(edited):
+    method, model, tokenizer, facts = edited
+    question = ids(tokenizer, facts[0].question)
+    cache = DynamicCache()
+    with model.disable_adapter():
+        last_logits(model, question, cache)  # filled by the base model: no routing state
+    with pytest.raises(ValueError, match="without the routing state"):
+        last_logits(model, ids(tokenizer, " Sorry", special=False), cache)
+
+
+def test_static_caches_generate_as_the_dynamic_cache_does(edited, world):
+    _, model, tokenizer, facts = edited
+    batch = tokenizer([facts[0].question, world.retain_facts[0].question], return_tensors="pt", padding=True,
+                      padding_side="left")
+    outputs = []
+    for cache in (None, "static"):
+        with torch.no_grad():
+            outputs.append(model.generate(**batch, max_new_tokens=8, do_sample=False, cache_implementation=cache,
+                                          pad_token_id=tokenizer.pad_token_id))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_speculative_decoding_is_refused_where_routing_decides_per_sequence(edited, trained_models):
+    method, model, tokenizer, facts = edited
+    batch = tokenizer([facts[0].question], return_tensors="pt")
+    base, _ = trained_models("llama")
+    for option in ({"prompt_lookup_num_tokens": 3}, {"assistant_model": base}):
+        with pytest.raises(ValueError, match="verifies several drafted tokens"):
+            model.generate(**batch, max_new_tokens=4, do_sample=False, **option)
