@@ -210,6 +210,22 @@ def check_adapters_enabled(model: nn.Module) -> None:
                          "that block")
 
 
+def check_edited_layers_resident(model: nn.Module, adapter_name: str) -> None:
+    """Refuse to edit a layer whose weight accelerate keeps offloaded (on the meta device between forwards):
+    editing reads that weight, and writes its adapter next to it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and adapter_name in module._get_available_adapters():
+            weight = getattr(module.get_base_layer(), "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.device.type == "meta":
+                raise ValueError(
+                    f"{name} is offloaded (its weight is on the meta device, as accelerate's device_map leaves "
+                    "offloaded layers): editing reads and writes that layer; load the model with it resident (its "
+                    "device_map entry on 'cpu' or a GPU)"
+                )
+
+
 def edit(
     model: nn.Module,
     tokenizer,
@@ -235,6 +251,7 @@ def edit(
     check_tokenizer_matches(model, tokenizer)
     check_not_merged(model, adapter_name)
     check_adapters_enabled(model)
+    check_edited_layers_resident(model, adapter_name)
     check_consistent_targets(requests)
     method = model.peft_config[adapter_name].peft_type.value.lower()
     start = time.perf_counter()

@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 import peft_unlearn
 from peft_unlearn import EditRequest, edit, remove_edits
@@ -201,3 +202,56 @@ def test_activating_an_adapter_leaves_its_edits_frozen(make_config):
     model.set_adapter("default")
     assert model.get_nb_trainable_parameters()[0] == 0
     assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS)
+def test_loading_into_a_bf16_model_with_low_cpu_mem_usage_keeps_the_saved_edits(make_config, tmp_path):
+    """PEFT's low_cpu_mem_usage path moves adapters to the base layer's device and dtype: edit tensors keep the
+    float32 they were saved in (bf16 rounding moved keys and factors by up to 0.2) and stay frozen."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model, tokenizer = word_model(make_config)
+    edit(model, tokenizer, [EditRequest("w1 w2 w3", "w5 w6", subject="w2")], progress=False)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    base = tiny_gpt2(vocab_size=len(tokenizer)).to(torch.bfloat16)
+    loaded = PeftModel.from_pretrained(base, tmp_path, low_cpu_mem_usage=True)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    state = {k.replace(".default", ""): v for k, v in loaded.state_dict().items()}
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+
+
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS)
+def test_weighted_combinations_and_offloaded_layers_are_refused_clearly(make_config):
+    model, tokenizer = word_model(make_config)
+    model.add_adapter("other", make_config())
+    with pytest.raises(ValueError, match="add_weighted_adapter combines LoRA adapters"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "both")
+    layer = next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+    base = layer.get_base_layer()
+    base.weight = torch.nn.Parameter(torch.empty_like(base.weight, device="meta"))  # as accelerate offloads it
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match="is offloaded"):
+        edit(model, tokenizer, [EditRequest("w1 w2 w3", "w5 w6", subject="w2")], progress=False)
+    after = adapter_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before if before[k].device.type != "meta")
+
+
+def test_wise_edits_a_float16_model_in_float32(world, trained_models):
+    """Adam's epsilon underflows in float16: WISE's side memory turned NaN and every edit was lost. Trained in
+    float32, a float16 model takes the edits a float32 one takes."""
+    from peft_unlearn.metrics import generation_match
+
+    base, tokenizer = trained_models("llama")
+    facts = world.forget_facts[:10]
+    requests = peft_unlearn.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    matched = {}
+    for dtype in (torch.float32, torch.float16):
+        model = get_peft_model(copy.deepcopy(base), peft_unlearn.WiseConfig()).to(dtype)
+        edit(model, tokenizer, requests, unrelated=[f.question for f in world.retain_facts[:20]], progress=False)
+        layer = next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+        assert all(bool(torch.isfinite(t).all()) for t in (layer.wise_working["default"], layer.thresholds("default")))
+        matched[dtype] = generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests])
+    assert matched[torch.float32] > 0 and abs(matched[torch.float16] - matched[torch.float32]) <= 0.1

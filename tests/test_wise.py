@@ -188,3 +188,19 @@ def test_loading_weights_into_an_adapter_refreshes_its_routing(world, trained_mo
 def test_wise_wraps_gpt2_conv1d():
     model = get_peft_model(tiny_gpt2(layers=4), pu.WiseConfig())
     assert model.peft_config["default"].target_modules == ["transformer.h.3.mlp.c_proj"]
+
+
+def test_routing_thresholds_follow_the_main_memory():
+    """Thresholds are scores relative to the wrapped layer's own output: a change of that weight in place (a load,
+    a merge of another adapter) recomputes them instead of serving the cached ones."""
+    from peft_unlearn.testing import train_tokenizer
+
+    words = ["w1 w2 w3 w4", "w5 w6 w7 w8", "w2 w4 w6 w8"]
+    tokenizer = train_tokenizer(words, "word", vocab_size=40)
+    model = get_peft_model(tiny_gpt2(vocab_size=len(tokenizer)), pu.WiseConfig(n_iter=5))
+    pu.edit(model, tokenizer, [pu.EditRequest("w1 w2 w3", "w5 w6")], unrelated=words[1:], progress=False)
+    layer = next(m for m in model.modules() if isinstance(m, WiseLayer))
+    before = layer.thresholds("default").clone()
+    with torch.no_grad():
+        layer.get_base_layer().weight.mul_(0.5)
+    torch.testing.assert_close(layer.thresholds("default"), 2 * before)

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
@@ -35,6 +36,14 @@ class EditingTuner(BaseTuner, EditableTuner):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for parameter in model.parameters():
             parameter.requires_grad = False
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """PEFT's weighted combination of LoRA adapters does not apply to edits (PEFT would otherwise pass the call
+        on to the transformers model, which has no such method)."""
+        raise ValueError(
+            f"add_weighted_adapter combines LoRA adapters; {type(self).__name__} adapters hold edits: apply both "
+            "sets of edits to one adapter with peft_unlearn.edit instead"
+        )
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
@@ -68,10 +77,28 @@ def speculative_decoding(generate_kwargs: dict, model_config: Any) -> str | None
 
 class EditLayer(BaseTunerLayer):
     """A tuner layer whose adapter tensors are written by editing, never by an optimiser: activating an adapter
-    (PEFT's ``set_adapter`` marks the active adapter's tensors trainable) leaves them frozen."""
+    (PEFT's ``set_adapter`` marks the active adapter's tensors trainable) leaves them frozen, and following the
+    base layer to its device keeps their dtype (editing writes float32)."""
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=True)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """PEFT's version also casts to the base layer's dtype and re-wraps parameters as trainable: loading with
+        ``low_cpu_mem_usage=True`` into a bf16 model rounded codebooks, memories and factors to bf16."""
+        base_device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
+        target = device if device is not None else base_device
+        if target is None:
+            return
+        for name in self.adapter_layer_names + self.other_param_names:
+            store = getattr(self, name, None)
+            if not isinstance(store, (nn.ParameterDict, BufferDict)) or adapter_name not in store:
+                continue
+            item = store[adapter_name]
+            if item.device.type == "meta" or item.device == torch.device(target):
+                continue
+            moved = item.detach().to(target)
+            store[adapter_name] = nn.Parameter(moved, requires_grad=False) if isinstance(item, nn.Parameter) else moved
 
 
 class BatchAwareLayer:

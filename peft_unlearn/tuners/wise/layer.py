@@ -118,7 +118,7 @@ class WiseLayer(EditLayer, BatchAwareLayer):
     def _state_stamp(self, adapter_name: str) -> tuple:
         """What the caches depend on: the memories and keys (in-place loads bump their versions) and the config."""
         tensors = (self.wise_working[adapter_name], self.wise_memories[adapter_name], self.wise_keys[adapter_name],
-                   self.wise_key_memory[adapter_name])
+                   self.wise_key_memory[adapter_name], self.main_weight())  # thresholds read the main memory too
         config = self.wise_config[adapter_name]
         return tuple((t.data_ptr(), t._version) for t in tensors) + (config.act_ratio, config.retrieve)
 

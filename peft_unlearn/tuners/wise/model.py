@@ -115,8 +115,10 @@ class WiseModel(SingleLayerTuner):
         other_tokens = others.attention_mask.bool()
 
         memories = layer.wise_memories[adapter_name]
-        base = memories[0].detach() if not config.retrieve and memories.shape[0] else None
-        working = layer.wise_working[adapter_name].detach().clone().requires_grad_(True)
+        # Trained in float32 whatever the model was cast to: Adam's epsilon underflows in float16 (a zero gradient,
+        # which the shard mask makes of most entries, became NaN).
+        base = memories[0].detach().float() if not config.retrieve and memories.shape[0] else None
+        working = layer.wise_working[adapter_name].detach().float().clone().requires_grad_(True)
         mask = self._shard_mask(config, layer)
         bound = config.norm_constraint
 
@@ -151,6 +153,8 @@ class WiseModel(SingleLayerTuner):
         finally:
             layer._forced_delta = None
         logger.debug("WISE shard: NLL %.4f, margin %.4f", float(nll.detach().mean()), float(margin.detach()))
+        if not bool(torch.isfinite(working).all()):
+            raise FloatingPointError("WISE training diverged (the side memory is not finite); the adapter is unchanged")
         with torch.no_grad():
             token_scores = activation_scores(edit_io["x"], side_delta(), edit_io["main"]).masked_fill(~in_prompt, -1)
             best = token_scores.argmax(dim=1)
@@ -164,8 +168,8 @@ class WiseModel(SingleLayerTuner):
     def _finish_shard(self, adapter_name: str, layer: WiseLayer) -> None:
         """Store the finished shard: merged into the single side memory, or kept as its own (retrieve mode)."""
         config: WiseConfig = self.peft_config[adapter_name]
-        working = layer.wise_working[adapter_name].detach()
-        memories = layer.wise_memories[adapter_name].detach()
+        working = layer.wise_working[adapter_name].detach().float()
+        memories = layer.wise_memories[adapter_name].detach().float()
         owners = layer.wise_key_memory[adapter_name].clone()
         if config.retrieve:
             memories = torch.cat([memories, working[None]])
