@@ -381,3 +381,25 @@ def test_an_edit_repeats_exactly_with_several_threads(world, trained_models):
         torch.set_num_threads(threads)
     assert states[0].keys() == states[1].keys() and states[0]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_an_adapter_with_the_earlier_change_log_is_refused_clearly(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from peft_unlearn.testing import train_tokenizer
+
+    words = ["w1 w2 w3 w4", "w5 w6 w7 w8", "w2 w4 w6 w8"]
+    tokenizer = train_tokenizer(words, "word", vocab_size=40)
+    base = tiny_llama(vocab_size=len(tokenizer))
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig(n_iter=5))
+    for target in ("w5 w6", "w7 w8"):  # the same prompt edited again: a logged change
+        pu.edit(model, tokenizer, [pu.EditRequest("w1 w2 w3", target)], unrelated=words[1:], progress=False)
+    assert model.peft_config["default"].n_changes > 0
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    state = load_file(path)
+    key = next(k for k in state if "grace_change_ids" in k)
+    state[key] = state[key][:, :2].contiguous()  # (changing edit, owning edit): the log before rollback by entry
+    save_file(state, path)
+    with pytest.raises(ValueError, match="change log of an earlier peft_unlearn"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
