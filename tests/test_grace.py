@@ -403,3 +403,31 @@ def test_an_adapter_with_the_earlier_change_log_is_refused_clearly(tmp_path):
     save_file(state, path)
     with pytest.raises(ValueError, match="change log of an earlier peft_unlearn"):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+
+
+def test_value_training_in_row_chunks_writes_the_same_edit(world, trained_models, monkeypatch):
+    """Past the logit budget the values are trained in row chunks whose gradients add up to the whole batch's, so
+    memory stays bounded for many edits and large vocabularies."""
+    from peft_unlearn import losses
+    from peft_unlearn.tuners.grace import model as grace_model
+
+    rows_per_pass = []
+
+    def counting(model, inputs, labels, *args):
+        rows_per_pass.append(labels.shape[0])
+        return losses.labelled_logits(model, inputs, labels, *args)
+
+    monkeypatch.setattr(grace_model, "labelled_logits", counting)
+    base, tokenizer = trained_models("llama")
+    facts, requests = refusal_edits(world, n=8)
+    values = {}
+    for budget in (losses.LOGIT_BUDGET, 1):  # 1: every row its own chunk
+        monkeypatch.setattr(losses, "LOGIT_BUDGET", budget)
+        rows_per_pass.clear()
+        model = get_peft_model(copy.deepcopy(base), pu.GraceConfig(replacement="answer", n_iter=20))
+        pu.edit(model, tokenizer, requests, unrelated=[f.question for f in world.retain_facts[:10]], progress=False)
+        values[budget] = model.base_model.grace_layer("default")[1].grace_values["default"].detach().clone()
+    assert rows_per_pass and max(rows_per_pass) == 1
+    whole, chunked = values.values()
+    assert whole.shape == chunked.shape
+    assert float((chunked - whole).norm() / whole.norm()) < 1e-3

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ...capture import capture_at_positions, rows_of
 from ...editing import adapters_disabled, check_unrelated, own_unrelated_prompts
-from ...losses import labelled_logits, sequence_nll
+from ...losses import labelled_logits, row_chunks, sequence_nll
 from ...metrics import batches
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
@@ -379,15 +379,26 @@ class GraceModel(SingleLayerTuner):
         optimizer = torch.optim.Adam([offset], lr=config.edit_lr)
         nll, step = None, 0
         frozen = self.frozen_below(adapter_name, batch.model_inputs)
+        # The loss is a sum over rows: row chunks (bounded logits, whatever the number of edits and the vocabulary)
+        # add up to its gradient, each chunk's graph freed before the next.
+        chunks = row_chunks(self.model, batch.labels)
         try:
             for step in tqdm(range(config.n_iter), desc="training GRACE values", disable=not progress, leave=False):
-                table = torch.cat([fixed, start + offset * scale])
-                layer._training_values = (positions, rows_of(table, entry.clamp(min=0)), valid)
-                with frozen.replayed():
-                    nll = sequence_nll(*labelled_logits(self.model, batch.model_inputs, batch.labels))
-                if bool((nll.detach() < EARLY_STOP_NLL).all()):
+                grad, per_row = torch.zeros_like(offset), []
+                for rows in chunks:
+                    part = batch if rows is None else batch.select(rows).trimmed()
+                    chosen = slice(None) if rows is None else rows
+                    table = torch.cat([fixed, start + offset * scale])
+                    layer._training_values = (positions[chosen], rows_of(table, entry[chosen].clamp(min=0)),
+                                              valid[chosen])
+                    with frozen.replayed(rows, None if rows is None else part.input_ids.shape[1]):
+                        chunk_nll = sequence_nll(*labelled_logits(self.model, part.model_inputs, part.labels))
+                    per_row.append(chunk_nll.detach())
+                    grad += torch.autograd.grad(chunk_nll.sum(), [offset])[0]
+                nll = torch.cat(per_row)
+                if bool((nll < EARLY_STOP_NLL).all()):
                     break
-                (offset.grad,) = torch.autograd.grad(nll.sum(), [offset])
+                offset.grad = grad
                 optimizer.step()
         finally:
             layer._training_values = None
