@@ -84,13 +84,14 @@ def mlp_output_projection_name(model: nn.Module, layer: int) -> str:
     base = unwrap_model(model)
     layer_name = decoder_layer_name(model, layer)
     layer_module = base.get_submodule(layer_name)
-    relative = _mlp_output_projection(base, model, layer)
+    relative = _mlp_output_projection(layer_module)
     if relative is not None:
         return f"{layer_name}.{relative}"
     model_type = getattr(getattr(base, "config", None), "model_type", type(base).__name__)
     experts = mixture_of_experts_blocks(layer_module)
     if experts:
-        dense = [i for i in range(num_decoder_layers(model)) if _mlp_output_projection(base, model, i) is not None]
+        dense = [i for i in range(num_decoder_layers(model))
+                 if _mlp_output_projection(base.get_submodule(decoder_layer_name(model, i))) is not None]
         shared = [f"{layer_name}.{name}" for name, _ in layer_module.named_modules()
                   if "shared_expert" in name and name.endswith(("down_proj", "w2"))]
         raise ValueError(
@@ -107,9 +108,8 @@ def mlp_output_projection_name(model: nn.Module, layer: int) -> str:
     )
 
 
-def _mlp_output_projection(base: nn.Module, model: nn.Module, layer: int) -> str | None:
-    """The relative name of layer ``layer``'s MLP output projection, or None if it has none of the known ones."""
-    layer_module = base.get_submodule(decoder_layer_name(model, layer))
+def _mlp_output_projection(layer_module: nn.Module) -> str | None:
+    """The name of a decoder layer's MLP output projection within it, or None if it has none of the known ones."""
     for relative in MLP_OUTPUT_PROJECTIONS:
         try:
             layer_module.get_submodule(relative)

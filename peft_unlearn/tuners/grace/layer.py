@@ -137,13 +137,11 @@ class GraceLayer(EditLayer, BatchAwareLayer):
         return self.grace_keys[adapter_name].shape[0]
 
     def _key_squares(self, adapter_name: str) -> torch.Tensor:
-        """The keys' squared norms in float32, cached while the keys stay as they are (editing replaces them; a
-        load copies into them, bumping their version)."""
-        keys = self.grace_keys[adapter_name]
-        stamp = (keys.data_ptr(), keys._version, keys.shape, keys.dtype, keys.device)
+        """The keys' squared norms in float32, cached while the codebook stays as it is (:meth:`routing_version`)."""
+        stamp = self.routing_version(adapter_name)
         cached_stamp, squares = self.__dict__.setdefault("_key_square_cache", {}).get(adapter_name, (None, None))
         if cached_stamp != stamp:
-            squares = keys.float().pow(2).sum(-1)
+            squares = self.grace_keys[adapter_name].float().pow(2).sum(-1)
             self._key_square_cache[adapter_name] = (stamp, squares)
         return squares
 
