@@ -1,4 +1,4 @@
-"""Second moments of layer inputs over a preservation corpus, and the null-space projectors derived from them.
+"""Second moments of layer inputs over a preservation corpus, and the null spaces derived from them.
 
 One streaming pass: one forward per batch captures every requested layer at once, sums ``x x^T`` in float32 and
 stops the forward after the last needed layer. Memory is independent of the corpus length. Under
@@ -62,11 +62,13 @@ class SecondMoments:
 OUTLIER_GAP = 100.0
 
 
-def null_space_projector(second_moment: torch.Tensor, energy: float) -> torch.Tensor:
-    """Projector onto the low-variance directions of the preserved keys: the eigenvectors of ``second_moment``
-    with the smallest eigenvalues whose sum is at most ``energy`` times the trace (scale-free across models). The
-    preserved keys' component in that subspace, the only part an update restricted to it acts on, holds at most
-    that fraction of their energy; how much their outputs change also depends on the update's size.
+def null_space_basis(second_moment: torch.Tensor, energy: float) -> torch.Tensor:
+    """Orthonormal basis [d, k] of the preserved keys' low-variance directions: the eigenvectors of
+    ``second_moment`` with the smallest eigenvalues whose sum is at most ``energy`` times the trace (scale-free
+    across models). The preserved keys' component in that subspace, the only part an update restricted to it acts
+    on, holds at most that fraction of their energy; how much their outputs change also depends on the update's
+    size. ``basis @ basis.T`` is AlphaEdit's null-space projector; the basis itself is d x k, and solving inside it
+    costs k^3 instead of d^3.
 
     The trace leaves out outlier eigenvalues (each ``OUTLIER_GAP`` times the next): a neuron hundreds of times
     larger than the rest would otherwise dominate it and let the null space take directions the preserved keys
@@ -78,8 +80,7 @@ def null_space_projector(second_moment: torch.Tensor, energy: float) -> torch.Te
         reference -= 1
     cumulative = torch.cumsum(values, 0)
     keep = cumulative <= energy * cumulative[reference - 1].clamp(min=1e-30)
-    basis = eigenvectors[:, keep]
-    return (basis @ basis.T).float()
+    return eigenvectors[:, keep].float().contiguous()
 
 
 def _batched(texts: Iterable[str], size: int) -> Iterable[list[str]]:
@@ -215,7 +216,7 @@ def collect_statistics(
     """Second moments of the edited layers' inputs over ``texts`` (what editing must preserve).
 
     On a ``PeftModel`` whose active adapter is AlphaEdit/MEMIT/ROME, the edited layers are measured on the original
-    model (adapter disabled) and the result is attached to the adapter, which derives its null-space projector.
+    model (adapter disabled) and the result is attached to the adapter, which derives its null space.
     On any other model give ``module_names``; attach the result later with :func:`attach_statistics`.
     """
     tuner, adapter_name = _statistics_tuner(model)

@@ -111,7 +111,7 @@ def test_sequential_calls_accumulate_and_editing_resumes_after_reload(world, tra
     torch.testing.assert_close(reloaded_layer.edited_cov("default"), protected)
     torch.testing.assert_close(reloaded_layer.moment("default"), layer.moment("default"))
     first_values = reloaded_layer.alphaedit_B["default"].detach().clone()
-    pu.edit(reloaded, tokenizer, requests[5:], progress=False)  # the projector came back with the adapter
+    pu.edit(reloaded, tokenizer, requests[5:], progress=False)  # the moment came back; the null space is derived from it
     config = reloaded.peft_config["default"]
     assert config.n_edits == 10 and config.rank > rank
     # refinement trains only the new batch's value columns (rank stays below the layer's width here)

@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 
 import peft_unlearn as pu
 from peft_unlearn.capture import capture_at_positions, mlp_output_projection_name
-from peft_unlearn.statistics import SecondMoments, null_space_projector, second_moments
+from peft_unlearn.statistics import SecondMoments, null_space_basis, second_moments
 from peft_unlearn.tuners.alphaedit.layer import AlphaEditLayer
 from peft_unlearn.tuners.alphaedit.model import default_layers
 
@@ -114,15 +114,20 @@ def test_statistics_are_one_streaming_pass_equal_to_a_hand_sum(word_tokenizer, t
     other = get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig(layers=[0, 2]))
     pu.attach_statistics(other, tmp_path / "stats.safetensors")  # reused across adapters
     for layer in other.base_model.edited_layers("default").values():
-        assert layer.moment("default") is not None and layer.projector("default") is not None
+        assert layer.moment("default") is not None
+        assert layer.null_basis("default", other.peft_config["default"].nullspace_threshold).shape[1] > 0
 
 
-def test_null_space_projector_keeps_low_energy_directions():
+def projector(moment: torch.Tensor, energy: float) -> torch.Tensor:
+    found = null_space_basis(moment, energy)
+    torch.testing.assert_close(found.T @ found, torch.eye(found.shape[1]), atol=1e-5, rtol=0)  # orthonormal
+    return found @ found.T
+
+
+def test_null_space_keeps_low_energy_directions():
     basis = torch.linalg.qr(torch.randn(6, 6))[0]
     moment = basis @ torch.diag(torch.tensor([100.0, 50.0, 10.0, 0.01, 0.005, 0.001])) @ basis.T
-    projector = null_space_projector(moment, energy=1e-3)
-    torch.testing.assert_close(projector, basis[:, 3:] @ basis[:, 3:].T, atol=1e-5, rtol=0)
-    assert torch.allclose(projector @ projector, projector, atol=1e-5)
+    torch.testing.assert_close(projector(moment, energy=1e-3), basis[:, 3:] @ basis[:, 3:].T, atol=1e-5, rtol=0)
 
 
 def test_an_outlier_neuron_does_not_widen_the_null_space():
@@ -135,9 +140,9 @@ def test_an_outlier_neuron_does_not_widen_the_null_space():
     # Without the neuron its direction carries nothing and belongs to the null space; with it, the null space is the
     # other directions' (without the fix, 0.1% of the trace admitted every one of them).
     low = (basis[:, 3:] @ basis[:, 3:].T).float()
-    torch.testing.assert_close(null_space_projector(without, energy=1e-3), low, atol=1e-5, rtol=0)
+    torch.testing.assert_close(projector(without, energy=1e-3), low, atol=1e-5, rtol=0)
     expected = (basis[:, 3:6] @ basis[:, 3:6].T).float()
-    torch.testing.assert_close(null_space_projector(with_outlier, energy=1e-3), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(projector(with_outlier, energy=1e-3), expected, atol=1e-5, rtol=0)
 
 
 def test_distributed_statistics_equal_one_process(word_tokenizer, tmp_path):
@@ -267,6 +272,67 @@ def test_a_subject_that_ends_the_prompt_is_one_slot_and_an_empty_null_space_is_n
     with pytest.raises(ValueError, match="no null space at nullspace_threshold=0.001"):
         pu.attach_statistics(model, flat)
     assert model.base_model.edited_layers("default")[name].moment("default") is None
+
+    # The null space is derived from the moment when an edit needs it: a threshold lowered after attaching
+    # statistics that leaves none is named before anything is edited.
+    model.peft_config["default"].nullspace_threshold = 0.1
+    pu.attach_statistics(model, flat)
+    model.peft_config["default"].nullspace_threshold = 1e-3
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no null space at nullspace_threshold=0.001"):
+        pu.edit(model, word_tokenizer, requests, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_alphaedit_solve_in_the_null_space_basis_equals_the_projector_form():
+    """The closed form solved in the k-dimensional null space equals the d x d projector form it replaces,
+    ``A^T = (P (K_p + K K^T) + l2' I)^-1 P K`` (P = U U^T, ridge relative to the projected keys' energy)."""
+    from peft_unlearn.tuners.alphaedit.solver import solve_delta
+
+    generator = torch.Generator().manual_seed(0)
+    d, n, l2 = 48, 5, 0.1
+    spectrum = torch.logspace(0, -6, d, dtype=torch.float64)
+    rotation = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))[0]
+    moment = (rotation * spectrum) @ rotation.T
+    earlier = torch.randn(7, d, generator=generator, dtype=torch.float64)
+    keys, residuals = torch.randn(n, d, generator=generator), torch.randn(n, 16, generator=generator)
+    basis = null_space_basis(moment, energy=1e-3)
+    assert 0 < basis.shape[1] < d
+    B, A = solve_delta("alphaedit", keys, residuals, basis, earlier.T @ earlier, l2=l2, preservation_weight=1.0)
+
+    P = basis.double() @ basis.double().T
+    K = keys.double().T
+    ridge = l2 * (P @ K).pow(2).sum(0).mean()
+    expected = torch.linalg.solve(P @ (earlier.T @ earlier + K @ K.T) + ridge * torch.eye(d, dtype=torch.float64),
+                                  P @ K).T
+    torch.testing.assert_close(A.double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(B, residuals.T)
+
+
+def test_output_energies_follow_the_moments_they_are_cached_for(word_tokenizer):
+    """The refinement penalty's normalisers tr(W M W^T) are cached, and computed again whenever the moment or the
+    edited keys change (protected edits, a failed call's restore, new statistics)."""
+    model = get_peft_model(tiny_llama(vocab_size=len(word_tokenizer), layers=2), pu.AlphaEditConfig(layers=[1]))
+    pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
+    layer = next(iter(model.base_model.edited_layers("default").values()))
+    weight = layer.get_base_layer().weight.detach()
+
+    def direct(matrix):
+        return float(torch.trace(weight.double() @ matrix.double() @ weight.double().T))
+
+    assert layer.output_energy("default", "edited") == 0.0
+    assert layer.output_energy("default", "moment") == pytest.approx(direct(layer.moment("default")), rel=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        keys = torch.randn(4, layer.in_features, generator=generator)
+        layer.set_edited_cov("default", layer.edited_cov("default") + keys.T @ keys)
+        assert layer.output_energy("default", "edited") == pytest.approx(direct(layer.edited_cov("default")),
+                                                                          rel=1e-5)
+    layer.set_edited_cov("default", torch.eye(layer.in_features))
+    assert layer.output_energy("default", "edited") == pytest.approx(direct(torch.eye(layer.in_features)), rel=1e-5)
+    layer.set_preservation("default", 2 * torch.eye(layer.in_features))
+    assert layer.output_energy("default", "moment") == pytest.approx(2 * direct(torch.eye(layer.in_features)),
+                                                                      rel=1e-5)
 
 
 def test_unknown_architecture_needs_explicit_modules():

@@ -108,8 +108,9 @@ class AlphaEditConfig(PeftConfig):
     )
     save_projection: bool = field(
         default=False,
-        metadata={"help": "Save the preserved second moment, the projector (alphaedit) and the accumulated edited "
-                  "keys so editing can resume after a reload (d_in x d_in floats per layer, two or three times)."},
+        metadata={"help": "Save the preserved second moment and the accumulated edited keys so editing can resume "
+                  "after a reload (d_in x d_in floats per layer, twice); the null space is derived again from the "
+                  "moment."},
     )
     rank: int = field(default=0, metadata={"help": "Rank of the delta so far (set by editing; do not change)."})
     n_edits: int = field(default=0, metadata={"help": "Requests applied so far (set by editing)."})

@@ -11,18 +11,20 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...capture import linear_shape
+from ...capture import linear_shape, linear_weight
+from ...statistics import null_space_basis
 from ..base import EditLayer
 from .config import AlphaEditConfig
 
 
 class AlphaEditLayer(EditLayer):
     """Per-adapter state: factors ``alphaedit_B`` [out, rank] and ``alphaedit_A`` [rank, in] with delta ``B @ A``,
-    plus the preserved keys' second moment, the null-space projector derived from it (alphaedit solver only) and
-    the accumulated second moment of keys edited so far. Those are saved only with ``save_projection=True``."""
+    plus the preserved keys' second moment and the accumulated second moment of keys edited so far, saved only
+    with ``save_projection=True``. The alphaedit solver's null-space basis is derived from the moment and cached,
+    never saved: the moment and ``nullspace_threshold`` determine it."""
 
     adapter_layer_names = ("alphaedit_A", "alphaedit_B")
-    other_param_names = ("alphaedit_moment", "alphaedit_projector", "alphaedit_edited_cov")
+    other_param_names = ("alphaedit_moment", "alphaedit_edited_cov")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -31,8 +33,11 @@ class AlphaEditLayer(EditLayer):
         # Allocated when statistics are attached; the model leaves them out of the saved adapter unless
         # save_projection=True, in which case they are preallocated here so a reload finds their shapes.
         self.alphaedit_moment = BufferDict({}, persistent=True)
-        self.alphaedit_projector = BufferDict({}, persistent=True)
         self.alphaedit_edited_cov = BufferDict({}, persistent=True)
+        # Per adapter: (the moment and threshold it was derived from, null-space basis [in, k]).
+        self._null_bases: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # Per (adapter, "moment" | "edited"): (the matrix and weight it was computed from, tr(W M W^T)).
+        self._output_energies: dict[tuple[str, str], tuple[tuple, float]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -52,8 +57,9 @@ class AlphaEditLayer(EditLayer):
             square = torch.zeros(self.in_features, self.in_features, **factory)
             self.alphaedit_moment[adapter_name] = square
             self.alphaedit_edited_cov[adapter_name] = square.clone()
-            if config.solver == "alphaedit":
-                self.alphaedit_projector[adapter_name] = square.clone()
+        self._null_bases.pop(adapter_name, None)
+        for which in ("moment", "edited"):
+            self._output_energies.pop((adapter_name, which), None)
         self.set_adapter(self.active_adapters)
 
     # --- preservation state -------------------------------------------------------------------------------------
@@ -64,11 +70,20 @@ class AlphaEditLayer(EditLayer):
             return self.alphaedit_moment[adapter_name].float()
         return None
 
-    def projector(self, adapter_name: str) -> torch.Tensor | None:
-        """Projector onto the preserved keys' null space (alphaedit solver), or None."""
-        if adapter_name in self.alphaedit_projector and self.alphaedit_projector[adapter_name].any():
-            return self.alphaedit_projector[adapter_name].float()
-        return None
+    def null_basis(self, adapter_name: str, energy: float) -> torch.Tensor | None:
+        """Orthonormal basis [in, k] of the preserved keys' null space at ``energy`` (the alphaedit solver's
+        ``nullspace_threshold``), or None without statistics. Derived once per moment (a reloaded one included)
+        and threshold: an eigendecomposition of the moment, d^3 once rather than on every edit."""
+        moment = self.moment(adapter_name)
+        if moment is None:
+            return None
+        stored = self.alphaedit_moment[adapter_name]
+        stamp = (stored.data_ptr(), stored._version, energy)
+        cached = self._null_bases.get(adapter_name)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, null_space_basis(moment, energy).to(stored.device))
+            self._null_bases[adapter_name] = cached
+        return cached[1]
 
     def edited_cov(self, adapter_name: str) -> torch.Tensor:
         """Second moment of the keys edited so far (zeros before the first edit)."""
@@ -76,14 +91,42 @@ class AlphaEditLayer(EditLayer):
             return self.alphaedit_edited_cov[adapter_name].float()
         return torch.zeros(self.in_features, self.in_features, device=self.get_base_layer().weight.device)
 
-    def set_preservation(self, adapter_name: str, moment: torch.Tensor, projector: torch.Tensor | None) -> None:
+    def set_preservation(
+        self, adapter_name: str, moment: torch.Tensor, null_basis: torch.Tensor | None = None, energy: float = 0.0
+    ) -> None:
+        """Store the preserved keys' ``moment``, and its ``null_basis`` at ``energy`` if already derived."""
         device = self.get_base_layer().weight.device
-        self.alphaedit_moment[adapter_name] = moment.to(device, torch.float32)
-        if projector is not None:
-            self.alphaedit_projector[adapter_name] = projector.to(device, torch.float32)
+        stored = moment.to(device, torch.float32)
+        self.alphaedit_moment[adapter_name] = stored
+        self._null_bases.pop(adapter_name, None)
+        self._output_energies.pop((adapter_name, "moment"), None)
+        if null_basis is not None:
+            self._null_bases[adapter_name] = ((stored.data_ptr(), stored._version, energy), null_basis.to(device))
 
     def set_edited_cov(self, adapter_name: str, matrix: torch.Tensor) -> None:
         self.alphaedit_edited_cov[adapter_name] = matrix.to(self.get_base_layer().weight.device, torch.float32)
+        self._output_energies.pop((adapter_name, "edited"), None)
+
+    def output_energy(self, adapter_name: str, which: str) -> float:
+        """``tr(W M W^T)``, the layer's output energy on the preserved keys (``which="moment"``) or on the keys
+        edited so far (``"edited"``), cached while M and the weight stay as they are. Always computed from M
+        itself (never grown as keys are added), so editing after a reload repeats the in-memory session exactly."""
+        stamp = self._energy_stamp(adapter_name, which)
+        cached_stamp, energy = self._output_energies.get((adapter_name, which), (None, None))
+        if cached_stamp != stamp:
+            matrix = self.moment(adapter_name) if which == "moment" else self.edited_cov(adapter_name)
+            weight = linear_weight(self).detach().float()
+            energy = float(((weight @ matrix) * weight).sum()) if matrix is not None else 0.0
+            self._output_energies[(adapter_name, which)] = (stamp, energy)
+        return energy
+
+    def _energy_stamp(self, adapter_name: str, which: str) -> tuple:
+        store = self.alphaedit_moment if which == "moment" else self.alphaedit_edited_cov
+        weight = self.get_base_layer().weight
+        matrix = store[adapter_name] if adapter_name in store else None
+        return (weight.data_ptr(), weight._version) + (
+            () if matrix is None else (matrix.data_ptr(), matrix._version)
+        )
 
     # --- the delta ----------------------------------------------------------------------------------------------
 

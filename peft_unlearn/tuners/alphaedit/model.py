@@ -14,13 +14,12 @@ from ...capture import (
     decoder_layer_name,
     layer_index_of,
     linear_shape,
-    linear_weight,
     mlp_output_projection_name,
     num_decoder_layers,
 )
 from ...editing import adapters_disabled
 from ...requests import EditRequest, chat_formatted, tokenize_pairs
-from ...statistics import SecondMoments, null_space_projector
+from ...statistics import SecondMoments, null_space_basis
 from ..base import EditingTuner
 from .config import AlphaEditConfig
 from .layer import AlphaEditLayer, AlphaEditLinear
@@ -38,6 +37,17 @@ from .solver import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def check_null_spaces(bases: dict[str, torch.Tensor], threshold: float) -> None:
+    """Refuse layers whose preserved keys leave AlphaEdit no direction to write in."""
+    empty = [name for name, basis in bases.items() if basis.shape[1] == 0]
+    if empty:
+        raise ValueError(
+            f"the preserved keys of {empty} leave no null space at nullspace_threshold={threshold}: their weakest "
+            "direction alone holds more than that share of their energy; raise nullspace_threshold (or preserve "
+            "more varied texts)"
+        )
 
 
 def default_layers(n_layers: int, solver: str) -> list[int]:
@@ -118,7 +128,7 @@ class AlphaEditModel(EditingTuner):
         if not config.save_projection:
             entries = {
                 k: v for k, v in entries.items()
-                if not any(f".alphaedit_{kind}." in k for kind in ("moment", "projector", "edited_cov"))
+                if not any(f".alphaedit_{kind}." in k for kind in ("moment", "edited_cov"))
             }
         return entries
 
@@ -150,19 +160,12 @@ class AlphaEditModel(EditingTuner):
                     f"{layer.in_features} features: they were computed on another model"
                 )
         moments = {name: statistics.moments[name].to(torch.float32) for name in layers}
-        projectors = dict.fromkeys(layers)
+        bases = dict.fromkeys(layers)
         if config.solver == "alphaedit":
-            projectors = {name: null_space_projector(moment, config.nullspace_threshold)
-                          for name, moment in moments.items()}
-            empty = [name for name, projector in projectors.items() if not projector.any()]
-            if empty:
-                raise ValueError(
-                    f"the preserved keys of {empty} leave no null space at nullspace_threshold="
-                    f"{config.nullspace_threshold}: their weakest direction alone holds more than that share of their "
-                    "energy; raise nullspace_threshold (or preserve more varied texts)"
-                )
+            bases = {name: null_space_basis(moment, config.nullspace_threshold) for name, moment in moments.items()}
+            check_null_spaces(bases, config.nullspace_threshold)
         for name, layer in layers.items():
-            layer.set_preservation(adapter_name, moments[name], projectors[name])
+            layer.set_preservation(adapter_name, moments[name], bases[name], config.nullspace_threshold)
 
     # --- editing ------------------------------------------------------------------------------------------------
 
@@ -209,6 +212,9 @@ class AlphaEditModel(EditingTuner):
                 "peft_unlearn.collect_statistics(model, tokenizer, texts) first (or attach saved ones with "
                 "peft_unlearn.attach_statistics)"
             )
+        if config.solver == "alphaedit":  # a reloaded moment, or a threshold changed since, derives it here
+            check_null_spaces({name: layer.null_basis(adapter_name, config.nullspace_threshold)
+                               for name, layer in layers.items()}, config.nullspace_threshold)
         if templates is None:
             templates = self._templates(tokenizer, config.n_context_templates)
         templates = fitting_templates(self.model, tokenizer, requests, templates)
@@ -313,7 +319,8 @@ class AlphaEditModel(EditingTuner):
                 config.solver,
                 layer_keys,
                 residuals,
-                layer.projector(adapter_name) if config.solver == "alphaedit" else layer.moment(adapter_name),
+                layer.null_basis(adapter_name, config.nullspace_threshold) if config.solver == "alphaedit"
+                else layer.moment(adapter_name),
                 layer.edited_cov(adapter_name),
                 l2=config.l2,
                 preservation_weight=config.preservation_weight,
@@ -343,9 +350,10 @@ class AlphaEditModel(EditingTuner):
             start = first_column[name]
             gram = preservation_gram(
                 layer.alphaedit_A[adapter_name][start:],
-                linear_weight(layer),
                 layer.moment(adapter_name),
+                layer.output_energy(adapter_name, "moment"),
                 layer.edited_cov(adapter_name),
+                layer.output_energy(adapter_name, "edited"),
             )
             blocks.append(ValueBlock(layer.alphaedit_B[adapter_name], start, gram))
         batch = rows.batch.select(slice(0, rows.n_requests)).trimmed()  # the bare prompts, without templates' width

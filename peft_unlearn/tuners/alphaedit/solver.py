@@ -316,31 +316,38 @@ def solve_delta(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form delta ``B @ A`` (B: [d_out, N], A: [N, d_in]) with ``delta @ keys[i] ~= residuals[i]``.
 
-    * alphaedit: ``A^T = (P (K_p + K K^T) + l2 I)^-1 P K`` with P the null-space projector: the update lies in the
-      null space of the preserved keys and keeps earlier edits' keys (K_p) fixed.
+    ``preservation`` is the null-space basis U [d_in, k] for alphaedit, the preserved keys' second moment C0
+    [d_in, d_in] for memit and rome.
+
+    * alphaedit: ``A^T = (P (K_p + K K^T) + l2 I)^-1 P K`` with ``P = U U^T`` the null-space projector: the update
+      lies in the null space of the preserved keys and keeps earlier edits' keys (K_p) fixed. Its solution lies in
+      the span of U, so it is solved there: ``A^T = U (U^T (K_p + K K^T) U + l2 I_k)^-1 U^T K``, a k x k system
+      instead of a d_in x d_in one, with the d_in-sized products in float32.
     * memit: ``A^T = (w C0 + K_p + K K^T + l2 I)^-1 K`` (least squares under the preserved-key covariance).
     * rome: the minimum-norm update under ``C = w C0 + K_p + l2 I`` that satisfies ``delta K = R`` exactly
       (one rank-one constraint per request).
     """
-    keys = keys.double()  # [N, d_in]
     residuals = residuals.double()  # [N, d_out]
+    if solver == "alphaedit":
+        basis = preservation.float()  # [d_in, k]
+        projected = basis.T @ keys.float().T  # U^T K, [k, N]
+        # The ridge is relative to the energy of the keys the update can act on, so one l2 fits any model's scale.
+        ridge = l2 * projected.double().pow(2).sum(0).mean().clamp(min=1e-12)
+        system = (basis.T @ (edited_cov.float() @ basis)).double() + projected.double() @ projected.double().T
+        system.diagonal().add_(ridge)
+        A_T = basis.double() @ torch.linalg.solve(system, projected.double())
+        return residuals.T.float(), A_T.T.float()
+    keys = keys.double()  # [N, d_in]
     preservation = preservation.double()
     edited_cov = edited_cov.double()
     d_in = keys.shape[1]
     eye = torch.eye(d_in, dtype=keys.dtype, device=keys.device)
     K = keys.T  # [d_in, N]
-    # The ridge is relative to the energy of the keys the update can act on, so one l2 fits any model's scale.
-    if solver == "alphaedit":
-        P = preservation
-        ridge = l2 * (P @ K).pow(2).sum(0).mean().clamp(min=1e-12)
-        system = P @ (edited_cov + K @ K.T) + ridge * eye
-        A_T = torch.linalg.solve(system, P @ K)
-    elif solver == "memit":
-        ridge = l2 * K.pow(2).sum(0).mean().clamp(min=1e-12)
+    ridge = l2 * K.pow(2).sum(0).mean().clamp(min=1e-12)
+    if solver == "memit":
         system = preservation_weight * _balanced(preservation, K) + edited_cov + K @ K.T + ridge * eye
         A_T = torch.linalg.solve(system, K)
     elif solver == "rome":
-        ridge = l2 * K.pow(2).sum(0).mean().clamp(min=1e-12)
         C = preservation_weight * _balanced(preservation, K) + edited_cov + ridge * eye
         C_inv_K = torch.linalg.solve(C, K)  # [d_in, N]
         gram = K.T @ C_inv_K  # [N, N]; a tiny ridge keeps requests with (nearly) equal keys solvable
@@ -362,16 +369,20 @@ class ValueBlock:
 
 
 def preservation_gram(
-    new_keys: torch.Tensor, weight: torch.Tensor, moment: torch.Tensor, edited_cov: torch.Tensor
+    new_keys: torch.Tensor,
+    moment: torch.Tensor,
+    moment_energy: float,
+    edited_cov: torch.Tensor,
+    edited_energy: float,
 ) -> torch.Tensor:
-    """``A (C0 / tr(W C0 W^T) + E / tr(W E W^T)) A^T`` for new key factors ``A`` [r, d_in]: with it the penalty
-    measures the output change on the preserved keys (second moment ``C0``) and on earlier edits' keys (``E``),
-    each relative to the layer's own output energy on them, so one weight fits every model and layer."""
-    weight = weight.detach().float()
-    metric = moment / torch.trace(weight @ moment @ weight.T).clamp(min=1e-12)
-    if edited_cov.any():
-        metric = metric + edited_cov / torch.trace(weight @ edited_cov @ weight.T).clamp(min=1e-12)
-    return new_keys @ metric @ new_keys.T
+    """``A (C0 / tr(W C0 W^T) + E / tr(W E W^T)) A^T`` for new key factors ``A`` [r, d_in], given the layer's
+    output energies ``tr(W C0 W^T)`` and ``tr(W E W^T)``: with it the penalty measures the output change on the
+    preserved keys (second moment ``C0``) and on earlier edits' keys (``E``), each relative to the layer's own output
+    energy on them, so one weight fits every model and layer. Only [r, d_in] products are formed."""
+    gram = (new_keys @ moment @ new_keys.T) / max(moment_energy, 1e-12)
+    if edited_energy > 0:
+        gram = gram + (new_keys @ edited_cov @ new_keys.T) / edited_energy
+    return gram
 
 
 def refine_values(
