@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, long_prompt_copy, table, write_json  # noqa: E402
 
 TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+# "model_utility" here is the harmonic mean of retain probability and ROUGE-L only: no real_authors / world_facts
+# sets are passed (the report's model_utility_from says so), so it is not TOFU's nine-number model utility.
 ROW_KEYS = ["forget.accuracy", "forget.refusal_rate", "retain.accuracy", "forget_quality", "model_utility"]
 
 

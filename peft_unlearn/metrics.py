@@ -11,7 +11,7 @@ from torch import nn
 
 from .capture import context_length
 from .losses import labelled_logits, per_example_accuracy
-from .requests import tokenize_pairs, tokenize_prompts
+from .requests import answer_end_id, tokenize_pairs, tokenize_prompts
 
 
 @contextlib.contextmanager
@@ -80,24 +80,40 @@ def generate_continuations(
     rendered: bool = False,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens; at most as many
-    new tokens as the model's context leaves after the batch's longest prompt. ``rendered``: the prompts are
-    conversations the chat template already wrote (see :func:`~peft_unlearn.requests.tokenize_prompts`)."""
+    new tokens as the model's context leaves after each prompt (its own, not the batch's longest: a continuation
+    does not depend on the prompts batched with it). In chat format generation also stops at the template's end
+    of turn, where teacher-forced scoring ends an answer. ``rendered``: the prompts are conversations the chat
+    template already wrote (see :func:`~peft_unlearn.requests.tokenize_prompts`)."""
     device = model_device(model)
     texts: list[str] = []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = stop_token_ids(model, tokenizer, chat_template=chat_template or rendered)
+
+    def tokenize(chunk: Sequence[str]):
+        return tokenize_prompts(tokenizer, chunk, padding_side="left", chat_template=chat_template, rendered=rendered)
+
+    def generate(batch, room: int) -> list[str]:
+        batch = batch.to(device)
+        output = model.generate(
+            **batch.model_inputs, max_new_tokens=room, do_sample=False, pad_token_id=pad_id, eos_token_id=stop
+        )
+        return tokenizer.batch_decode(output[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+
     with eval_mode(model):
         for chunk in batches(list(prompts), batch_size):
-            batch = tokenize_prompts(tokenizer, chunk, padding_side="left", chat_template=chat_template,
-                                     rendered=rendered).to(device)
-            output = model.generate(
-                **batch.model_inputs,
-                max_new_tokens=_room_to_generate(model, batch.input_ids.shape[1], max_new_tokens),
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=stop_token_ids(model, tokenizer),
-            )
-            new_tokens = output[:, batch.input_ids.shape[1] :]
-            texts.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            batch = tokenize(chunk)
+            rooms = [_room_to_generate(model, n, max_new_tokens) for n in batch.attention_mask.sum(dim=1).tolist()]
+            if len(set(rooms)) == 1:  # the usual case: no prompt comes near the context's end
+                texts.extend(generate(batch, rooms[0]))
+                continue
+            # Prompts near the context's end get fewer new tokens, each group in a batch of its own width; the
+            # others keep max_new_tokens.
+            out: list[str] = [""] * len(chunk)
+            for room in set(rooms):
+                rows = [i for i, r in enumerate(rooms) if r == room]
+                for i, text in zip(rows, generate(tokenize([chunk[i] for i in rows]), room)):
+                    out[i] = text
+            texts.extend(out)
     return texts
 
 
@@ -113,14 +129,16 @@ def _room_to_generate(model: nn.Module, prompt_width: int, max_new_tokens: int) 
     return min(max_new_tokens, limit - prompt_width)
 
 
-def stop_token_ids(model: nn.Module, tokenizer) -> list[int] | None:
+def stop_token_ids(model: nn.Module, tokenizer, chat_template: bool = False) -> list[int] | None:
     """Where generation ends: the model's own stop tokens (a chat model's end of turn often lives only in its
-    generation config) and the tokenizer's end of sequence."""
+    generation config), the tokenizer's end of sequence and, in chat format, the chat template's end of turn
+    (the token teacher-forced scoring ends an answer with, see :func:`~peft_unlearn.requests.answer_end_id`)."""
     config = getattr(model, "generation_config", None)
     configured = getattr(config, "eos_token_id", None)
     ids = [configured] if isinstance(configured, int) else list(configured or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+    chat = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    ends = [tokenizer.eos_token_id, answer_end_id(tokenizer, True) if chat else None]
+    ids.extend(end for end in dict.fromkeys(ends) if end is not None and end not in ids)
     return ids or None
 
 

@@ -302,13 +302,15 @@ def _encode_rows(
             # The tokenizer merged across the prompt/target boundary: keep the prompt exactly as generation sees
             # it and encode the continuation on its own.
             ids = list(prompt_ids) + _continuation_ids(tokenizer, separators[i] + targets[i])
+        # Checked before the end of sequence is appended: an answer of no tokens scored as that token alone would
+        # get the end of sequence's probability (and, with nothing to extract, extraction strength 1).
+        if len(ids) == len(prompt_ids):
+            raise ValueError(f"target {targets[i]!r} produced no tokens")
         if append_eos:
             end = answer_end_id(tokenizer, chat_template)
             if end is None:
                 raise ValueError("append_eos=True but the tokenizer has no eos token")
             ids.append(end)
-        if len(ids) == len(prompt_ids):
-            raise ValueError(f"target {targets[i]!r} produced no tokens")
         rows.append((ids, len(prompt_ids), subject_last))
     return rows
 
