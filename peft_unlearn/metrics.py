@@ -13,6 +13,10 @@ from .capture import context_length
 from .losses import labelled_logits, per_example_accuracy
 from .requests import answer_end_id, tokenize_pairs, tokenize_prompts
 
+# Plain greedy decoding whatever the model's generation config ships (chat models often set a repetition
+# penalty, some an n-gram ban or beams): every method and model is then measured by the same decoding.
+GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0)
+
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
@@ -95,7 +99,7 @@ def generate_continuations(
     def generate(batch, room: int) -> list[str]:
         batch = batch.to(device)
         output = model.generate(
-            **batch.model_inputs, max_new_tokens=room, do_sample=False, pad_token_id=pad_id, eos_token_id=stop
+            **batch.model_inputs, max_new_tokens=room, pad_token_id=pad_id, eos_token_id=stop, **GREEDY
         )
         return tokenizer.batch_decode(output[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
 

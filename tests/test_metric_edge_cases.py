@@ -84,3 +84,16 @@ def test_an_answer_of_no_tokens_is_refused_not_scored_as_its_end_of_sequence(ans
     with pytest.raises(ValueError, match="produced no tokens"):
         answer_scores(model, tokenizer, [("w1 w2", answer)])
     assert len(answer_scores(model, tokenizer, [("w1 w2", "w3")]).nll) == 1
+
+
+def test_greedy_generation_ignores_the_models_repetition_penalty_and_ngram_ban():
+    """Chat models ship generation configs with a repetition penalty (Qwen2.5-Instruct: 1.05) or an n-gram ban;
+    evaluation decodes greedily whatever they set, so methods and models are compared by the same decoding."""
+    tokenizer = _word_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer))
+    prompts = ["w1 w2 w3", "w4 w5", "w6"]
+    plain = [_greedy(model, tokenizer, prompt, 12) for prompt in prompts]
+    model.generation_config.repetition_penalty = 3.0
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.num_beams = 2
+    assert generate_continuations(model, tokenizer, prompts, max_new_tokens=12, batch_size=2) == plain
