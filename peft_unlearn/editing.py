@@ -110,6 +110,9 @@ def own_unrelated_prompts(tuner: nn.Module, tokenizer, requests: Sequence[EditRe
 
 def check_unrelated(unrelated: Sequence[str]) -> list[str]:
     """Caller-given unrelated prompts, without empty ones (at least one must remain)."""
+    if isinstance(unrelated, str):
+        raise TypeError("unrelated must be a list of prompts, not one string (it would be read character by "
+                        "character)")
     kept = [u for u in unrelated if isinstance(u, str) and u.strip()]
     if not kept:
         raise ValueError("unrelated must contain at least one non-empty prompt")
@@ -245,6 +248,8 @@ def edit(
     for WISE, ``merge_queries`` for AlphaEdit/MEMIT/ROME, ``batch_size``) are passed through to the method.
     """
     tuner, adapter_name = _editing_tuner(model, "peft_unlearn.edit")
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError(f"peft_unlearn.edit needs the model's tokenizer, got {tokenizer!r}")
     requests = as_edit_requests(requests)
     if not requests:
         raise ValueError("requests is empty: give at least one EditRequest")
@@ -274,7 +279,14 @@ def edit(
 def remove_edits(model: nn.Module, edit_ids: Sequence[int]) -> int:
     """Roll back edits by id (as listed in ``EditResult.edit_ids``); returns how many entries were removed."""
     tuner, adapter_name = _editing_tuner(model, "peft_unlearn.remove_edits")
+    if isinstance(edit_ids, (str, bytes)) or not isinstance(edit_ids, Iterable):
+        raise TypeError(f"edit_ids must be a list of integer edit ids (as in EditResult.edit_ids), got {edit_ids!r}")
     edit_ids = list(edit_ids)
+    wrong = [i for i in edit_ids if isinstance(i, bool) or not isinstance(i, (int, torch.Tensor))
+             or (isinstance(i, torch.Tensor) and (i.numel() != 1 or i.is_floating_point()))]
+    if wrong:
+        raise TypeError(f"edit ids must be integers, got {wrong[:10]}")
+    edit_ids = [int(i) for i in edit_ids]
     if not edit_ids:
         raise ValueError("edit_ids is empty: nothing to remove")
     return tuner.remove_edits(edit_ids, adapter_name)

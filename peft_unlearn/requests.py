@@ -53,6 +53,9 @@ class EditRequest:
 def as_edit_requests(items: Iterable[EditRequest | Mapping | Sequence]) -> list[EditRequest]:
     """Accept ``EditRequest``s, mappings with prompt/target[/subject] keys, or (prompt, target[, subject]) tuples."""
     names = [f.name for f in fields(EditRequest)]
+    if items is None or isinstance(items, (str, bytes, Mapping)) or isinstance(items, EditRequest):
+        raise TypeError(f"requests must be a list of requests (EditRequests, mappings or (prompt, target) tuples), "
+                        f"got {type(items).__name__}")
     requests = []
     for index, item in enumerate(items):
         if isinstance(item, EditRequest):
@@ -79,6 +82,11 @@ def forget_requests(
     ``refusal`` may be one text for every question, a list to draw from, or None for the library's own phrasings;
     the phrasing for a question is chosen deterministically from its text.
     """
+    if isinstance(questions, str):
+        raise TypeError("questions must be a list of questions, not one string (it would be read character by "
+                        "character)")
+    if isinstance(subjects, str):
+        raise TypeError("subjects must be a list (one subject or None per question), not one string")
     questions = list(questions)
     if not questions:
         raise ValueError("questions is empty: there is nothing to forget")

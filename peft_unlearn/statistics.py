@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import capture_at_positions, linear_shape, unwrap_model
-from .editing import the_active_adapter
+from .capture import capture_at_positions, context_length, linear_shape, unwrap_model
+from .editing import check_tokenizer_matches, the_active_adapter
 from .metrics import evaluating
 from .requests import tokenize_pairs
 
@@ -138,8 +138,19 @@ def second_moments(
         raise ValueError("no modules to collect statistics for")
     if isinstance(texts, str):
         raise TypeError("texts must be a list of texts, not one string (it would be read character by character)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer of at least 2, got {max_length!r}")
+    check_tokenizer_matches(model, tokenizer)
     base = unwrap_model(model)
+    missing = [name for name in module_names if not _has_submodule(base, name)]
+    if missing:
+        raise ValueError(f"module_names {missing} name no module of {type(base).__name__}")
     modules = {name: base.get_submodule(name) for name in module_names}
+    limit = context_length(model)
+    if limit is not None:
+        max_length = min(max_length, limit)  # longer texts are cut to the context, as to max_length
     device = next(model.parameters()).device
     state = _process_state()
     world, rank = state.num_processes, state.process_index
@@ -193,6 +204,25 @@ def second_moments(
     return SecondMoments({name: (s / count).cpu() for name, s in sums.items()}, {name: count for name in sums})
 
 
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def check_moments(statistics: "SecondMoments") -> None:
+    """Refuse second moments that cannot be ones: not square, or not finite (a NaN would reach every edit)."""
+    for name, moment in statistics.moments.items():
+        if not isinstance(moment, torch.Tensor) or moment.dim() != 2 or moment.shape[0] != moment.shape[1]:
+            shape = tuple(moment.shape) if isinstance(moment, torch.Tensor) else type(moment).__name__
+            raise ValueError(f"statistics for {name} are not a square second-moment matrix: got {shape}")
+        if not moment.is_floating_point() or not bool(torch.isfinite(moment).all()):
+            raise ValueError(f"statistics for {name} hold non-finite values (NaN or inf) or are not floating "
+                             "point: collect them again")
+
+
 def _statistics_tuner(model: nn.Module):
     """The active adapter's tuner if it consumes statistics (AlphaEdit family), else None."""
     from peft import PeftModel
@@ -243,5 +273,11 @@ def attach_statistics(model: nn.Module, statistics: SecondMoments | str | Path) 
     if tuner is None:
         raise TypeError("attach_statistics needs a PeftModel whose active adapter is an AlphaEdit/MEMIT/ROME adapter")
     if not isinstance(statistics, SecondMoments):
+        if not isinstance(statistics, (str, Path)):
+            raise TypeError(f"statistics must be a SecondMoments or the path of a file written by "
+                            f"SecondMoments.save_file, got {type(statistics).__name__}")
+        if not Path(statistics).is_file():
+            raise FileNotFoundError(f"statistics file not found: {statistics}")
         statistics = SecondMoments.load_file(statistics)
+    check_moments(statistics)
     tuner.attach_statistics(statistics, adapter_name)

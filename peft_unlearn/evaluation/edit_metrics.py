@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from ..editing import check_tokenizer_matches
 from ..losses import labelled_logits
 from ..metrics import (
     answer_accuracy,
@@ -138,6 +139,9 @@ def evaluate_editing(
 ) -> EvaluationReport:
     """Reliability on ``edits``, generalization on ``rephrases`` (the edits asked differently, same targets) and
     locality on ``unrelated`` prompts (with their original answers), each teacher-forced and by generation."""
+    check_tokenizer_matches(model, tokenizer)
+    if reference_model is not None:
+        check_tokenizer_matches(reference_model, tokenizer)
     options = dict(batch_size=batch_size, chat_template=chat_template, max_new_tokens=max_new_tokens)
     data: dict = {"reliability": edit_success(model, tokenizer, edits, **options)}
     notes = []

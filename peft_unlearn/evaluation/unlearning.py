@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.refusals import is_refusal
+from ..editing import check_tokenizer_matches
 from . import tofu
 from .qa import PARAPHRASED_QUESTION, PERTURBED_ANSWER, QAData, QASet, as_qa_set
 from .report import EvaluationReport
@@ -120,6 +121,9 @@ def evaluate_unlearning(
     (``model_utility_from`` lists them). What could not be computed is said in ``notes``. ``max_new_tokens``
     defaults, per set, to the longest answer plus a margin.
     """
+    check_tokenizer_matches(model, tokenizer)
+    if retain_model is not None:
+        check_tokenizer_matches(retain_model, retain_tokenizer or tokenizer)
     utility_sets = dict(utility_sets or {})
     clashing = sorted(set(utility_sets) & {"forget", "retain", *SUMMARY_KEYS})
     if clashing:

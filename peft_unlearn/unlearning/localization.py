@@ -203,7 +203,12 @@ class MaskedGradients:
 
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         parameters = dict(model.named_parameters())
+        if not masks:
+            raise ValueError("parameter_masks is empty: it would freeze every parameter and train nothing; give at "
+                             "least one mask, or no parameter_masks to train the whole adapter")
         for name, mask in masks.items():
+            if not isinstance(mask, torch.Tensor):
+                raise ValueError(f"mask {name!r} must be a bool tensor, got {type(mask).__name__}")
             if name not in parameters:
                 raise ValueError(f"mask {name!r} is not a parameter of {type(model).__name__}")
             parameter = parameters[name]
@@ -213,6 +218,9 @@ class MaskedGradients:
                 raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(parameter.shape)}")
             if not parameter.requires_grad:
                 raise ValueError(f"mask {name!r} is on a parameter that does not require grad (it cannot train)")
+        if not any(bool(mask.any()) for mask in masks.values()):
+            raise ValueError("parameter_masks select no element (every mask is all False): training would change "
+                             "nothing")
         self._frozen = [p for name, p in parameters.items() if p.requires_grad and name not in masks]
         for parameter in self._frozen:
             parameter.requires_grad_(False)

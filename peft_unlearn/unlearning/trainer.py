@@ -77,12 +77,14 @@ class UnlearningArguments(TrainingArguments):
             raise ValueError("remove_unused_columns must be False: UnlearningTrainer builds its own paired batches")
         if self.beta is None:
             self.beta = loss.default_beta
-        if loss.default_beta is not None and not self.beta > 0:
-            raise ValueError(f"beta must be positive for {self.unlearn_loss!r}, got {self.beta}")
-        if not self.forget_weight > 0:
-            raise ValueError(f"forget_weight must be positive, got {self.forget_weight}")
-        if self.retain_weight < 0:
-            raise ValueError(f"retain_weight must not be negative, got {self.retain_weight}")
+        if loss.default_beta is not None and not 0 < self.beta < math.inf:
+            raise ValueError(f"beta must be a positive finite number for {self.unlearn_loss!r}, got {self.beta}")
+        if not 0 < self.forget_weight < math.inf:
+            raise ValueError(f"forget_weight must be a positive finite number, got {self.forget_weight}")
+        if not 0 <= self.retain_weight < math.inf:
+            raise ValueError(f"retain_weight must be a finite number >= 0, got {self.retain_weight}")
+        if not math.isfinite(self.delta):
+            raise ValueError(f"delta must be a finite number, got {self.delta}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (one prompt and one answer token), got {self.max_length}")
 
@@ -229,8 +231,14 @@ class UnlearningTrainer(Trainer):
                     f"{args.unlearn_loss!r} answers the forget questions with refusals: forget_dataset needs "
                     "'question' and 'answer' columns, not raw 'text'"
                 )
+            if isinstance(refusals, str):
+                raise TypeError("refusals must be a list of refusal texts, not one string (it would be read "
+                                "character by character)")
             if not refusals:
                 raise ValueError("refusals is empty: give at least one refusal text")
+            blank = [i for i, text in enumerate(refusals) if not isinstance(text, str) or not text.strip()]
+            if blank:
+                raise ValueError(f"refusals {blank[:10]} are empty or not strings: every refusal must be a text")
             forget_refusal = refusal_rows(tokenizer, forget_rows, refusals, **options)
         retain = None
         if with_retain:

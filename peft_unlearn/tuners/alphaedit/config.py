@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -130,9 +131,18 @@ class AlphaEditConfig(PeftConfig):
             self.target_modules = [self.target_modules]
         if self.solver == "rome" and self.layers is not None and len(self.layers) != 1:
             raise ValueError(f"the rome solver edits exactly one layer, got layers={self.layers}")
-        for name in ("nullspace_threshold", "l2", "v_lr", "clamp_norm_factor"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("nullspace_threshold", "l2", "v_lr", "clamp_norm_factor", "refine_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("preservation_weight", "refine_margin", "refine_preservation", "v_weight_decay", "kl_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("refine_steps", "rehearse_edits", "v_steps", "n_context_templates", "rounds", "rank", "n_edits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.refine_steps < 0 or self.refine_lr <= 0 or self.refine_margin < 0 or self.refine_preservation < 0:
             raise ValueError("refine_steps, refine_margin and refine_preservation must not be negative, refine_lr "
                              "must be positive")

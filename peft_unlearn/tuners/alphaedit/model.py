@@ -192,6 +192,15 @@ class AlphaEditModel(EditingTuner):
         """
         if options:
             raise TypeError(f"unknown options for alphaedit: {sorted(options)}")
+        for name, value in (("batch_size", batch_size), ("target_batch_size", target_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(merge_queries, bool):
+            raise TypeError(f"merge_queries must be True or False, got {merge_queries!r}")
+        if templates is not None and (isinstance(templates, str) or not templates
+                                      or not all(isinstance(t, str) and "{}" in t for t in templates)):
+            raise ValueError("templates must be a non-empty list of strings, each with a '{}' where the prompt goes; "
+                             f"got {templates!r}")
         config: AlphaEditConfig = self.peft_config[adapter_name]
         no_subject = [i for i, r in enumerate(requests) if r.subject is None]
         if no_subject and "subject" in config.positions:

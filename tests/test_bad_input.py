@@ -1,0 +1,139 @@
+"""Bad input is refused early, with a message naming the problem, and leaves the model as it was."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import peft_unlearn
+from peft_unlearn import EditRequest, edit, remove_edits
+
+from .conftest import tiny_gpt2
+from .test_editing import WORDS, adapter_state, word_model
+
+REQUEST = [EditRequest("w1 w2 w3", "w5 w6", subject="w2")]
+
+
+def assert_unchanged(before, model):
+    after = adapter_state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", ["nullspace_threshold", "l2", "v_lr", "refine_lr", "clamp_norm_factor",
+                                  "kl_factor", "v_weight_decay", "preservation_weight", "refine_margin",
+                                  "refine_preservation"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0])
+def test_alphaedit_config_refuses_non_finite_or_negative_numbers(name, value):
+    """A NaN l2, v_lr, refine_lr or weight decay (or an infinite refine_preservation) wrote NaN into the adapter."""
+    with pytest.raises(ValueError, match=name):
+        peft_unlearn.AlphaEditConfig(**{name: value})
+
+
+@pytest.mark.parametrize("option", ["batch_size", "target_batch_size"])
+@pytest.mark.parametrize("value", [-1, 0, 1.5, "2"])
+def test_alphaedit_refuses_bad_batch_sizes_and_keeps_its_counters(option, value):
+    """batch_size=-1 failed after counting the requests as edits (edit ids skipped); target_batch_size=-1 failed
+    with an UnboundLocalError."""
+    model, tokenizer = word_model(lambda: peft_unlearn.AlphaEditConfig(layers=[1], refine_steps=2, v_steps=2))
+    before, n_edits = adapter_state(model), model.peft_config["default"].n_edits
+    with pytest.raises(ValueError, match=option):
+        edit(model, tokenizer, REQUEST, progress=False, **{option: value})
+    assert_unchanged(before, model)
+    assert model.peft_config["default"].n_edits == n_edits
+    assert edit(model, tokenizer, REQUEST, progress=False).edit_ids == [n_edits]
+
+
+def test_grace_remove_edits_refuses_a_string_or_non_integer_ids():
+    """remove_edits("12") removed edits 1 and 2 (the string read character by character); 1.5 removed edit 1."""
+    model, tokenizer = word_model(lambda: peft_unlearn.GraceConfig(layer=1, n_iter=5))
+    for prompt in ("w1 w2 w3", "w5 w6 w7", "w2 w4 w6"):
+        edit(model, tokenizer, [EditRequest(prompt, "w8")], progress=False)
+    before = adapter_state(model)
+    for ids in ("12", [1.5], [True], None):
+        with pytest.raises(TypeError, match="edit"):
+            remove_edits(model, ids)
+    assert_unchanged(before, model)
+    assert remove_edits(model, [torch.tensor(2)]) > 0
+
+
+@pytest.mark.parametrize("make_config", [lambda: peft_unlearn.GraceConfig(layer=1, n_iter=5),
+                                         lambda: peft_unlearn.WiseConfig(layer=1, n_iter=5)])
+def test_unrelated_as_one_string_is_refused(make_config):
+    model, tokenizer = word_model(make_config)
+    before = adapter_state(model)
+    with pytest.raises(TypeError, match="unrelated must be a list"):
+        edit(model, tokenizer, REQUEST, unrelated="w5 w6 w7", progress=False)
+    assert_unchanged(before, model)
+
+
+def test_requests_and_tokenizer_of_the_wrong_kind_are_refused():
+    """One string, one mapping or None as the requests were iterated (a string character by character); no
+    tokenizer failed deep inside with 'object of type NoneType has no len()'."""
+    model, tokenizer = word_model(lambda: peft_unlearn.GraceConfig(layer=1, n_iter=5))
+    before = adapter_state(model)
+    for requests in ("w1 w2 w3", {"prompt": "w1", "target": "w2"}, None):
+        with pytest.raises(TypeError, match="requests must be a list"):
+            edit(model, tokenizer, requests, progress=False)
+    with pytest.raises(TypeError, match="tokenizer"):
+        edit(model, None, REQUEST, progress=False)
+    assert_unchanged(before, model)
+    peft_unlearn.requests.as_edit_requests([{"prompt": "w1", "target": "w2", "id": 7}])  # other fields are carried
+
+
+def test_forget_requests_refuses_one_string():
+    with pytest.raises(TypeError, match="questions must be a list"):
+        peft_unlearn.forget_requests("Where was Alve Kelby born?")
+
+
+def test_statistics_refuse_non_finite_moments_a_mismatched_tokenizer_and_long_texts_are_cut():
+    """MEMIT took NaN statistics and wrote NaN into the adapter; AlphaEdit blamed nullspace_threshold. A tokenizer
+    larger than the embedding failed with a raw IndexError, and so did a text longer than the model's context."""
+    from peft_unlearn.testing import train_tokenizer
+
+    model, tokenizer = word_model(lambda: peft_unlearn.MemitConfig(layers=[1], v_steps=2))
+    name = next(iter(model.base_model.edited_layers("default")))
+    dim = model.base_model.edited_layers("default")[name].in_features
+    before = adapter_state(model)
+    for moment in (torch.full((dim, dim), math.nan), torch.zeros(dim, 3)):
+        with pytest.raises(ValueError, match=name):
+            peft_unlearn.attach_statistics(model, peft_unlearn.SecondMoments({name: moment}))
+    with pytest.raises(TypeError, match="SecondMoments"):
+        peft_unlearn.attach_statistics(model, {name: torch.eye(dim)})
+    bigger = train_tokenizer(WORDS + [" ".join(f"x{i}" for i in range(60))], "word", vocab_size=80)
+    with pytest.raises(ValueError, match="mismatched tokenizer"):
+        peft_unlearn.collect_statistics(model, bigger, ["x1 x2 x3"], progress=False)
+    assert_unchanged(before, model)
+    peft_unlearn.collect_statistics(model, tokenizer, [" ".join(["w1"] * 100)], progress=False)  # cut to 64
+
+
+def test_unlearning_refuses_non_finite_coefficients_and_a_refusal_string(tmp_path):
+    """delta=nan (SimNPO) and beta=inf (NPO) trained NaN into the adapter; refusals="..." made each refusal one
+    character, and an empty refusal left only the eos to learn."""
+    from peft_unlearn import UnlearningArguments, UnlearningTrainer
+    from peft_unlearn.testing import train_tokenizer
+
+    output = str(tmp_path)
+    for options in (dict(delta=math.nan, unlearn_loss="simnpo"), dict(beta=math.inf), dict(retain_weight=math.nan),
+                    dict(retain_weight=math.inf, unlearn_loss="grad_diff")):
+        with pytest.raises(ValueError, match=next(k for k in options if k != "unlearn_loss")):
+            UnlearningArguments(output_dir=output, report_to=[], **options)
+    tokenizer = train_tokenizer(WORDS, "word", vocab_size=40)
+    model = get_peft_model(tiny_gpt2(vocab_size=len(tokenizer)),
+                           peft_unlearn.UIPELoraConfig(target_modules=["c_attn"], r=2))
+    args = UnlearningArguments(output_dir=output, report_to=[], unlearn_loss="refusal", use_cpu=True)
+    pairs = [("w1 w2", "w3 w4")]
+    before = adapter_state(model)
+    with pytest.raises(TypeError, match="refusals must be a list"):
+        UnlearningTrainer(model, args, pairs, pairs, processing_class=tokenizer, refusals="w7 w8")
+    with pytest.raises(ValueError, match="empty or not strings"):
+        UnlearningTrainer(model, args, pairs, pairs, processing_class=tokenizer, refusals=["w7", " "])
+    name = next(n for n, p in model.named_parameters() if p.requires_grad)
+    npo = UnlearningArguments(output_dir=output, report_to=[], use_cpu=True, weight_decay=0.0)
+    for masks in ({}, {name: torch.zeros_like(dict(model.named_parameters())[name], dtype=torch.bool)}):
+        with pytest.raises(ValueError, match="parameter_masks"):
+            UnlearningTrainer(model, npo, pairs, pairs, processing_class=tokenizer, parameter_masks=masks)
+    assert_unchanged(before, model)
+    assert any(p.requires_grad for p in model.parameters())
