@@ -121,15 +121,15 @@ def evaluate_unlearning(
     (``model_utility_from`` lists them). What could not be computed is said in ``notes``. ``max_new_tokens``
     defaults, per set, to the longest answer plus a margin.
     """
-    check_tokenizer_matches(model, tokenizer)
-    if retain_model is not None:
-        check_tokenizer_matches(retain_model, retain_tokenizer or tokenizer)
     utility_sets = dict(utility_sets or {})
     clashing = sorted(set(utility_sets) & {"forget", "retain", *SUMMARY_KEYS})
     if clashing:
         raise ValueError(f"utility set names {clashing} are reserved by the report; rename them")
     sets = {"forget": (as_qa_set(forget), "forget"), "retain": (as_qa_set(retain), "retain")}
     sets.update({name: (as_qa_set(data), "utility") for name, data in utility_sets.items()})
+    check_tokenizer_matches(model, tokenizer)
+    if retain_model is not None:
+        check_tokenizer_matches(retain_model, retain_tokenizer or tokenizer)
     options = dict(batch_size=batch_size, chat_template=chat_template, progress=progress)
 
     data: dict = {}
