@@ -626,9 +626,9 @@ def test_bad_inputs_are_refused_with_the_problem_named(tofu, tmp_path):
     with pytest.raises(ValueError, match="needs 'question' and 'answer' columns, not raw 'text'"):
         UnlearningTrainer(model, make_args(tmp_path, "refusal", retain_weight=0.0),
                           forget_dataset=[{"text": "Some text."}], processing_class=tofu.tokenizer)
-    with pytest.raises(ValueError, match="beta must be positive"):
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
         make_args(tmp_path, "npo", beta=0.0)
-    with pytest.raises(ValueError, match="retain_weight must not be negative"):
+    with pytest.raises(ValueError, match="retain_weight must be a finite number >= 0"):
         make_args(tmp_path, "npo", retain_weight=-1.0)
     with pytest.raises(ValueError, match="remove_unused_columns must be False"):
         make_args(tmp_path, "npo", remove_unused_columns=True)
