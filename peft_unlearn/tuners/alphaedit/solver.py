@@ -27,6 +27,7 @@ from ...requests import EditRequest, TokenizedBatch, tokenize_pairs, tokenize_pr
 logger = logging.getLogger(__name__)
 
 EARLY_STOP_NLL = 5e-2
+SOLVE_ROWS = 1024  # rows of the edited keys' second moment projected at a time by the alphaedit solve
 OUTPUT_KEY = "__layer_output__"
 # Generation starters for context templates; the model continues them itself (as in ROME/MEMIT).
 TEMPLATE_STARTERS = ("The", "Therefore", "Because", "I", "You")
@@ -322,20 +323,23 @@ def solve_delta(
     * alphaedit: ``A^T = (P (K_p + K K^T) + l2 I)^-1 P K`` with ``P = U U^T`` the null-space projector: the update
       lies in the null space of the preserved keys and keeps earlier edits' keys (K_p) fixed. Its solution lies in
       the span of U, so it is solved there: ``A^T = U (U^T (K_p + K K^T) U + l2 I_k)^-1 U^T K``, a k x k system
-      instead of a d_in x d_in one, with the d_in-sized products in float32.
+      instead of a d_in x d_in one (in float64, as before: refinement amplifies rounding differences).
     * memit: ``A^T = (w C0 + K_p + K K^T + l2 I)^-1 K`` (least squares under the preserved-key covariance).
     * rome: the minimum-norm update under ``C = w C0 + K_p + l2 I`` that satisfies ``delta K = R`` exactly
       (one rank-one constraint per request).
     """
     residuals = residuals.double()  # [N, d_out]
     if solver == "alphaedit":
-        basis = preservation.float()  # [d_in, k]
-        projected = basis.T @ keys.float().T  # U^T K, [k, N]
+        basis = preservation.double()  # [d_in, k]
+        projected = basis.T @ keys.double().T  # U^T K, [k, N]
         # The ridge is relative to the energy of the keys the update can act on, so one l2 fits any model's scale.
-        ridge = l2 * projected.double().pow(2).sum(0).mean().clamp(min=1e-12)
-        system = (basis.T @ (edited_cov.float() @ basis)).double() + projected.double() @ projected.double().T
+        ridge = l2 * projected.pow(2).sum(0).mean().clamp(min=1e-12)
+        system = projected @ projected.T
+        for rows in torch.arange(edited_cov.shape[0], device=edited_cov.device).split(SOLVE_ROWS):
+            # U^T K_p U a block of K_p's rows at a time: no float64 copy of the d_in x d_in matrix.
+            system += basis[rows].T @ (edited_cov[rows].double() @ basis)
         system.diagonal().add_(ridge)
-        A_T = basis.double() @ torch.linalg.solve(system, projected.double())
+        A_T = basis @ torch.linalg.solve(system, projected)
         return residuals.T.float(), A_T.T.float()
     keys = keys.double()  # [N, d_in]
     preservation = preservation.double()
