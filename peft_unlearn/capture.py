@@ -65,6 +65,14 @@ def num_decoder_layers(model: nn.Module) -> int:
     return len(unwrap_model(model).get_submodule(decoder_layers_path(model)))
 
 
+def check_layer_index(layer: object, name: str = "layer") -> int:
+    """``layer`` if it is a decoder-layer index (an int; negative counts back): '1' or 1.5 used to fail later in a
+    comparison or a module lookup, and AlphaEdit's layers truncated 1.5 to 1."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"{name} must be a decoder-layer index (an integer), got {layer!r}")
+    return layer
+
+
 def decoder_layer_name(model: nn.Module, layer: int) -> str:
     """Module name (relative to the transformers model) of decoder layer ``layer``; negative indices count back."""
     n_layers = num_decoder_layers(model)

@@ -90,6 +90,37 @@ def load_model(name: str):
     return model, tokenizer
 
 
+def load_adapter(model, source: str):
+    """``PeftModel.from_pretrained`` with a broken adapter folder reported as one line: PEFT reads a folder without
+    weights as a Hub repo id, and names an unknown peft_type, a truncated file or another width only in raw
+    errors."""
+    from peft import PeftModel
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from safetensors import SafetensorError
+
+    folder = Path(source)
+    if folder.is_dir():
+        config_file = folder / "adapter_config.json"
+        try:
+            peft_type = json.loads(config_file.read_text(encoding="utf-8")).get("peft_type")
+        except (OSError, ValueError, AttributeError):
+            raise UsageError(f"adapter folder {source} holds no readable adapter_config.json") from None
+        if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+            raise UsageError(f"adapter folder {source} names peft_type {peft_type!r}, which neither PEFT nor "
+                             "peft_unlearn knows (adapter_config.json was edited, or needs another library)")
+        if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise UsageError(f"adapter folder {source} holds no weights (adapter_model.safetensors or .bin)")
+    try:
+        return PeftModel.from_pretrained(model, source)
+    except SafetensorError as error:
+        raise UsageError(f"cannot load adapter {source!r}: its weights file is truncated or corrupted "
+                         f"({error})") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        lines = str(error).splitlines() or [type(error).__name__]
+        detail = next((line.strip() for line in lines if "size mismatch" in line), "")  # torch's shape report
+        raise UsageError(f"cannot load adapter {source!r}: {lines[0]} {detail}".rstrip()) from None
+
+
 def _alpha_or_auto(text: str) -> float | str:
     """``--uipe-alpha``: 'auto' or a number >= 0, checked when the arguments are parsed."""
     from .tuners.uipe.config import check_extrapolation_alpha
@@ -242,12 +273,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     retain = read_records(args.retain, "retain")
     model, tokenizer = load_model(args.model)
     if args.adapter:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, args.adapter)
-        except (OSError, ValueError, KeyError) as error:
-            raise UsageError(f"cannot load adapter {args.adapter!r}: {str(error).splitlines()[0]}") from None
+        model = load_adapter(model, args.adapter)
     retain_model = retain_tokenizer = None
     if args.retain_model:
         retain_model, retain_tokenizer = load_model(args.retain_model)

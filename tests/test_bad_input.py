@@ -137,3 +137,83 @@ def test_unlearning_refuses_non_finite_coefficients_and_a_refusal_string(tmp_pat
             UnlearningTrainer(model, npo, pairs, pairs, processing_class=tokenizer, parameter_masks=masks)
     assert_unchanged(before, model)
     assert any(p.requires_grad for p in model.parameters())
+
+
+def test_unlearning_refuses_a_reference_model_of_another_vocabulary(tmp_path):
+    """An explicit reference whose embedding cannot hold the tokenizer's ids failed later, inside a forward."""
+    from peft_unlearn import UnlearningArguments, UnlearningTrainer
+    from peft_unlearn.testing import train_tokenizer
+
+    tokenizer = train_tokenizer(WORDS, "word", vocab_size=40)
+    model = get_peft_model(tiny_gpt2(vocab_size=len(tokenizer)),
+                           peft_unlearn.UIPELoraConfig(target_modules=["c_attn"], r=2))
+    args = UnlearningArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    pairs = [("w1 w2", "w3 w4")]
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match="reference_model: mismatched tokenizer"):
+        UnlearningTrainer(model, args, pairs, pairs, processing_class=tokenizer,
+                          reference_model=tiny_gpt2(vocab_size=5))
+    assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("make_config", [lambda **kw: peft_unlearn.GraceConfig(**kw),
+                                         lambda **kw: peft_unlearn.WiseConfig(**kw)], ids=["grace", "wise"])
+@pytest.mark.parametrize("layer", ["1", 1.5, True])
+def test_a_layer_that_is_not_an_integer_is_refused(make_config, layer):
+    """layer="1" failed with "'<=' not supported between int and str", 1.5 with "GPT2Block has no attribute 5"."""
+    with pytest.raises(ValueError, match="layer must be a decoder-layer index"):
+        make_config(layer=layer)
+
+
+def test_alphaedit_refuses_fractional_or_repeated_layers_and_empty_target_modules():
+    """layers=[1.5] was truncated to layer 1, layers=[1, 1] edited one module as two, target_modules=[] fell back
+    to the default layers."""
+    with pytest.raises(ValueError, match="layers must be a decoder-layer index"):
+        peft_unlearn.AlphaEditConfig(layers=[1.5])
+    with pytest.raises(ValueError, match="target_modules must not be empty"):
+        peft_unlearn.AlphaEditConfig(target_modules=[])
+    for layers in ([1, 1], [1, -1]):
+        base = tiny_gpt2()
+        before = {k: v.clone() for k, v in base.state_dict().items()}
+        with pytest.raises(ValueError, match="edit a module twice"):
+            get_peft_model(base, peft_unlearn.AlphaEditConfig(layers=layers))
+        assert base.state_dict().keys() == before.keys() and not any("base_layer" in n for n, _ in base.named_modules())
+
+
+@pytest.mark.parametrize("make_config", [lambda name: peft_unlearn.GraceConfig(target_modules=name),
+                                         lambda name: peft_unlearn.WiseConfig(target_modules=name),
+                                         lambda name: peft_unlearn.AlphaEditConfig(target_modules=[name])],
+                         ids=["grace", "wise", "alphaedit"])
+@pytest.mark.parametrize(("name", "message"), [
+    ("   ", "full dotted module names, got '   '"),
+    ("", "full dotted module names, got ''"),
+    ("nope", "no module 'nope'.*none ends in it"),
+    ("c_proj", r"no module 'c_proj'.*ending in it: transformer\.h\.0\.attn\.c_proj, transformer\.h\.0\.mlp\.c_proj"),
+], ids=["blank", "empty", "unknown", "short"])
+def test_a_target_module_that_is_not_a_full_name_is_refused_with_candidates(make_config, name, message):
+    """A torch AttributeError ('GPT2LMHeadModel has no attribute c_proj') gave no hint that a full dotted name is
+    needed; '' named the whole model."""
+    base = tiny_gpt2()
+    with pytest.raises(AttributeError, match=message):
+        get_peft_model(base, make_config(name))
+    assert not any("base_layer" in n for n, _ in base.named_modules())
+
+
+def test_export_lora_never_overwrites_another_folder(tmp_path):
+    """export_lora overwrote adapter_config.json in a folder holding another adapter, and gave a raw
+    FileExistsError for a path that is a file."""
+    model = get_peft_model(tiny_gpt2(), peft_unlearn.UIPELoraConfig(target_modules=["c_attn"], r=2))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text('{"mine": 1}')
+    with pytest.raises(ValueError, match="already holds files that peft_unlearn did not write"):
+        peft_unlearn.export_lora(model, other)
+    assert [p.name for p in other.iterdir()] == ["adapter_config.json"]
+    assert (other / "adapter_config.json").read_text() == '{"mine": 1}'
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="is a file"):
+        peft_unlearn.export_lora(model, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+    first = peft_unlearn.export_lora(model, tmp_path / "export")
+    assert peft_unlearn.export_lora(model, first) == first  # an earlier export is replaced
+    assert (first / "adapter_config.json").is_file() and (first / "adapter_model.safetensors").is_file()

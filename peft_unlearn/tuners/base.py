@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from ..capture import (
@@ -25,9 +26,49 @@ from ..editing import EditableTuner
 
 
 class EditingTuner(BaseTuner, EditableTuner):
-    """Exact-name targeting (names are resolved before anything is replaced) and nothing trainable outside edits."""
+    """Exact-name targeting (names are resolved before anything is replaced), nothing trainable outside edits, and
+    loads that take a saved adapter whole or not at all."""
 
     target_module_mapping: dict[str, list[str]] = {}
+    # Config fields that set the adapter's tensor shapes (named when saved shapes disagree with them).
+    recorded_sizes: tuple[str, ...] = ()
+    # Tensors an earlier version of this library saved and this one ignores on load.
+    retired_tensors: tuple[str, ...] = ()
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self.__dict__.setdefault("_created_stamps", {})[adapter_name] = tensor_stamp(model, adapter_name)
+
+    def discard_if_unwritten(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` if nothing was written into it since it was created: PEFT adds an adapter before
+        it reads the saved tensors, so a refused load would otherwise leave an empty adapter behind (and, as the
+        only adapter, the base model's modules wrapped)."""
+        created = self.__dict__.get("_created_stamps", {}).get(adapter_name)
+        if created is None or created != tensor_stamp(self.model, adapter_name):
+            return  # an existing adapter that a load would have overwritten: the refusal left it as it was
+        if list(self.peft_config) == [adapter_name]:
+            self.unload()
+        else:
+            self.delete_adapter(adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name: str, state_dict: dict) -> dict:
+        """PEFT calls this with the saved tensors before copying any of them: a saved adapter that does not fit
+        (tensors missing, another method's, other shapes, NaN) is refused here, with the model as it was."""
+        saved = {key: tensor for key, tensor in state_dict.items()
+                 if tensor_name(key) not in cls.retired_tensors}
+        try:
+            check_saved_adapter(cls, model, config, adapter_name, saved)
+        except ValueError:
+            tuner = getattr(model, "base_model", None)
+            if isinstance(tuner, EditingTuner):
+                tuner.discard_if_unwritten(adapter_name)
+            raise
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, saved)
+
+    @classmethod
+    def check_saved_layout(cls, saved: dict[str, torch.Tensor]) -> None:
+        """Refuse saved tensors in a layout of an earlier version that cannot be loaded (none by default)."""
 
     @staticmethod
     def _check_target_module_exists(peft_config, key: str) -> bool:
@@ -62,6 +103,107 @@ class EditingTuner(BaseTuner, EditableTuner):
                 "generate without it"
             )
         yield
+
+
+def target_module(model: nn.Module, name: str) -> nn.Module:
+    """The module ``target_modules`` names. Editing tuners match full dotted names only (one module each), so a
+    blank, short or wrong name is refused (an AttributeError, as torch's lookup raises) with the modules it could
+    mean."""
+    if not isinstance(name, str) or not name.strip():
+        raise AttributeError(f"target_modules must hold full dotted module names, got {name!r}")
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        ending = [found for found, _ in model.named_modules() if found.endswith(f".{name}")]
+        hint = (f"modules ending in it: {', '.join(ending[:4])}{', ...' if len(ending) > 4 else ''} "
+                f"({len(ending)}); name one" if ending else
+                "none ends in it either; give a full name from model.named_modules(), or a layer index")
+        raise AttributeError(
+            f"{type(model).__name__} has no module {name!r}: target_modules takes full dotted module names; "
+            + hint
+        ) from None
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def tensor_name(key: str) -> str:
+    """The tensor's own name in a state-dict key: 'grace_keys' in '....mlp.c_proj.grace_keys'."""
+    return key.rsplit(".", 1)[-1]
+
+
+def tensor_stamp(model: nn.Module, adapter_name: str) -> tuple:
+    """Identity and version of every tensor the tuner layers hold for ``adapter_name``: editing replaces them and a
+    load copies into them, so an equal stamp means nothing was written since."""
+    stamp = []
+    for layer in model.modules():
+        if not isinstance(layer, BaseTunerLayer):
+            continue
+        for name in layer.adapter_layer_names + layer.other_param_names:
+            store = getattr(layer, name, None)
+            if isinstance(store, (nn.ParameterDict, BufferDict)) and adapter_name in store:
+                stamp.append((name, store[adapter_name].data_ptr(), store[adapter_name]._version))
+    return tuple(stamp)
+
+
+def check_saved_adapter(tuner_cls: type[EditingTuner], model: nn.Module, config, adapter_name: str,
+                        saved: dict[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless ``saved`` (a checkpoint's tensors) holds exactly the tensors this adapter saves,
+    with its shapes and finite values: PEFT alone loads a subset silently (the rest stays zero), ignores another
+    method's tensors, and names a shape conflict only in a raw state-dict error."""
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    method = config.peft_type.value.lower()
+    expected = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in
+                get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False).items()}
+    saved = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in saved.items()}
+    unexpected = sorted(saved.keys() - expected.keys())
+    if unexpected:
+        others = sorted({str(peft_type.value).lower() for peft_type, prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items()
+                         for key in unexpected if tensor_name(key).startswith(prefix)} - {method})
+        if others:
+            raise ValueError(
+                f"the saved adapter holds {' and '.join(others)} tensors ({unexpected[0]}, ...), not {method} ones: "
+                f"it was saved with {others[0]}; load it without a config of another method (and with "
+                "adapter_config.json's peft_type as saved)"
+            )
+        raise ValueError(
+            f"the saved adapter holds tensors a {method} adapter with this config has no place for: "
+            f"{unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}; the config disagrees with the saved weights"
+        )
+    missing = sorted(expected.keys() - saved.keys())
+    if missing:
+        raise ValueError(
+            f"the saved {method} adapter lacks {len(missing)} of its {len(expected)} tensors: {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''}; its weights file is incomplete: save the adapter again"
+        )
+    tuner_cls.check_saved_layout(saved)
+    for key, tensor in saved.items():
+        wanted = tuple(expected[key].shape)
+        if tuple(tensor.shape) != wanted:
+            raise ValueError(
+                f"saved tensor {key} has shape {tuple(tensor.shape)} but this {method} adapter expects {wanted}: "
+                + shape_conflict_cause(tuner_cls, model, config, key, tuple(tensor.shape), wanted)
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"saved tensor {key} holds NaN or infinite values: the adapter file is corrupted; "
+                             "refusing to load it")
+
+
+def shape_conflict_cause(tuner_cls: type[EditingTuner], model: nn.Module, config, key: str,
+                         saved: tuple[int, ...], wanted: tuple[int, ...]) -> str:
+    """The likely cause of a saved shape that differs from the adapter's: a base layer of another width (the
+    differing sizes are this layer's input or output width), or sizes in the config that the file disagrees with."""
+    module_name = key.rsplit(".", 1)[0]
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer = root.get_submodule(module_name)
+    widths = {layer.in_features, layer.out_features}
+    if len(saved) == len(wanted) and all(w in widths for s, w in zip(saved, wanted) if s != w):
+        return (f"the base model's {module_name} takes {layer.in_features} inputs to {layer.out_features} outputs, "
+                "so the adapter was saved on a base model of another width; load it on the model it was made for")
+    sizes = ", ".join(f"{name}={getattr(config, name)}" for name in tuner_cls.recorded_sizes)
+    return (f"the sizes recorded in the adapter's config ({sizes}) disagree with the saved tensors; the config was "
+            "edited or belongs to another save of the adapter")
 
 
 def speculative_decoding(generate_kwargs: dict, model_config: Any) -> str | None:
@@ -255,7 +397,7 @@ class SingleLayerTuner(EditingTuner):
 
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         if peft_config.target_modules:
-            self.model.get_submodule(peft_config.target_modules[0])  # a clear AttributeError for a wrong name
+            target_module(self.model, peft_config.target_modules[0])
             if peft_config.layer is not None:  # a saved config holds both; they must name the same module
                 named = mlp_output_projection_name(self.model, peft_config.layer)
                 if named != peft_config.target_modules[0]:

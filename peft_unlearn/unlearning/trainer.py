@@ -175,6 +175,11 @@ class UnlearningTrainer(Trainer):
             raise ValueError("UnlearningTrainer needs the tokenizer as processing_class to tokenize the datasets")
         tokenizer = processing_class
         check_tokenizer_matches(model, tokenizer)
+        if hasattr(reference_model, "get_input_embeddings"):  # a plain nn.Module reference has no embedding to check
+            try:
+                check_tokenizer_matches(reference_model, tokenizer)
+            except ValueError as error:
+                raise ValueError(f"reference_model: {error}") from None
         self.unlearning_loss = get_unlearning_loss(args.unlearn_loss)
         self.with_retain = self.unlearning_loss.uses_retain and args.retain_weight > 0
         dataset = self._paired_dataset(tokenizer, args, forget_dataset, retain_dataset, refusals)

@@ -8,6 +8,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
+from ...capture import check_layer_index
 from ...registration import peft_type_member
 
 SOLVERS = ("alphaedit", "memit", "rome")
@@ -124,11 +125,15 @@ class AlphaEditConfig(PeftConfig):
         if self.positions not in ("subject", "answer", "subject+answer"):
             raise ValueError(f"positions must be 'subject', 'answer' or 'subject+answer', got {self.positions!r}")
         if self.layers is not None:
-            self.layers = [int(layer) for layer in ([self.layers] if isinstance(self.layers, int) else self.layers)]
+            self.layers = [check_layer_index(layer, "layers") for layer in
+                           ([self.layers] if isinstance(self.layers, int) else self.layers)]
             if not self.layers:
                 raise ValueError("layers must not be empty")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules must not be empty: name the modules to edit, or leave it None for the "
+                             "default layers")
         if self.solver == "rome" and self.layers is not None and len(self.layers) != 1:
             raise ValueError(f"the rome solver edits exactly one layer, got layers={self.layers}")
         for name in ("nullspace_threshold", "l2", "v_lr", "clamp_norm_factor", "refine_lr"):

@@ -20,7 +20,7 @@ from ...capture import (
 from ...editing import adapters_disabled
 from ...requests import EditRequest, chat_formatted, tokenize_pairs
 from ...statistics import SecondMoments, null_space_basis
-from ..base import EditingTuner
+from ..base import EditingTuner, target_module
 from .config import AlphaEditConfig
 from .layer import AlphaEditLayer, AlphaEditLinear
 from .solver import (
@@ -68,6 +68,8 @@ class AlphaEditModel(EditingTuner):
 
     prefix: str = "alphaedit_"
     tuner_layer_cls = AlphaEditLayer
+    recorded_sizes = ("rank",)
+    retired_tensors = ("alphaedit_projector",)  # saved until the null space was derived from the moment on load
 
     # --- PEFT plumbing ------------------------------------------------------------------------------------------
 
@@ -77,22 +79,23 @@ class AlphaEditModel(EditingTuner):
         if peft_config.target_modules:
             names = list(peft_config.target_modules)
             for name in names:
-                self.model.get_submodule(name)  # raises a clear AttributeError for a wrong name
+                target_module(self.model, name)
             layers = [layer_index_of(name) for name in names]
             if peft_config.layers is not None and peft_config.layers != layers:
                 raise ValueError(f"layers={peft_config.layers} disagree with target_modules={names}")
-            peft_config.layers = layers
         else:
             layers = peft_config.layers
             if layers is None:
                 layers = default_layers(num_decoder_layers(self.model), peft_config.solver)
             names = [mlp_output_projection_name(self.model, layer) for layer in layers]
-            peft_config.layers = [layer_index_of(name) for name in names]
-            peft_config.target_modules = names
+            layers = [layer_index_of(name) for name in names]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the adapter would edit a module twice: {names}; name each layer once")
         if peft_config.solver == "rome" and len(names) != 1:
             raise ValueError(f"the rome solver edits exactly one layer, got {names}")
         for name in names:
             linear_shape(self.model.get_submodule(name))  # nn.Linear or Conv1D only
+        peft_config.layers, peft_config.target_modules = layers, names
         return peft_config
 
     def _create_and_replace(

@@ -8,6 +8,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
+from ...capture import check_layer_index
 from ...registration import peft_type_member
 
 
@@ -61,6 +62,8 @@ class GraceConfig(PeftConfig):
             self.target_modules = [self.target_modules]
         if self.target_modules is not None and len(self.target_modules) != 1:
             raise ValueError(f"GRACE wraps exactly one module, got target_modules={self.target_modules}")
+        if self.layer is not None:
+            check_layer_index(self.layer)
         if self.value_init not in ("cold", "warm"):
             raise ValueError(f"value_init must be 'cold' or 'warm', got {self.value_init!r}")
         if self.replacement not in ("last", "prompt", "all", "answer"):

@@ -183,15 +183,6 @@ class GraceLinear(nn.Module, GraceLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
-        for key, tensor in state_dict.items():
-            if key.startswith(prefix + "grace_change_ids.") and tensor.dim() == 2 and tensor.shape[1] == 2:
-                raise ValueError(
-                    f"{key} has the change log of an earlier peft_unlearn (2 columns: rollback by edit, not by entry); "
-                    "this version cannot roll those changes back entry by entry: make the edits again"
-                )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
             "GRACE cannot be merged into the weights: it routes each token through a codebook lookup. "

@@ -248,6 +248,16 @@ class GraceModel(SingleLayerTuner):
     tuner_layer_cls = GraceLayer
     linear_cls = GraceLinear
     default_depth = 0.85
+    recorded_sizes = ("codebook_size", "n_changes")
+
+    @classmethod
+    def check_saved_layout(cls, saved: dict[str, torch.Tensor]) -> None:
+        for key, tensor in saved.items():
+            if key.endswith(".grace_change_ids") and tensor.dim() == 2 and tensor.shape[1] == 2:
+                raise ValueError(
+                    f"{key} has the change log of an earlier peft_unlearn (2 columns: rollback by edit, not by entry); "
+                    "this version cannot roll those changes back entry by entry: make the edits again"
+                )
 
     def grace_layer(self, adapter_name: str) -> tuple[str, GraceLayer]:
         return self.wrapped_layer(adapter_name)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...capture import mixture_of_experts_blocks
+from ...outputs import staged_output
 from .config import UIPELoraConfig, check_extrapolation_alpha
 from .layer import lora_layers, set_layer_extrapolation, update_b_parameter_names
 
@@ -175,7 +176,8 @@ def export_lora(model: PeftModel, path: str | Path, adapter_name: str | None = N
 
     The result loads with stock PEFT (``PeftModel.from_pretrained``) with this library not installed, and gives the
     extrapolated model's outputs: the update is linear in ``lora_B`` (and DoRA reads it only through the same
-    product), so ``scaling * (1 + alpha) * B A == scaling * ((1 + alpha) B) A``.
+    product), so ``scaling * (1 + alpha) * B A == scaling * ((1 + alpha) B) A``. ``path`` must be a new or empty
+    folder, or an earlier export (which is replaced): another adapter's files there are never overwritten.
     """
     adapter_name, config = uipe_adapter(model, adapter_name)
     factor = 1.0 + config.extrapolation_alpha
@@ -196,9 +198,8 @@ def export_lora(model: PeftModel, path: str | Path, adapter_name: str | None = N
         **{f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init and f.name != "peft_type"}
     )
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    lora_config.save_pretrained(path)
-    save_file(state_dict, str(path / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    with staged_output(path) as folder:
+        lora_config.save_pretrained(folder)
+        save_file(state_dict, str(folder / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     logger.info("exported UIPE adapter %s (factor %.3g) as plain LoRA to %s", adapter_name, factor, path)
-    return path
+    return Path(path)

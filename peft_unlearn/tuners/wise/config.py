@@ -8,6 +8,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
+from ...capture import check_layer_index
 from ...registration import peft_type_member
 
 MERGE_METHODS = ("ties", "dare_ties", "linear")
@@ -69,6 +70,8 @@ class WiseConfig(PeftConfig):
             self.target_modules = [self.target_modules]
         if self.target_modules is not None and len(self.target_modules) != 1:
             raise ValueError(f"WISE wraps exactly one module, got target_modules={self.target_modules}")
+        if self.layer is not None:
+            check_layer_index(self.layer)
         if self.merge not in MERGE_METHODS:
             raise ValueError(f"merge must be one of {MERGE_METHODS}, got {self.merge!r}")
         if not 0 < self.mask_ratio <= 1 or not 0 < self.merge_density <= 1:

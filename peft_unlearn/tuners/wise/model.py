@@ -31,6 +31,7 @@ class WiseModel(SingleLayerTuner):
     tuner_layer_cls = WiseLayer
     linear_cls = WiseLinear
     default_depth = 0.75
+    recorded_sizes = ("n_memories", "retrieve", "n_edits")
 
     def wise_layer(self, adapter_name: str) -> WiseLayer:
         return self.wrapped_layer(adapter_name)[1]
