@@ -223,13 +223,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if preserve is not None:
             pu.collect_statistics(model, tokenizer, preserve)
         result = pu.edit(model, tokenizer, requests, **edit_options)
-        metrics = {"edits_per_second": result.edits_per_second}
+        metrics = {"edits_per_second": result.edits_per_second, "reliability_teacher_forced": result.reliability}
         _finish(model, folder, args, args.method, args.model, result.n_requests, metrics,
                 [r.prompt for r in requests])
         (folder / "edit_result.json").write_text(json.dumps(
             {"method": result.method, "n_requests": result.n_requests, "seconds": result.seconds,
-             "edit_ids": result.edit_ids}, indent=2))
-    print(f"{result.n_requests} edits with {args.method} in {result.seconds:.1f}s; adapter written to {args.output}")
+             "edit_ids": result.edit_ids, "reached": result.reached}, indent=2))
+    print(f"{result.n_requests} edits with {args.method} in {result.seconds:.1f}s, {sum(result.reached)} giving their "
+          f"targets (teacher-forced); adapter written to {args.output}")
     return 0
 
 

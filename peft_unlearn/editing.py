@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .capture import context_length
-from .metrics import evaluating
+from .metrics import answer_accuracy, evaluating
 from .refusal_targets import self_improved_requests
 from .requests import EditRequest, as_edit_requests, chat_formatted, tokenize_requests
 
@@ -29,10 +29,18 @@ class EditResult:
     seconds: float
     edit_ids: list[int] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    # Per request: whether the edited model now gives every target token by teacher forcing (checked after the
+    # call, outside ``seconds``); generation, which the metrics measure, can still differ.
+    reached: list[bool] = field(default_factory=list)
 
     @property
     def edits_per_second(self) -> float:
         return self.n_requests / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def reliability(self) -> float:
+        """Fraction of this call's requests whose target the edited model gives (teacher-forced)."""
+        return sum(self.reached) / len(self.reached) if self.reached else float("nan")
 
 
 class EditableTuner:
@@ -273,7 +281,15 @@ def edit(
     outcome = {**extra, **(outcome or {})}
     edit_ids = list(outcome.pop("edit_ids", []))
     logger.info("%s: applied %d edits in %.2fs", method, len(requests), seconds)
-    return EditResult(method, adapter_name, len(requests), seconds, edit_ids, outcome)
+    reached = [score == 1.0 for score in answer_accuracy(
+        model, tokenizer, [(r.prompt, r.target) for r in requests], chat_template=chat_template, per_example=True
+    )]
+    if not all(reached):
+        # A method can finish without fitting every edit (too few steps, unrelated prompts the router cannot tell
+        # from the edits, no room left in the null space): say so rather than leave it to the caller's metrics.
+        logger.warning("%s: %d of %d edits do not give their targets yet (teacher-forced); EditResult.reached "
+                       "marks them", method, len(reached) - sum(reached), len(reached))
+    return EditResult(method, adapter_name, len(requests), seconds, edit_ids, outcome, reached)
 
 
 def remove_edits(model: nn.Module, edit_ids: Sequence[int]) -> int:

@@ -29,6 +29,28 @@ def test_edit_result_reports_speed():
     assert result.edits_per_second == 5.0
 
 
+def test_edit_result_says_which_edits_reach_their_targets(world, trained_models, caplog):
+    """Every call checks, by teacher forcing, which requests the edited model now answers with their targets, and
+    warns when some do not: WISE given the kept people's own questions as unrelated prompts cannot route the edits
+    apart from them and fits none, which used to pass silently."""
+    from peft_unlearn.metrics import answer_accuracy
+
+    base, tokenizer = trained_models("llama")
+    facts = world.forget_facts[:10]
+    requests = peft_unlearn.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    grace = get_peft_model(copy.deepcopy(base), peft_unlearn.GraceConfig())
+    result = edit(grace, tokenizer, requests, progress=False)
+    assert result.reached == [True] * 10 and result.reliability == 1.0
+
+    wise = get_peft_model(copy.deepcopy(base), peft_unlearn.WiseConfig())
+    kept = [q for f in world.retain_facts for q in (f.question, f.paraphrase)]
+    with caplog.at_level("WARNING", logger="peft_unlearn.editing"):
+        result = edit(wise, tokenizer, requests, unrelated=kept, progress=False)
+    scores = answer_accuracy(wise, tokenizer, [(r.prompt, r.target) for r in requests], per_example=True)
+    assert result.reached == [score == 1.0 for score in scores] and result.reliability < 0.5
+    assert f"{10 - sum(result.reached)} of 10 edits do not give their targets" in caplog.text
+
+
 @pytest.mark.parametrize("config", [peft_unlearn.GraceConfig(layer=1), peft_unlearn.WiseConfig(layer=1, n_iter=5),
                                     peft_unlearn.AlphaEditConfig(layers=[1], refine_steps=5)])
 def test_editing_leaves_every_module_in_its_own_mode(config):
