@@ -90,6 +90,9 @@ def forget_requests(
     questions = list(questions)
     if not questions:
         raise ValueError("questions is empty: there is nothing to forget")
+    not_text = [i for i, q in enumerate(questions) if not isinstance(q, str)]
+    if not_text:
+        raise TypeError(f"questions {not_text[:10]} are not strings (e.g. {questions[not_text[0]]!r})")
     if subjects is not None:
         subjects = list(subjects)
         if len(subjects) != len(questions):
@@ -99,7 +102,9 @@ def forget_requests(
     elif isinstance(refusal, str):
         choices = (refusal,)
     else:
-        choices = tuple(refusal)
+        choices = tuple(refusal) if isinstance(refusal, Iterable) else (refusal,)
+        if not all(isinstance(text, str) for text in choices):
+            raise TypeError(f"refusal must be a text, a list of texts or None, got {refusal!r}")
         if not choices:
             raise ValueError("refusal is an empty list: give at least one refusal text or None")
     return [
@@ -175,11 +180,19 @@ def chat_formatted(enabled: bool = True) -> Iterator[None]:
         _CHAT_FORMAT.reset(token)
 
 
+def require_chat_template(tokenizer) -> str:
+    """The tokenizer's chat template, or the library's own error where chat format was asked of a tokenizer without
+    one (transformers' error explains templates at length)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError("chat_template=True but the tokenizer has no chat template")
+    return template
+
+
 def _format_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
     if not chat_template:
         return prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat_template=True but the tokenizer has no chat template")
+    require_chat_template(tokenizer)
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
     )
@@ -193,7 +206,7 @@ def assistant_turn(tokenizer) -> tuple[str, int | None]:
     answer (Llama-2's template puts a space) and the token that ends the turn (ChatML's ``<|im_end|>``, Llama-3's
     ``<|eot_id|>``: the token a chat model ends its answers with, which is not always the tokenizer's eos), None
     where the template shows no special token after the answer. Read once per template from a rendered exchange."""
-    template = getattr(tokenizer, "chat_template", None)
+    template = require_chat_template(tokenizer)
     cache = tokenizer.__dict__.setdefault("_peft_unlearn_assistant_turn", {})
     if template not in cache:
         question = [{"role": "user", "content": _PROBE_QUESTION}]

@@ -83,9 +83,16 @@ def test_requests_and_tokenizer_of_the_wrong_kind_are_refused():
     peft_unlearn.requests.as_edit_requests([{"prompt": "w1", "target": "w2", "id": 7}])  # other fields are carried
 
 
-def test_forget_requests_refuses_one_string():
+def test_forget_requests_refuses_one_string_and_questions_or_refusals_that_are_not_text():
     with pytest.raises(TypeError, match="questions must be a list"):
         peft_unlearn.forget_requests("Where was Alve Kelby born?")
+    with pytest.raises(TypeError, match=r"questions \[1\] are not strings"):  # was: no attribute 'encode'
+        peft_unlearn.forget_requests(["Where was Alve Kelby born?", None])
+    for refusal in (5, ["I don't know.", 5]):  # was: 'int' object is not iterable / a raw hashing error
+        with pytest.raises(TypeError, match="refusal must be a text, a list of texts or None"):
+            peft_unlearn.forget_requests(["Where was Alve Kelby born?"], refusal=refusal)
+    drawn = peft_unlearn.forget_requests(["Q1?", "Q2?"], refusal=(text for text in ["No.", "Unknown."]))
+    assert {r.target for r in drawn} <= {"No.", "Unknown."}  # a generator of refusals is read once
 
 
 def test_statistics_refuse_non_finite_moments_a_mismatched_tokenizer_and_long_texts_are_cut():
@@ -217,3 +224,15 @@ def test_export_lora_never_overwrites_another_folder(tmp_path):
     first = peft_unlearn.export_lora(model, tmp_path / "export")
     assert peft_unlearn.export_lora(model, first) == first  # an earlier export is replaced
     assert (first / "adapter_config.json").is_file() and (first / "adapter_model.safetensors").is_file()
+
+
+def test_evaluation_in_chat_format_names_a_missing_chat_template():
+    """The library's own message, not transformers' lecture on chat templates (which it gave from the answer-end
+    lookup before any prompt was formatted)."""
+    from peft_unlearn.testing import train_tokenizer
+
+    tokenizer = train_tokenizer(WORDS, "word", vocab_size=40)
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    with pytest.raises(ValueError, match="chat_template=True but the tokenizer has no chat template"):
+        peft_unlearn.evaluate_unlearning(model, tokenizer, [("w1 w2", "w3")], [("w2 w3", "w4")],
+                                         chat_template=True, progress=False)
