@@ -14,7 +14,8 @@ import peft_unlearn  # noqa: F401  (registers AlphaEdit, GRACE, WISE and UIPE Lo
 base_name, adapter = sys.argv[1], sys.argv[2]
 tokenizer = AutoTokenizer.from_pretrained(base_name)
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_name), adapter)
-# transformers' own path works too: AutoModelForCausalLM.from_pretrained(base_name).load_adapter(adapter)
+# transformers' own path loads and generates too: AutoModelForCausalLM.from_pretrained(base_name).load_adapter(adapter)
+# (with peft < 0.22, transformers 5 can neither save such an adapter nor switch it with disable_adapters)
 
 prompt = (input("prompt> ") if sys.stdin.isatty() else sys.stdin.readline()).strip()
 if not prompt:

@@ -173,16 +173,28 @@ def _wrap(model, config, method: str):
         raise UsageError(f"bad target_modules for {method}: {error}") from None
 
 
-def _finish(model, folder: Path, args, method: str, base_model: str, n_edits, metrics, forget_texts) -> None:
-    from .hub import find_leaks, push_adapter, write_card
+def _finish(model, folder: Path, method: str, base_model: str, n_edits, metrics, forget_texts) -> None:
+    from .hub import find_leaks, write_card
 
     model.save_pretrained(folder)
     write_card(folder, method, base_model, n_edits, metrics)
     leaks = find_leaks(folder, forget_texts)
     if leaks:
         raise UsageError(f"forget texts leaked into {leaks}; nothing was written")
-    if args.push_to_hub:
+
+
+def _push(args, folder: Path, forget_texts) -> None:
+    """Upload the adapter once its output folder is in place: a failed upload keeps the finished work."""
+    if not args.push_to_hub:
+        return
+    from .hub import push_adapter
+
+    try:
         push_adapter(folder, args.push_to_hub, forget_texts)
+    except Exception as error:  # network, credentials, repository rights: all leave the local adapter as written
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"the adapter is written to {folder}, but uploading it to {args.push_to_hub} failed: "
+                         f"{first_line}; upload it later with peft_unlearn.hub.push_adapter") from None
 
 
 # --- commands -----------------------------------------------------------------------------------------------------
@@ -224,11 +236,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
             pu.collect_statistics(model, tokenizer, preserve)
         result = pu.edit(model, tokenizer, requests, **edit_options)
         metrics = {"edits_per_second": result.edits_per_second, "reliability_teacher_forced": result.reliability}
-        _finish(model, folder, args, args.method, args.model, result.n_requests, metrics,
-                [r.prompt for r in requests])
+        _finish(model, folder, args.method, args.model, result.n_requests, metrics, [r.prompt for r in requests])
         (folder / "edit_result.json").write_text(json.dumps(
             {"method": result.method, "n_requests": result.n_requests, "seconds": result.seconds,
              "edit_ids": result.edit_ids, "reached": result.reached}, indent=2))
+    _push(args, Path(args.output), [r.prompt for r in requests])
     print(f"{result.n_requests} edits with {args.method} in {result.seconds:.1f}s, {sum(result.reached)} giving their "
           f"targets (teacher-forced); adapter written to {args.output}")
     return 0
@@ -260,9 +272,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                                            uipe_alpha=args.uipe_alpha, output_dir=str(folder / "checkpoints"),
                                            **options)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-        _finish(model, folder / "adapter", args, f"{args.method} + uipe", args.model, None, summary,
-                [str(r.get("question", r.get("text", ""))) for r in forget])
+        forget_texts = [str(r.get("question", r.get("text", ""))) for r in forget]
+        _finish(model, folder / "adapter", f"{args.method} + uipe", args.model, None, summary, forget_texts)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    _push(args, Path(args.output) / "adapter", forget_texts)
     print(f"unlearned {len(forget)} rows with {args.method}; adapter written to {args.output}/adapter")
     return 0
 

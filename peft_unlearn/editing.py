@@ -254,8 +254,18 @@ def edit(
     chat template answered by the target (as the metrics' ``chat_template=True`` read it); everything the method
     tokenizes, unrelated prompts included, is formatted the same way. Method-specific options (e.g. ``unrelated``
     for WISE, ``merge_queries`` for AlphaEdit/MEMIT/ROME, ``batch_size``) are passed through to the method.
+    With several adapters, the active one is edited (``model.set_adapter(name)`` first); ``adapter_name=`` is
+    accepted only when it names the active adapter.
     """
     tuner, adapter_name = _editing_tuner(model, "peft_unlearn.edit")
+    if "adapter_name" in options:
+        # The methods take the adapter from here; passing it on failed with "got multiple values for argument".
+        wanted = options.pop("adapter_name")
+        if wanted != adapter_name:
+            raise ValueError(
+                f"peft_unlearn.edit edits the active adapter ({adapter_name!r}), not adapter_name={wanted!r}: call "
+                f"model.set_adapter({wanted!r}) first"
+            )
     if tokenizer is None or not callable(tokenizer):
         raise TypeError(f"peft_unlearn.edit needs the model's tokenizer, got {tokenizer!r}")
     requests = as_edit_requests(requests)
@@ -266,7 +276,8 @@ def edit(
     check_adapters_enabled(model)
     check_edited_layers_resident(model, adapter_name)
     check_consistent_targets(requests)
-    method = model.peft_config[adapter_name].peft_type.value.lower()
+    config = model.peft_config[adapter_name]
+    method = getattr(config, "solver", None) or config.peft_type.value.lower()  # MEMIT and ROME are AlphaEdit's
     start = time.perf_counter()
     extra: dict[str, Any] = {}
     with evaluating(model), chat_formatted(chat_template):

@@ -115,6 +115,32 @@ def test_edit_writes_an_adapter_and_a_card_without_forget_texts(tmp_path, model_
     assert result["n_requests"] == 3
 
 
+def test_a_failed_upload_keeps_the_written_adapter(tmp_path, model_dir, world, monkeypatch, capsys):
+    """The upload ran inside the staging folder: a failed push (offline, credentials) threw the finished adapter
+    away with a traceback. Now the adapter is in place first and the failure is one line saying where it is."""
+    import huggingface_hub
+
+    class OfflineApi:
+        def __init__(self, **kwargs):
+            pass
+
+        def create_repo(self, *args, **kwargs):
+            raise ConnectionError("offline mode is enabled\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    facts = world.forget_facts[:2]
+    requests = [{"prompt": r.prompt, "target": r.target}
+                for r in pu.forget_requests([f.question for f in facts], [f.subject for f in facts])]
+    code = main(["edit", "--model", str(model_dir), "--method", "grace", "--requests",
+                 str(write_jsonl(tmp_path / "requests.jsonl", requests)), "--output", str(tmp_path / "adapter"),
+                 "--push-to-hub", "me/repo"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and not any(line.startswith("Traceback") for line in error)
+    assert "written to" in error[-1] and "uploading it to me/repo failed: offline mode is enabled" in error[-1]
+    assert json.loads((tmp_path / "adapter" / "edit_result.json").read_text())["n_requests"] == 2
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
 def test_output_never_replaces_files_it_did_not_write(tmp_path, model_dir, world, monkeypatch, capsys):
     facts = world.forget_facts[:2]
     requests = [{"prompt": r.prompt, "target": r.target, "subject": r.subject}

@@ -277,3 +277,24 @@ def test_wise_edits_a_float16_model_in_float32(world, trained_models):
         assert all(bool(torch.isfinite(t).all()) for t in (layer.wise_working["default"], layer.thresholds("default")))
         matched[dtype] = generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests])
     assert matched[torch.float32] > 0 and abs(matched[torch.float16] - matched[torch.float32]) <= 0.1
+
+
+ONE_REQUEST = [EditRequest("w1 w2 w3", "w5 w6", subject="w2")]
+
+
+def test_adapter_name_of_the_active_adapter_is_accepted_and_memit_rome_report_themselves():
+    """edit(adapter_name=...) failed with "apply_edits() got multiple values for argument 'adapter_name'"."""
+    model, tokenizer = word_model(peft_unlearn.GraceConfig, adapter_name="first")
+    result = edit(model, tokenizer, ONE_REQUEST, adapter_name="first", progress=False)
+    assert result.adapter_name == "first" and result.n_requests == 1
+    for config, name in ((peft_unlearn.RomeConfig(layers=[1], v_steps=2), "rome"),
+                         (peft_unlearn.MemitConfig(layers=[1], v_steps=2), "memit")):
+        model, tokenizer = word_model(lambda: config)
+        assert edit(model, tokenizer, ONE_REQUEST, progress=False).method == name  # was "alphaedit"
+
+
+def test_adapter_name_of_another_adapter_names_set_adapter():
+    model, tokenizer = word_model(peft_unlearn.GraceConfig, adapter_name="first")
+    model.add_adapter("second", peft_unlearn.GraceConfig())
+    with pytest.raises(ValueError, match=r"active adapter \('first'\).*set_adapter\('second'\)"):
+        edit(model, tokenizer, ONE_REQUEST, adapter_name="second", progress=False)

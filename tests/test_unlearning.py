@@ -662,3 +662,35 @@ def test_a_shared_reference_a_mismatched_tokenizer_and_rows_past_the_context_are
     with pytest.raises(ValueError, match="train_sampling_strategy='group_by_length'"):
         make_trainer(tofu, lora_model(tofu), make_args(output_dir, "npo", train_sampling_strategy="group_by_length"))
     assert not output_dir.exists()
+
+
+def transformers_can_save_adapters() -> bool:
+    from transformers.integrations import peft as transformers_peft
+
+    minimum = getattr(transformers_peft, "MIN_PEFT_VERSION", None)
+    try:
+        if minimum is not None:
+            transformers_peft.check_peft_version(min_version=minimum)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(transformers_can_save_adapters(), reason="transformers can save adapters with this peft")
+def test_an_adapter_transformers_cannot_save_is_refused_before_training(trained_models, world, tmp_path):
+    """transformers' load_adapter path needs a newer peft to save: the Trainer trained every step, then failed on its
+    checkpoint ("The version of PEFT you are using is not compatible")."""
+    base, tokenizer = trained_models("llama")
+    get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    model = copy.deepcopy(base)
+    model.load_adapter(str(tmp_path / "lora"), is_trainable=True)
+    forget = [f.pair for f in world.forget_facts[:8]]
+    options = dict(output_dir=str(tmp_path / "run"), unlearn_loss="ga", max_steps=1, per_device_train_batch_size=4,
+                   report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match=r"PeftModel.from_pretrained\(.*is_trainable=True\).*save_strategy='no'"):
+        UnlearningTrainer(model, UnlearningArguments(**options), forget_dataset=forget,
+                             processing_class=tokenizer)
+    # Without checkpoints it trains as before (the reference is the model with its adapter disabled).
+    trainer = UnlearningTrainer(model, UnlearningArguments(**options, save_strategy="no"),
+                                   forget_dataset=forget, processing_class=tokenizer)
+    assert trainer.train().global_step == 1

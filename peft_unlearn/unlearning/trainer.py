@@ -104,6 +104,32 @@ class RetainPairingCallback(TrainerCallback):
         self.dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
 
 
+def check_transformers_can_save_adapter(model: nn.Module, args: TrainingArguments) -> None:
+    """Refuse, before training, an adapter attached with transformers' ``load_adapter`` that transformers cannot
+    save: its PEFT integration (``get_adapter_state_dict``, ``active_adapters``) needs a newer peft than the one
+    installed, so the Trainer's checkpoint failed only after all the training steps had run."""
+    if isinstance(model, PeftModel) or not getattr(model, "_hf_peft_config_loaded", False):
+        return
+    strategy = getattr(args.save_strategy, "value", args.save_strategy)
+    if strategy == "no":
+        return
+    try:
+        from transformers.integrations import peft as transformers_peft
+
+        minimum = getattr(transformers_peft, "MIN_PEFT_VERSION", None)
+        if minimum is not None:
+            transformers_peft.check_peft_version(min_version=minimum)
+    except ValueError:
+        import peft
+
+        raise ValueError(
+            f"this transformers saves adapters attached with model.load_adapter only with peft>={minimum} (found "
+            f"peft {peft.__version__}), so the Trainer's checkpoints would fail after training: load the adapter with "
+            "peft.PeftModel.from_pretrained(model, adapter, is_trainable=True) instead, or set save_strategy='no' "
+            "and save it yourself"
+        ) from None
+
+
 class UnlearningTrainer(Trainer):
     """Unlearn ``forget_dataset`` while keeping ``retain_dataset``, with ``args.unlearn_loss``.
 
@@ -173,6 +199,7 @@ class UnlearningTrainer(Trainer):
             )
         if processing_class is None:
             raise ValueError("UnlearningTrainer needs the tokenizer as processing_class to tokenize the datasets")
+        check_transformers_can_save_adapter(model, args)
         tokenizer = processing_class
         check_tokenizer_matches(model, tokenizer)
         if hasattr(reference_model, "get_input_embeddings"):  # a plain nn.Module reference has no embedding to check
