@@ -229,6 +229,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if not args.preserve:
             raise UsageError(f"{args.method} needs --preserve: texts whose knowledge must stay (JSON/JSONL/txt)")
         preserve = _read_texts(args.preserve)
+    elif args.preserve:
+        raise UsageError(f"--preserve is read by alphaedit, memit and rome only; {args.method} takes the prompts it "
+                         "must leave alone from --config, as 'edit: {unrelated: [...]}'")
     model, tokenizer = load_model(args.model)
     model = _wrap(model, config, args.method)
     with staged_output(args.output) as folder:

@@ -74,6 +74,10 @@ def test_help_documents_every_command(capsys):
                        str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--config",
                        str(write_text(d / "c.yaml", "n_iter: abc")), "--output", str(d / "out")],
          "option 'n_iter' of wise must be an integer"),
+        (lambda d, m: ["edit", "--model", str(m), "--method", "grace", "--requests",
+                       str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--preserve",
+                       str(write_text(d / "keep.txt", "a b c")), "--output", str(d / "out")],
+         "--preserve is read by alphaedit, memit and rome only"),  # was ignored silently
     ],
 )
 def test_bad_input_ends_with_one_line_and_no_output(tmp_path, model_dir, capsys, make_args, message):
