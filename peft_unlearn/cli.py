@@ -204,6 +204,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # the bar of loading the cached fact model
     report = run_demo(args.output, n_subjects=args.subjects, methods=methods, arch=args.arch,
                       progress=not args.quiet)
     print(report["table"])

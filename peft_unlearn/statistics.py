@@ -212,7 +212,7 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
     return True
 
 
-def check_moments(statistics: "SecondMoments") -> None:
+def check_moments(statistics: SecondMoments) -> None:
     """Refuse second moments that cannot be ones: not square, or not finite (a NaN would reach every edit)."""
     for name, moment in statistics.moments.items():
         if not isinstance(moment, torch.Tensor) or moment.dim() != 2 or moment.shape[0] != moment.shape[1]:

@@ -266,6 +266,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     for column in ("forgotten", "retain", "refusal", "paraphrase_refusal", "seconds", "adapter_kb"):
         assert column in out
+    assert "train_runtime" not in out  # --quiet: the Trainer printed its log dicts
     folder = tmp_path / "demo"
     report = json.loads((folder / "report.json").read_text())
     assert set(report["results"]) == {"original", "alphaedit", "grace", "wise", "npo_uipe"}

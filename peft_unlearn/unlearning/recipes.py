@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from peft import get_peft_model
+from transformers import PrinterCallback
 
 from ..metrics import answer_accuracy
 from ..tuners.uipe import UIPELoraConfig, extrapolate, select_alpha
@@ -97,6 +98,9 @@ def unlearn_with_lora(
         try:
             trainer = UnlearningTrainer(peft_model, args, forget_dataset=list(forget),
                                         retain_dataset=list(retain) if retain else None, processing_class=tokenizer)
+            if not progress:
+                # Without tqdm the Trainer prints every log dict, its final summary included.
+                trainer.remove_callback(PrinterCallback)
             trainer.train()
         except BaseException:
             peft_model.unload()  # a failed run leaves the caller's model as it was
