@@ -187,6 +187,24 @@ def check_requests_fit(model: nn.Module, tokenizer, requests: Sequence[EditReque
         )
 
 
+def check_targets_representable(tokenizer, requests: Sequence[EditRequest]) -> None:
+    """Refuse targets the tokenizer can only write as its unknown token (characters or words outside a vocabulary
+    without byte fallback): the edit would teach the model to answer <unk>, which decodes to nothing, yet count as
+    reached by teacher forcing."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    labels = tokenize_requests(tokenizer, requests).labels
+    unknown = [i for i, request in enumerate(requests)
+               if bool((labels[i] == unk).any()) and tokenizer.unk_token not in request.target]
+    if unknown:
+        raise ValueError(
+            f"the targets of requests {unknown[:10]} (e.g. {requests[unknown[0]].target!r}) contain text this "
+            f"tokenizer can only encode as its unknown token {tokenizer.unk_token!r}; the model could not write them "
+            "back: rephrase them in characters and words of its vocabulary"
+        )
+
+
 def check_consistent_targets(requests: Sequence[EditRequest]) -> None:
     """Refuse one call that asks for two different targets for the same prompt (a later call may re-edit it)."""
     first: dict[str, int] = {}
@@ -282,6 +300,7 @@ def edit(
     extra: dict[str, Any] = {}
     with evaluating(model), chat_formatted(chat_template):
         check_requests_fit(model, tokenizer, requests)
+        check_targets_representable(tokenizer, requests)
         if self_improve:
             requests, own = self_improved_requests(model, tokenizer, requests, chat_template=chat_template)
             extra = {"targets": [r.target for r in requests], "self_improved": sum(own)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import unicodedata
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -171,13 +172,23 @@ def collapse_whitespace(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+# Scripts written without spaces between words (Chinese, Japanese, Korean, Thai, Lao, Khmer, Myanmar): any two of
+# their characters may meet at a word boundary ("北京是首都" begins with the answer "北京").
+_UNSPACED = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+                       "\uac00-\ud7af\uf900-\ufaff]")
+
+
 def starts_with_answer(generated: str, expected: str) -> bool:
-    """Whether ``generated`` begins with ``expected`` (whitespace collapsed) and the match ends at a word boundary:
-    "a hedgehog" does not begin with the answer "a hedge"."""
-    generated, expected = collapse_whitespace(generated), collapse_whitespace(expected)
+    """Whether ``generated`` begins with ``expected`` (whitespace collapsed, both in Unicode NFKC form as tokenizers
+    that normalise write them) and the match ends at a word boundary: "a hedgehog" does not begin with the answer
+    "a hedge"; in scripts without spaces between words every character ends one."""
+    generated = unicodedata.normalize("NFKC", collapse_whitespace(generated))
+    expected = unicodedata.normalize("NFKC", collapse_whitespace(expected))
     if not expected or not generated.startswith(expected):
         return False
     rest = generated[len(expected) :]
+    if _UNSPACED.match(expected[-1]) or (rest and _UNSPACED.match(rest[0])):
+        return True
     return not (rest and rest[0].isalnum() and expected[-1].isalnum())
 
 

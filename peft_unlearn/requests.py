@@ -251,6 +251,30 @@ def _without_trailing_special(special_mask: Sequence[int]) -> int:
     return end
 
 
+def find_subject(text: str, subject: str, start: int = 0) -> int:
+    """Where ``subject`` starts in ``text`` (at or after ``start``), -1 if nowhere: its first occurrence that stands
+    as whole words ("Ann" in "Anna met Ann" is the second), else its first occurrence at all."""
+    first = text.find(subject, start)
+    at = first
+    while at >= 0:
+        before = text[at - 1] if at > 0 else ""
+        after = text[at + len(subject) : at + len(subject) + 1]
+        if not (before.isalnum() and subject[0].isalnum()) and not (after.isalnum() and subject[-1].isalnum()):
+            return at
+        at = text.find(subject, at + 1)
+    return first
+
+
+def _prompt_start(rendered: str, prompt: str) -> int:
+    """Where the user's prompt starts in its chat rendering (the last occurrence: a system prompt comes first),
+    matched on the trimmed text where the template trims the message; 0 where it rewrites it more."""
+    for text in (prompt, prompt.strip()):
+        at = rendered.rfind(text)
+        if text and at >= 0:
+            return at
+    return 0
+
+
 def _last_token_of_span(offsets: Sequence[tuple[int, int]], special: Sequence[int], start: int, end: int) -> int:
     """Index of the last token overlapping the character span [start, end)."""
     best = -1
@@ -273,9 +297,12 @@ def _encode_rows(
     chat_template: bool | None,
     append_eos: bool,
     rendered: bool = False,
+    subject_from: Sequence[int] | None = None,
 ) -> list[tuple[list[int], int, int | None]]:
     """Per row: (token ids, number of prompt tokens, index of the subject's last token or None). ``rendered``
-    prompts were already written by the chat template (which places any BOS itself)."""
+    prompts were already written by the chat template (which places any BOS itself). ``subject_from``: per row,
+    the character of the prompt where the search for the subject starts (a context prefix before it is not
+    searched)."""
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
             "peft_unlearn needs a fast (Rust) tokenizer to locate target and subject tokens exactly; "
@@ -292,9 +319,14 @@ def _encode_rows(
     )
     encoded_full = None
     # What comes between prompt and target: in chat format what the template puts there; in plain text a space,
-    # unless the prompt already ends in whitespace ("Answer: ").
+    # unless the prompt already ends in whitespace ("Answer: ") or the target starts with it (" Paris", "\nParis":
+    # a second space would teach the model a lone space token before the answer).
     chat_separator = assistant_turn(tokenizer)[0] if chat_template else None
-    separators = [chat_separator if chat_template else "" if p[-1:].isspace() else " " for p in prompt_texts]
+    separators = [
+        chat_separator if chat_template else "" if p[-1:].isspace() or (targets is not None and t[:1].isspace())
+        else " "
+        for p, t in zip(prompt_texts, targets if targets is not None else prompt_texts)
+    ]
     if targets is not None:
         full_texts = [p + separator + t for p, separator, t in zip(prompt_texts, separators, targets)]
         encoded_full = tokenizer(full_texts, add_special_tokens=add_special, return_special_tokens_mask=True)
@@ -308,8 +340,9 @@ def _encode_rows(
         subject_last = None
         if subjects is not None and subjects[i] is not None:
             subject = subjects[i]
-            base = prompt_text.find(prompts[i]) if chat_template else 0
-            char_start = prompt_text.find(subject, max(base, 0))
+            base = _prompt_start(prompt_text, prompts[i]) if chat_template else 0
+            base += subject_from[i] if subject_from is not None else 0
+            char_start = find_subject(prompt_text, subject, base)
             if char_start < 0:
                 raise ValueError(f"subject {subject!r} is not in prompt {prompts[i]!r}")
             subject_last = _last_token_of_span(prompt_offsets, special, char_start, char_start + len(subject))
@@ -337,16 +370,20 @@ def _encode_rows(
 
 
 CONTINUATION_ANCHOR = "\n"
+# Tried in turn when the anchor before merges with the text (a vocabulary with "\nA" or "\n\n" tokens).
+CONTINUATION_ANCHORS = (CONTINUATION_ANCHOR, ".", "\n\n", " .", "a", "0")
 
 
 def _continuation_ids(tokenizer, text: str) -> list[int]:
     """The tokens of ``text`` where it continues other text. Encoded alone, a SentencePiece (Metaspace) tokenizer
     would read it as the start of a text and prefix a word boundary, a space the text does not have; so it is
-    encoded after an anchor whose own tokens are then dropped (or alone, if the anchor merges with it)."""
-    anchor = tokenizer(CONTINUATION_ANCHOR, add_special_tokens=False)["input_ids"]
-    anchored = tokenizer(CONTINUATION_ANCHOR + text, add_special_tokens=False)["input_ids"]
-    if anchor and len(anchored) > len(anchor) and anchored[: len(anchor)] == anchor:
-        return anchored[len(anchor) :]
+    encoded after an anchor whose own tokens are then dropped (the first of several anchors that does not merge
+    with it; alone only if every one does)."""
+    for anchor_text in CONTINUATION_ANCHORS:
+        anchor = tokenizer(anchor_text, add_special_tokens=False)["input_ids"]
+        anchored = tokenizer(anchor_text + text, add_special_tokens=False)["input_ids"]
+        if anchor and len(anchored) > len(anchor) and anchored[: len(anchor)] == anchor:
+            return anchored[len(anchor) :]
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -405,9 +442,10 @@ def tokenize_pairs(
     chat_template: bool | None = None,
     append_eos: bool = False,
     max_length: int | None = None,
+    subject_from: Sequence[int] | None = None,
 ) -> TokenizedBatch:
     """Tokenize (prompt, target) pairs joined as ``prompt + " " + target`` (no space after a prompt that ends in
-    whitespace), or through the chat template
+    whitespace, nor before a target that starts with it), or through the chat template
     (``chat_template=None``: as the enclosing :func:`chat_formatted` block says, plain outside one).
 
     The prompt tokens are exactly those the tokenizer gives for the prompt alone, so teacher forcing sees the same
@@ -417,7 +455,8 @@ def tokenize_pairs(
         raise ValueError("no (prompt, target) pairs to tokenize")
     prompts = [p for p, _ in pairs]
     targets = [t for _, t in pairs]
-    rows = _encode_rows(tokenizer, prompts, targets, subjects, chat_template=chat_template, append_eos=append_eos)
+    rows = _encode_rows(tokenizer, prompts, targets, subjects, chat_template=chat_template, append_eos=append_eos,
+                        subject_from=subject_from)
     return _collate(rows, _pad_id(tokenizer), padding_side, True, max_length)
 
 

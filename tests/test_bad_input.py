@@ -236,3 +236,13 @@ def test_evaluation_in_chat_format_names_a_missing_chat_template():
     with pytest.raises(ValueError, match="chat_template=True but the tokenizer has no chat template"):
         peft_unlearn.evaluate_unlearning(model, tokenizer, [("w1 w2", "w3")], [("w2 w3", "w4")],
                                          chat_template=True, progress=False)
+
+
+def test_a_target_the_tokenizer_can_only_write_as_unknown_tokens_is_refused():
+    """A word (or a character outside a vocabulary without byte fallback) the tokenizer reads as <unk>: the edit
+    taught the model to answer <unk>, which decodes to nothing, and counted it as reached."""
+    model, tokenizer = word_model(lambda: peft_unlearn.GraceConfig(layer=1, n_iter=5))
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match="unknown token"):
+        edit(model, tokenizer, [EditRequest("w1 w2", "w3 Zoë"), EditRequest("w5 w6", "w7")], progress=False)
+    assert_unchanged(before, model)

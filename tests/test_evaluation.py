@@ -95,6 +95,11 @@ def test_rouge_l_recall_reads_words_of_every_script():
     assert rouge_l_recall(["上海"], ["北京"]) == [0.0]
 
 
+def test_rouge_l_recall_reads_composed_and_decomposed_letters_as_one_word():
+    """"Zoe\u0308" (e and a combining diaeresis) is "Zoë": it split into "zoe" and nothing, scoring 0."""
+    assert rouge_l_recall(["Zoe\u0308 Mu\u0308ller"], ["Zoë Müller"]) == pytest.approx([1.0])
+
+
 def test_truth_ratio_and_true_probability_from_known_losses():
     correct = [1.0, 2.0]
     perturbed = [[2.0, 3.0], [1.0]]

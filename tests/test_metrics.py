@@ -39,6 +39,21 @@ def test_a_match_ends_at_a_word_boundary():
     assert not starts_with_answer("anything", "") and not starts_with_answer("anything", "  ")
 
 
+def test_a_match_in_a_script_without_spaces_ends_at_any_character():
+    """Chinese and Japanese put no space after a word: "北京是首都" begins with the answer "北京" (it failed: 是 is a
+    letter, so the match was taken to end inside a word). Latin words still need their boundary."""
+    assert starts_with_answer("北京是中国的首都", "北京") and starts_with_answer("東京です", "東京")
+    assert starts_with_answer("Paris是首都", "Paris") and not starts_with_answer("Parisian", "Paris")
+
+
+def test_a_match_compares_unicode_in_one_normal_form():
+    """A decomposed "Zoe\u0308" (or a ligature) in an expected answer matches the composed text a normalising
+    tokenizer writes back: teacher forcing, which reads the normalised tokens, already counted it as reached."""
+    assert starts_with_answer("Zoë Müller, the painter", "Zoe\u0308 Mu\u0308ller")
+    assert starts_with_answer("Zoe\u0308 Mu\u0308ller", "Zoë Müller") and starts_with_answer("fine", "\ufb01ne")
+    assert not starts_with_answer("Zoe Muller", "Zoë Müller")
+
+
 def test_generation_match_counts_whole_answers_only(world, trained_models):
     model, tokenizer = trained_models("llama")
     facts = [f for f in world.retain_facts if len(f.answer.split()[-1]) > 3][:10]

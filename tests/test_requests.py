@@ -178,3 +178,59 @@ def test_a_prompt_ending_in_a_space_is_followed_by_its_target_without_a_second_s
         ids = batch.input_ids[0][batch.attention_mask[0].bool()]
         assert tokenizer.decode(ids, skip_special_tokens=True) == "Where was Alve Kelby born? " + target
         assert ids[: int(batch.target_start[0])].tolist() == tokenizer(prompt)["input_ids"]
+
+
+@pytest.mark.parametrize("kind", [k for k in TOKENIZER_KINDS if k != "word"])
+@pytest.mark.parametrize("target", [" Varnholt", "\nVarnholt"])
+def test_a_target_starting_with_whitespace_gets_no_separator_before_it(kind, target):
+    """" Varnholt" (the leading-space convention of CounterFact-style data) and "\\nVarnholt" are taught as written:
+    "born? Varnholt", not "born?  Varnholt" with a lone space token the model would have to produce first."""
+    tokenizer = train_tokenizer(CORPUS + ["Where was it?\nVarnholt"] * 10, kind, vocab_size=200)
+    prompt = "Where was Alve Kelby born?"
+    batch = tokenize_pairs(tokenizer, [(prompt, target)])
+    ids = batch.input_ids[0][batch.attention_mask[0].bool()]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == prompt + target
+    assert ids[: int(batch.target_start[0])].tolist() == tokenizer(prompt)["input_ids"]
+
+
+def test_a_continuation_is_not_given_a_word_boundary_when_the_anchor_merges_with_it():
+    """A SentencePiece vocabulary with a "\\nA" token merges the "\\n" anchor with a target "A: ..." after a prompt
+    ending in a newline; the target encoded alone then got a word boundary ("\\n A: a painter")."""
+    corpus = ["Q: Who is Ann?\nA: a painter and a poet."] * 20
+    tokenizer = train_tokenizer(corpus, "sentencepiece_bpe", vocab_size=120)
+    assert "\nA" in tokenizer.convert_ids_to_tokens(tokenizer("\nA: a")["input_ids"])  # the merge this is about
+    prompt, target = "Q: Who is Ann?\n", "A: a painter"
+    batch = tokenize_pairs(tokenizer, [(prompt, target)])
+    ids = batch.input_ids[0][batch.attention_mask[0].bool()]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == prompt + target
+    assert ids[: int(batch.target_start[0])].tolist() == tokenizer(prompt)["input_ids"]
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_the_subject_is_the_whole_word_not_the_start_of_a_longer_one(kind):
+    """"Ann" in "Anna met Ann at noon" is the second word: the first match of the characters is inside "Anna"."""
+    tokenizer = train_tokenizer(["Anna met Ann at noon. Ann met Anna."] * 20, kind, vocab_size=150)
+    prompt, subject = "Anna met Ann at", "Ann"
+    for batch in (tokenize_pairs(tokenizer, [(prompt, "noon")], [subject]),
+                  tokenize_prompts(tokenizer, [prompt], [subject])):
+        ids = batch.input_ids[0].tolist()
+        last = int(batch.subject_last[0])
+        assert squash(tokenizer.decode(ids[: last + 1], skip_special_tokens=True)) == squash("Anna met Ann")
+    # a subject that only ever occurs inside a word is still found there
+    batch = tokenize_prompts(tokenizer, ["Anna met"], ["Ann"])
+    ids, last = batch.input_ids[0].tolist(), int(batch.subject_last[0])
+    assert "Ann" in tokenizer.decode(ids[: last + 1]) and "Ann" not in tokenizer.decode(ids[:last])
+
+
+@pytest.mark.parametrize("kind", ["byte_bpe", "sentencepiece_bpe"])
+def test_alphaedit_reads_the_subject_in_the_prompt_not_in_a_context_prefix_that_names_it(kind):
+    from peft_unlearn.tuners.alphaedit.solver import edit_rows
+
+    tokenizer = train_tokenizer(CORPUS + ["Alve Kelby said so."] * 10, kind, vocab_size=200)
+    request = EditRequest("Where was Alve Kelby born?", "Varnholt", "Alve Kelby")
+    rows = edit_rows(tokenizer, [request], ["{}", "Alve Kelby said so. {}"], "subject", "cpu")
+    bare, prefixed = rows.batch.input_ids.tolist()
+    bare_last, prefixed_last = rows.positions[:, 0].tolist()
+    # under the prefix the key is read at the prompt's subject: the same token, as far from the prompt's end
+    shift = int(rows.batch.prompt_last[1]) - int(rows.batch.prompt_last[0])
+    assert prefixed_last == bare_last + shift and prefixed[prefixed_last] == bare[bare_last]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Sequence
 
 import datasets
@@ -48,7 +49,8 @@ class WordTokenizer:
         self._stemmer = porter.PorterStemmer()
 
     def tokenize(self, text: str) -> list[str]:
-        return [self._stemmer.stem(w) if len(w) > 3 else w for w in _WORD.findall(text.lower())]
+        text = unicodedata.normalize("NFKC", text).lower()  # "Zoe\u0308" and "Zoë" are one word
+        return [self._stemmer.stem(w) if len(w) > 3 else w for w in _WORD.findall(text)]
 
 
 @functools.lru_cache(maxsize=1)

@@ -118,10 +118,12 @@ def edit_rows(
     if mode not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {mode!r}")
     pairs = [(template.format(r.prompt), r.target) for template in templates for r in requests]
-    subjects = None
+    subjects = subject_from = None
     if "subject" in mode:
         subjects = [r.subject for _ in templates for r in requests]
-    batch = tokenize_pairs(tokenizer, pairs, subjects)
+        # The subject is the request's: searched in the prompt, not in a context prefix that may name it too.
+        subject_from = [len(template[: template.index("{}")].format()) for template in templates for _ in requests]
+    batch = tokenize_pairs(tokenizer, pairs, subjects, subject_from=subject_from)
     slots: list[list[int]] = []
     for row in range(len(batch)):
         row_slots = [int(batch.subject_last[row])] if "subject" in mode else []
