@@ -141,8 +141,7 @@ def stop_token_ids(model: nn.Module, tokenizer, chat_template: bool = False) -> 
     config = getattr(model, "generation_config", None)
     configured = getattr(config, "eos_token_id", None)
     ids = [configured] if isinstance(configured, int) else list(configured or [])
-    chat = chat_template and bool(getattr(tokenizer, "chat_template", None))
-    ends = [tokenizer.eos_token_id, answer_end_id(tokenizer, True) if chat else None]
+    ends = [tokenizer.eos_token_id, answer_end_id(tokenizer, True) if chat_template else None]
     ids.extend(end for end in dict.fromkeys(ends) if end is not None and end not in ids)
     return ids or None
 

@@ -135,15 +135,19 @@ def tensor_name(key: str) -> str:
 def tensor_stamp(model: nn.Module, adapter_name: str) -> tuple:
     """Identity and version of every tensor the tuner layers hold for ``adapter_name``: editing replaces them and a
     load copies into them, so an equal stamp means nothing was written since."""
-    stamp = []
-    for layer in model.modules():
-        if not isinstance(layer, BaseTunerLayer):
-            continue
-        for name in layer.adapter_layer_names + layer.other_param_names:
-            store = getattr(layer, name, None)
-            if isinstance(store, (nn.ParameterDict, BufferDict)) and adapter_name in store:
-                stamp.append((name, store[adapter_name].data_ptr(), store[adapter_name]._version))
-    return tuple(stamp)
+    return tuple(
+        (name, store[adapter_name].data_ptr(), store[adapter_name]._version)
+        for layer in model.modules() if isinstance(layer, BaseTunerLayer)
+        for name, store in adapter_stores(layer, adapter_name)
+    )
+
+
+def adapter_stores(layer: BaseTunerLayer, adapter_name: str) -> Iterator[tuple[str, nn.ParameterDict | BufferDict]]:
+    """(name, store) of every per-adapter parameter or buffer store of ``layer`` that holds ``adapter_name``."""
+    for name in layer.adapter_layer_names + layer.other_param_names:
+        store = getattr(layer, name, None)
+        if isinstance(store, (nn.ParameterDict, BufferDict)) and adapter_name in store:
+            yield name, store
 
 
 def check_saved_adapter(tuner_cls: type[EditingTuner], model: nn.Module, config, adapter_name: str,
@@ -232,10 +236,7 @@ class EditLayer(BaseTunerLayer):
         target = device if device is not None else base_device
         if target is None:
             return
-        for name in self.adapter_layer_names + self.other_param_names:
-            store = getattr(self, name, None)
-            if not isinstance(store, (nn.ParameterDict, BufferDict)) or adapter_name not in store:
-                continue
+        for _, store in adapter_stores(self, adapter_name):
             item = store[adapter_name]
             if item.device.type == "meta" or item.device == torch.device(target):
                 continue
