@@ -5,7 +5,10 @@ for a few NPO steps on TOFU questions; only the reference differs. Each run is a
 resident memory (and, on a GPU, its peak allocated device memory) is its own. glibc is told to serve every
 allocation above 64 KiB with mmap, so freed tensors leave the resident set and the peak follows live memory.
 
-    python benchmarks/npo_memory.py [--hidden-size 1024 --layers 8 --steps 4]
+    python benchmarks/npo_memory.py [--hidden-size 1024 --layers 8 --steps 4 --vocab-size 128256]
+
+``--vocab-size`` widens the model's vocabulary past the tokenizer's (as in real models' 128k-256k vocabularies),
+where the logits, not the weights, decide the peak.
 
 Writes benchmarks/results/npo_memory.json.
 """
@@ -48,7 +51,8 @@ def measure(mode: str, options: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=options.hidden_size, intermediate_size=options.intermediate_size,
+        vocab_size=max(len(tokenizer), options.vocab_size or 0), hidden_size=options.hidden_size,
+        intermediate_size=options.intermediate_size,
         num_hidden_layers=options.layers, num_attention_heads=options.heads, num_key_value_heads=options.heads,
         max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -90,6 +94,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=None, help="model vocabulary (default: the tokenizer's)")
     parser.add_argument("--n-forget", type=int, default=40)
     parser.add_argument("--n-retain", type=int, default=100)
     parser.add_argument("--tofu-dir", type=Path, default=TOFU_DIR)

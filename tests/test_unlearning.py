@@ -110,6 +110,14 @@ def original_forget_logits(tofu, batch) -> torch.Tensor:
     return logits
 
 
+def original_forget_nll(tofu, batch) -> torch.Tensor:
+    """The untouched model's summed NLL of each forget answer: what NPO reads from its reference."""
+    forget = batch["forget"]
+    with torch.no_grad():
+        logits = tofu.model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).logits
+    return sequence_nll(logits, forget["labels"], average=False)
+
+
 # --- each loss forgets ------------------------------------------------------------------------------------------
 
 
@@ -209,12 +217,52 @@ def test_reference_outputs_are_the_original_model_while_the_adapter_trains(tofu,
     trainer.train()
     model.train()
     _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
-    original = original_forget_logits(tofu, batch)
-    torch.testing.assert_close(outputs.reference_logits["forget"], original, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(outputs.logits["forget"], original, atol=1e-2)
+    torch.testing.assert_close(outputs.reference_nll("forget", average=False), original_forget_nll(tofu, batch),
+                               rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs.logits["forget"], original_forget_logits(tofu, batch), atol=1e-2)
     # The reference pass gave back what it borrowed: training mode and the enabled adapter.
     assert model.training
     assert not any(layer.disable_adapters for layer in model.modules() if isinstance(layer, LoraLayer))
+
+
+@pytest.mark.parametrize("loss, logit_parts", [("npo", ()), ("idk_dpo", ()), ("kl", ("retain",))])
+def test_the_reference_keeps_its_logits_only_where_a_term_reads_them(tofu, tmp_path, loss, logit_parts):
+    """NPO and IdkDPO read the reference's per-example NLLs, yet its [rows, columns, vocabulary] logits lived through
+    the model's pass; now only KL, which reads the logits of the retain part, keeps any."""
+    model = lora_model(tofu)
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        for factor in layer.lora_B.values():
+            torch.nn.init.normal_(factor.weight, std=0.1)  # the model and its reference now differ
+    trainer = make_trainer(tofu, model, make_args(tmp_path, loss, max_steps=1))
+    batch = first_batch(trainer)
+    _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    assert tuple(outputs.reference_logits) == logit_parts
+    parts = trainer.unlearning_loss.reference_parts(trainer.with_retain)
+    with torch.no_grad(), trainer.reference(model) as reference:
+        logits, labels = trainer._run_parts(reference, batch, parts)
+    for part in parts:
+        for average in (True, False):
+            torch.testing.assert_close(outputs.reference_nll(part, average=average),
+                                       sequence_nll(logits[part], labels[part], average=average))
+
+
+def test_a_term_reading_reference_logits_it_did_not_declare_is_told_how(tofu, tmp_path):
+    from peft_unlearn.unlearning.losses import (
+        FORGET,
+        RETAIN,
+        LossTerm,
+        UnlearningLoss,
+        gradient_ascent,
+        register_unlearning_loss,
+        retain_kl,
+    )
+
+    register_unlearning_loss(UnlearningLoss("kl_undeclared", LossTerm(gradient_ascent, (FORGET,)),
+                                            LossTerm(retain_kl, (RETAIN,), (RETAIN,))))
+    model = lora_model(tofu)
+    trainer = make_trainer(tofu, model, make_args(tmp_path, "kl_undeclared", max_steps=1))
+    with pytest.raises(KeyError, match=r"reference_logits=True"):
+        trainer.compute_loss(model, first_batch(trainer))
 
 
 def test_full_model_unlearning_copies_the_reference_with_a_warning(tofu, tmp_path, caplog):
@@ -480,9 +528,9 @@ def test_an_adapter_attached_through_transformers_is_the_reference_without_a_cop
         for factor in layer.lora_B.values():
             torch.nn.init.normal_(factor.weight, std=0.1)  # an adapter that changes the outputs
     _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
-    original = original_forget_logits(tofu, batch)
-    torch.testing.assert_close(outputs.reference_logits["forget"], original, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(outputs.logits["forget"], original, atol=1e-2)
+    torch.testing.assert_close(outputs.reference_nll("forget", average=False), original_forget_nll(tofu, batch),
+                               rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs.logits["forget"], original_forget_logits(tofu, batch), atol=1e-2)
 
 
 def test_the_reference_switches_off_modules_to_save_and_serves_parts_only_it_reads(tofu, tmp_path):
@@ -508,7 +556,7 @@ def test_the_reference_switches_off_modules_to_save_and_serves_parts_only_it_rea
     trainer = make_trainer(tofu, model, make_args(tmp_path, "npo", max_steps=1))
     batch = first_batch(trainer)
     _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
-    torch.testing.assert_close(outputs.reference_logits["forget"], original_forget_logits(tofu, batch),
+    torch.testing.assert_close(outputs.reference_nll("forget", average=False), original_forget_nll(tofu, batch),
                                rtol=1e-5, atol=1e-5)
     # A loss term that reads a part from the reference alone.
     register_unlearning_loss(UnlearningLoss("ga_reference_retain", LossTerm(gradient_ascent, (FORGET,)),

@@ -4,7 +4,8 @@ Every objective is a forget term plus, optionally, a retain term, each a functio
 paired batch (:class:`UnlearningOutputs`); the total is ``forget_weight * forget + retain_weight * retain``. A term
 declares the batch parts it reads (``forget``, ``retain``, ``forget_refusal``) and the parts it needs reference
 outputs for, so the trainer runs exactly the forward passes needed: one for the model and at most one for the
-reference.
+reference. Of the reference only per-example NLLs are kept, unless a term declares that it reads the reference's
+logits (the KL term): NPO and IdkDPO hold no [rows, columns, vocabulary] reference tensor through the model's pass.
 """
 
 from __future__ import annotations
@@ -69,28 +70,53 @@ class AccumulationWindow:
         )
 
 
+@dataclass(frozen=True)
+class SequenceNLL:
+    """Per-example summed NLL of a labelled span and its number of tokens: all that NPO and DPO read from the
+    reference, kept instead of its logits."""
+
+    total: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, labels: torch.Tensor) -> SequenceNLL:
+        return cls(sequence_nll(logits, labels, average=False), (labels[:, 1:] != IGNORE_INDEX).sum(-1))
+
+    def value(self, average: bool) -> torch.Tensor:
+        return self.total / self.tokens.clamp(min=1) if average else self.total
+
+
 @dataclass
 class UnlearningOutputs:
-    """Logits of the trained model and of the reference on the parts of one batch, each with the labels aligned to
-    its own columns (a model that cannot keep chosen positions returns every column, so the two passes may keep
-    different ones), and the accumulation window the batch belongs to (None: the batch alone)."""
+    """Logits of the trained model on the parts of one batch and, of the reference, its logits on the parts a term
+    reads them on and per-example NLLs on the others, each with the labels aligned to its own columns (a model that
+    cannot keep chosen positions returns every column, so the two passes may keep different ones), and the
+    accumulation window the batch belongs to (None: the batch alone)."""
 
     logits: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
     reference_logits: dict[str, torch.Tensor] = field(default_factory=dict)
     reference_labels: dict[str, torch.Tensor] = field(default_factory=dict)
     window: AccumulationWindow | None = None
+    reference_nlls: dict[str, SequenceNLL] = field(default_factory=dict)
 
     def nll(self, part: str, average: bool = True) -> torch.Tensor:
         """Per-example NLL of the labelled span: token mean, or the sum over tokens if not ``average``."""
         return sequence_nll(self.logits[part], self.labels[part], average=average)
 
     def reference_nll(self, part: str, average: bool = True) -> torch.Tensor:
+        if part in self.reference_nlls:
+            return self.reference_nlls[part].value(average)
+        if part not in self.reference_logits:
+            raise KeyError(f"the reference did not run on the {part!r} part: list it in the term's reference_parts")
         return sequence_nll(self.reference_logits[part], self.reference_labels[part], average=average)
 
     def scored_logits(self, part: str, reference: bool = False) -> torch.Tensor:
         """The logits that predict the part's labelled tokens, [tokens, vocabulary] in row and column order: the
         same tokens in the same order for the model and the reference, whichever columns each pass kept."""
+        if reference and part not in self.reference_logits:
+            raise KeyError(f"the reference's logits on the {part!r} part were not kept (only its NLLs): declare "
+                           "LossTerm(..., reference_logits=True) for a term that reads them")
         logits = (self.reference_logits if reference else self.logits)[part]
         labels = (self.reference_labels if reference else self.labels)[part]
         return logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]
@@ -116,11 +142,13 @@ LossFunction = Callable[[UnlearningOutputs, LossCoefficients], torch.Tensor]
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One term: its function, the parts it reads from the model, and those it reads from the reference."""
+    """One term: its function, the parts it reads from the model, and those it reads from the reference: their
+    per-example NLLs (``reference_nll``), and their logits too if ``reference_logits`` (``scored_logits``)."""
 
     compute: LossFunction
     parts: tuple[str, ...]
     reference_parts: tuple[str, ...] = ()
+    reference_logits: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +171,12 @@ class UnlearningLoss:
     def reference_parts(self, with_retain: bool) -> tuple[str, ...]:
         """Batch parts the reference model runs on (empty: no reference needed)."""
         return tuple(dict.fromkeys(part for term in self.terms(with_retain) for part in term.reference_parts))
+
+    def reference_logit_parts(self, with_retain: bool) -> tuple[str, ...]:
+        """Reference parts whose logits a term reads (of the others only per-example NLLs are kept)."""
+        return tuple(dict.fromkeys(
+            part for term in self.terms(with_retain) if term.reference_logits for part in term.reference_parts
+        ))
 
     @property
     def uses_retain(self) -> bool:
@@ -242,7 +276,7 @@ def retain_kl(outputs: UnlearningOutputs, coefficients: LossCoefficients) -> tor
 
 
 RETAIN_NLL = LossTerm(retain_nll, (RETAIN,))
-RETAIN_KL = LossTerm(retain_kl, (RETAIN,), (RETAIN,))
+RETAIN_KL = LossTerm(retain_kl, (RETAIN,), (RETAIN,), reference_logits=True)
 
 for _loss in (
     UnlearningLoss("ga", LossTerm(gradient_ascent, (FORGET,))),

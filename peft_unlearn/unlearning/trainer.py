@@ -33,6 +33,7 @@ from .localization import restrict_to_masks
 from .losses import (
     AccumulationWindow,
     LossCoefficients,
+    SequenceNLL,
     UnlearningOutputs,
     get_unlearning_loss,
 )
@@ -378,15 +379,23 @@ class UnlearningTrainer(Trainer):
         step's mean whatever the accumulation; called alone, the batch is its own window."""
         window = num_items_in_batch if isinstance(num_items_in_batch, AccumulationWindow) else None
         loss = self.unlearning_loss
-        reference_logits, reference_labels = {}, {}
+        reference_logits, reference_labels, reference_nlls = {}, {}, {}
         reference_parts = loss.reference_parts(self.with_retain)
         if reference_parts:
-            # Before the model's pass, so the reference activations are gone before the autograd graph is built.
+            # Before the model's pass, so the reference activations are gone before the autograd graph is built; on
+            # the parts no term reads its logits on, only per-example NLLs outlive the reference's pass.
+            read_logits = loss.reference_logit_parts(self.with_retain)
             with torch.no_grad(), self.reference(model) as reference:
-                reference_logits, reference_labels = self._run_parts(reference, inputs, reference_parts)
+                all_logits, all_labels = self._run_parts(reference, inputs, reference_parts)
+            for part in reference_parts:
+                if part in read_logits:
+                    reference_logits[part], reference_labels[part] = all_logits[part], all_labels[part]
+                else:
+                    reference_nlls[part] = SequenceNLL.of(all_logits[part], all_labels[part])
+            del all_logits, all_labels
         logits, labels = self._run_parts(model, inputs, loss.parts(self.with_retain))
         outputs = UnlearningOutputs(logits=logits, labels=labels, reference_logits=reference_logits,
-                                    reference_labels=reference_labels, window=window)
+                                    reference_labels=reference_labels, window=window, reference_nlls=reference_nlls)
         terms = loss(outputs, self.args.coefficients, self.with_retain)
         # A micro-batch's part of the step's mean; with the window summed over processes, the gradient average over
         # processes divides by their number, which this multiplies back.
