@@ -219,14 +219,24 @@ def check_consistent_targets(requests: Sequence[EditRequest]) -> None:
 
 def check_not_merged(model: nn.Module, adapter_name: str) -> None:
     """Refuse to edit an adapter whose delta is merged into the base weights: the edit would change the unmerged
-    factors only, and unmerging would then subtract a delta that was never added."""
+    factors only, and unmerging would then subtract a delta that was never added. Refuse too when another adapter
+    is merged into a layer this one edits: a merged layer runs none of its unmerged adapters, so the edit could not
+    be fitted there (a raw autograd error, or an edit without effect until unmerging)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if any(isinstance(m, BaseTunerLayer) and adapter_name in m.merged_adapters for m in model.modules()):
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if any(adapter_name in m.merged_adapters for _, m in layers):
         raise ValueError(
             f"adapter {adapter_name!r} is merged into the base weights; call model.unmerge_adapter() before "
             "editing (and merge again afterwards)"
         )
+    for name, m in layers:
+        if m.merged_adapters and adapter_name in m._get_available_adapters():
+            raise ValueError(
+                f"adapter {m.merged_adapters[0]!r} is merged into {name.removeprefix('base_model.model.')}, which "
+                f"adapter {adapter_name!r} edits: a merged layer runs none of its unmerged adapters, so the edit "
+                "could not be fitted there; call model.unmerge_adapter() before editing (and merge again afterwards)"
+            )
 
 
 def check_adapters_enabled(model: nn.Module) -> None:

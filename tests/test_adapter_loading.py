@@ -134,6 +134,43 @@ def test_a_refused_load_adds_no_adapter_and_leaves_an_existing_one(make_config, 
     assert list(model.peft_config) == ["default", "other"]
 
 
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS, ids=METHODS)
+def test_a_refused_load_into_an_adapter_not_yet_edited_leaves_it_in_place(make_config, tmp_path):
+    """The refusal took out any adapter nothing had been written into yet, as if the load had created it: an adapter
+    added but not yet edited vanished, and a model's only adapter was unloaded (its layers gone, its config kept)."""
+    from peft import get_peft_model
+
+    _, vocab_size = saved_adapter(tmp_path / "bad", make_config)
+    rewrite_weights(tmp_path / "bad", lambda state: state.pop(sorted(state)[0]))
+    model = get_peft_model(tiny_gpt2(vocab_size=vocab_size), make_config())
+    modules = [name for name, _ in model.named_modules()]
+    with pytest.raises(ValueError, match="lacks 1 of its"):
+        model.load_adapter(str(tmp_path / "bad"), adapter_name="default")
+    assert list(model.peft_config) == ["default"] and [name for name, _ in model.named_modules()] == modules
+    model.add_adapter("other", make_config())
+    modules = [name for name, _ in model.named_modules()]
+    with pytest.raises(ValueError, match="lacks 1 of its"):
+        model.load_adapter(str(tmp_path / "bad"), adapter_name="other")
+    assert list(model.peft_config) == ["default", "other"] and [name for name, _ in model.named_modules()] == modules
+
+
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS, ids=METHODS)
+def test_loading_under_the_name_of_an_adapter_with_other_edits_names_the_adapter(make_config, tmp_path):
+    """load_adapter under a taken name writes into that adapter and keeps its config: the refusal blamed an edited
+    config ("the config was edited or belongs to another save") instead of the name."""
+    model, _ = saved_adapter(tmp_path / "one", make_config)
+    other, tokenizer = word_model(make_config)
+    edit(other, tokenizer, REQUEST + [EditRequest("w5 w6 w7", "w1 w2", subject="w6")], progress=False)
+    other.save_pretrained(tmp_path / "two")
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match=r"already has an adapter 'default'.*new adapter_name"):
+        model.load_adapter(str(tmp_path / "two"), adapter_name="default")
+    after = adapter_state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    model.load_adapter(str(tmp_path / "two"), adapter_name="two")
+    assert list(model.peft_config) == ["default", "two"]
+
+
 def test_alphaedit_loads_without_its_unsaved_moments_and_ignores_a_retired_projector(tmp_path):
     """The preserved moment and edited keys are left out of the save unless save_projection=True (not missing);
     adapters of earlier versions hold an alphaedit_projector, which this version ignores."""

@@ -256,6 +256,26 @@ def test_requests_must_fit_the_context_and_a_merged_adapter_is_not_edited(word_t
             torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_an_adapter_whose_layers_hold_another_merged_adapter_is_not_edited(word_tokenizer):
+    """A merged layer runs none of its unmerged adapters: editing the active adapter while another one was merged into
+    the same layer wrote an edit its forward never applied (reached by none), or failed in refinement with a raw
+    autograd error ("element 0 of tensors does not require grad") where the targets were not reached at once."""
+    model = get_peft_model(tiny_llama(vocab_size=len(word_tokenizer), layers=3),
+                           pu.AlphaEditConfig(layers=[1], refine_steps=2), adapter_name="first")
+    model.add_adapter("second", pu.AlphaEditConfig(layers=[1], refine_steps=2))
+    model.set_adapter("second")
+    pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
+    model.merge_adapter(["first"])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'first' is merged into .*layers\.1.*'second' edits.*unmerge_adapter"):
+        pu.edit(model, word_tokenizer, [pu.EditRequest("w1 w7 w3", "w1", subject="w7")], progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    model.unmerge_adapter()
+    pu.edit(model, word_tokenizer, [pu.EditRequest("w1 w7 w3", "w1", subject="w7")], progress=False)
+    assert model.peft_config["second"].n_edits == 1
+
+
 def test_a_subject_that_ends_the_prompt_is_one_slot_and_an_empty_null_space_is_named(word_tokenizer):
     from peft_unlearn.tuners.alphaedit.solver import edit_rows
 

@@ -202,6 +202,21 @@ def test_editing_with_several_active_adapters_is_refused(make_config):
 
 
 @pytest.mark.parametrize("make_config", EDIT_CONFIGS)
+def test_wrapping_a_peft_model_again_is_refused_and_leaves_it_as_it_was(make_config):
+    """get_peft_model on a PeftModel (to put a second method beside the first, which add_adapter refuses) failed
+    with "LlamaForCausalLM has no attribute `layers`" or "Target modules ... not found", after adding the new config
+    to the wrapped model's peft_config: save_pretrained then wrote it as an adapter."""
+    model, _ = word_model(make_config)
+    before = adapter_state(model)
+    for other in EDIT_CONFIGS:
+        with pytest.raises(ValueError, match="is a PeftModel .*'default'.*add_adapter"):
+            get_peft_model(model, other(), adapter_name="second")
+    assert list(model.peft_config) == ["default"]
+    after = adapter_state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS)
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 def test_editing_under_no_grad_or_inference_mode_gives_the_same_edit(make_config, context):
     request = [EditRequest("w1 w2 w3", "w5 w6", subject="w2")]

@@ -405,6 +405,26 @@ def test_an_adapter_with_the_earlier_change_log_is_refused_clearly(tmp_path):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
 
 
+def test_a_new_adapter_under_a_deleted_ones_name_keeps_none_of_its_cached_key_norms():
+    """The keys' squared norms are cached under the adapter's name and stamped by tensor address and version: a new
+    adapter under a deleted one's name got tensors at the freed addresses (observed for two of three), so the stamp
+    could match and lookups use the deleted codebook's norms."""
+    from peft_unlearn.testing import train_tokenizer
+
+    words = ["w1 w2 w3 w4", "w5 w6 w7 w8", "w2 w4 w6 w8"]
+    tokenizer = train_tokenizer(words, "word", vocab_size=40)
+    model = get_peft_model(tiny_llama(vocab_size=len(tokenizer)), pu.GraceConfig(n_iter=5), adapter_name="first")
+    model.add_adapter("second", pu.GraceConfig(n_iter=5))
+    model.set_adapter("second")
+    pu.edit(model, tokenizer, [pu.EditRequest("w1 w2 w3", "w5 w6")], unrelated=words[1:], progress=False)
+    layer = next(m for m in model.modules() if isinstance(m, GraceLayer))
+    assert "second" in layer._key_square_cache
+    model.set_adapter("first")
+    model.delete_adapter("second")
+    model.add_adapter("second", pu.GraceConfig(n_iter=5))
+    assert "second" not in layer._key_square_cache
+
+
 def test_value_training_in_row_chunks_writes_the_same_edit(world, trained_models, monkeypatch):
     """Past the logit budget the values are trained in row chunks whose gradients add up to the whole batch's, so
     memory stays bounded for many edits and large vocabularies."""

@@ -214,6 +214,21 @@ def test_select_alpha_forgets_at_least_as_much_as_alpha_zero_within_the_utility_
             assert not row.meets_floor
 
 
+def test_select_alpha_of_an_adapter_that_is_not_active_is_refused():
+    """The accuracies are measured through the active adapter: selecting the alpha of another one scored every alpha
+    the same and chose 0 silently."""
+    from peft_unlearn.testing import train_tokenizer
+
+    tokenizer = train_tokenizer(["w1 w2 w3 w4", "w5 w6 w7 w8"], "word", vocab_size=40)
+    config = UIPELoraConfig(r=2, target_modules=["q_proj"])
+    model = get_peft_model(tiny_llama(vocab_size=len(tokenizer)), config, adapter_name="first")
+    model.add_adapter("second", UIPELoraConfig(r=2, target_modules=["q_proj"]))
+    model.set_adapter("second")
+    with pytest.raises(ValueError, match=r"active adapters \(\['second'\]\).*set_adapter\('first'\)"):
+        select_alpha(model, tokenizer, [("w1 w2", "w3")], [("w5 w6", "w7")], adapter_name="first", progress=False)
+    assert model.peft_config["first"].extrapolation_alpha == 0.0
+
+
 def test_bad_alpha_and_bad_models_are_refused(unlearned, tofu):
     with pytest.raises(ValueError, match="extrapolation_alpha must be >= 0"):
         UIPELoraConfig(r=4, target_modules=["q_proj"], extrapolation_alpha=-0.5)

@@ -185,6 +185,38 @@ def test_loading_weights_into_an_adapter_refreshes_its_routing(world, trained_mo
         torch.testing.assert_close(first(**batch).logits, second(**batch).logits, rtol=0, atol=0)
 
 
+def test_several_active_adapters_route_each_against_the_main_memory(world, trained_models):
+    """With two adapters active, the second scored its routing against the first's output (the main memory plus the
+    first's side memory): its decisions, and so the outputs, depended on the first and on the order of the two."""
+    base, tokenizer = trained_models("llama")
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig(n_iter=20), adapter_name="first")
+    facts = world.forget_facts[:4]
+    pu.edit(model, tokenizer, refusals(facts[:2]), progress=False)
+    model.add_adapter("second", pu.WiseConfig(n_iter=20))
+    model.set_adapter("second")
+    pu.edit(model, tokenizer, refusals(facts[2:]), progress=False)
+    layer = next(m for m in model.modules() if isinstance(m, WiseLayer))
+    questions = [f.question for f in facts + world.retain_facts[:4]]
+    batch = tokenizer(questions, return_tensors="pt", padding=True)
+    outputs, scores = {}, {}
+    handle = layer.register_forward_hook(lambda module, inputs, output: outputs.__setitem__("last", output))
+    with torch.no_grad():
+        with model.disable_adapter():
+            model(**batch)
+            main = outputs["last"]
+        for active in (("first",), ("second",), ("first", "second"), ("second", "first")):
+            model.base_model.set_adapter(list(active))
+            model(**batch)
+            outputs[active] = outputs["last"]
+            scores[active] = {name: layer.latest_state(name) for name in active}
+    handle.remove()
+    assert not torch.equal(outputs[("first",)], main)  # the first adapter routes some rows
+    for both in (("first", "second"), ("second", "first")):
+        for name in both:
+            torch.testing.assert_close(scores[both][name], scores[(name,)][name], rtol=0, atol=0)
+        torch.testing.assert_close(outputs[both], outputs[("first",)] + outputs[("second",)] - main)
+
+
 def test_wise_wraps_gpt2_conv1d():
     model = get_peft_model(tiny_gpt2(layers=4), pu.WiseConfig())
     assert model.peft_config["default"].target_modules == ["transformer.h.3.mlp.c_proj"]

@@ -4,6 +4,7 @@ trained by an outer optimiser, and they target modules by exact name."""
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,17 +36,40 @@ class EditingTuner(BaseTuner, EditableTuner):
     # Tensors an earlier version of this library saved and this one ignores on load.
     retired_tensors: tuple[str, ...] = ()
 
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs: Any) -> None:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            # Checked before BaseTuner's setup, which adds the new config to the wrapped model's own peft_config
+            # (save_pretrained then wrote it as an adapter) before resolving module names against the wrong root.
+            raise ValueError(
+                f"{type(self).__name__} wraps a transformers model, but this is a PeftModel (adapters "
+                f"{list(model.peft_config)}): add the adapter to it with model.add_adapter(name, config) instead. "
+                "PEFT keeps adapters of one method per PeftModel, and combines methods only in PeftMixedModel, which "
+                "does not take this library's"
+            )
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        self.__dict__.setdefault("_created_stamps", {})[adapter_name] = tensor_stamp(model, adapter_name)
+        stamps = self.__dict__.setdefault("_created_stamps", {})
+        if created_by_a_load():
+            stamps[adapter_name] = tensor_stamp(model, adapter_name)
+        else:  # the caller's own adapter (get_peft_model, add_adapter): a refused load into it never removes it
+            stamps.pop(adapter_name, None)
+
+    def created_by_this_load(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name`` was added by a load (PEFT adds the adapter before it reads the saved tensors) and
+        nothing was written into it since: the load now reading its tensors created it."""
+        created = self.__dict__.get("_created_stamps", {}).get(adapter_name)
+        return created is not None and created == tensor_stamp(self.model, adapter_name)
 
     def discard_if_unwritten(self, adapter_name: str) -> None:
-        """Remove ``adapter_name`` if nothing was written into it since it was created: PEFT adds an adapter before
-        it reads the saved tensors, so a refused load would otherwise leave an empty adapter behind (and, as the
-        only adapter, the base model's modules wrapped)."""
-        created = self.__dict__.get("_created_stamps", {}).get(adapter_name)
-        if created is None or created != tensor_stamp(self.model, adapter_name):
-            return  # an existing adapter that a load would have overwritten: the refusal left it as it was
+        """Remove ``adapter_name`` if the refused load created it: it would otherwise be left behind empty (and, as
+        the only adapter, the base model's modules wrapped). An adapter that existed before the load, even one never
+        edited, stays as it was."""
+        if not self.created_by_this_load(adapter_name):
+            return
         if list(self.peft_config) == [adapter_name]:
             self.unload()
         else:
@@ -57,10 +81,11 @@ class EditingTuner(BaseTuner, EditableTuner):
         (tensors missing, another method's, other shapes, NaN) is refused here, with the model as it was."""
         saved = {key: tensor for key, tensor in state_dict.items()
                  if tensor_name(key) not in cls.retired_tensors}
+        tuner = getattr(model, "base_model", None)
+        existing = isinstance(tuner, EditingTuner) and not tuner.created_by_this_load(adapter_name)
         try:
-            check_saved_adapter(cls, model, config, adapter_name, saved)
+            check_saved_adapter(cls, model, config, adapter_name, saved, into_existing=existing)
         except ValueError:
-            tuner = getattr(model, "base_model", None)
             if isinstance(tuner, EditingTuner):
                 tuner.discard_if_unwritten(adapter_name)
             raise
@@ -150,11 +175,27 @@ def adapter_stores(layer: BaseTunerLayer, adapter_name: str) -> Iterator[tuple[s
             yield name, store
 
 
+def created_by_a_load() -> bool:
+    """Whether PEFT is adding an adapter to read saved tensors into (``PeftModel.from_pretrained``, or
+    ``load_adapter`` under a new name) rather than for the caller (``get_peft_model``, ``add_adapter``): the tuner
+    is handed the same call either way, so the caller is found on the stack."""
+    from peft import PeftModel
+
+    loads = {PeftModel.load_adapter.__code__, PeftModel.from_pretrained.__func__.__code__}
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in loads:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def check_saved_adapter(tuner_cls: type[EditingTuner], model: nn.Module, config, adapter_name: str,
-                        saved: dict[str, torch.Tensor]) -> None:
+                        saved: dict[str, torch.Tensor], into_existing: bool = False) -> None:
     """Raise ``ValueError`` unless ``saved`` (a checkpoint's tensors) holds exactly the tensors this adapter saves,
     with its shapes and finite values: PEFT alone loads a subset silently (the rest stays zero), ignores another
-    method's tensors, and names a shape conflict only in a raw state-dict error."""
+    method's tensors, and names a shape conflict only in a raw state-dict error. ``into_existing``: the load writes
+    into an adapter that existed before it (``load_adapter`` under a taken name), which keeps its own config."""
     from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 
     method = config.peft_type.value.lower()
@@ -187,7 +228,8 @@ def check_saved_adapter(tuner_cls: type[EditingTuner], model: nn.Module, config,
         if tuple(tensor.shape) != wanted:
             raise ValueError(
                 f"saved tensor {key} has shape {tuple(tensor.shape)} but this {method} adapter expects {wanted}: "
-                + shape_conflict_cause(tuner_cls, model, config, key, tuple(tensor.shape), wanted)
+                + shape_conflict_cause(tuner_cls, model, config, key, tuple(tensor.shape), wanted,
+                                       adapter_name if into_existing else None)
             )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"saved tensor {key} holds NaN or infinite values: the adapter file is corrupted; "
@@ -195,9 +237,10 @@ def check_saved_adapter(tuner_cls: type[EditingTuner], model: nn.Module, config,
 
 
 def shape_conflict_cause(tuner_cls: type[EditingTuner], model: nn.Module, config, key: str,
-                         saved: tuple[int, ...], wanted: tuple[int, ...]) -> str:
+                         saved: tuple[int, ...], wanted: tuple[int, ...], existing: str | None = None) -> str:
     """The likely cause of a saved shape that differs from the adapter's: a base layer of another width (the
-    differing sizes are this layer's input or output width), or sizes in the config that the file disagrees with."""
+    differing sizes are this layer's input or output width), sizes in the config that the file disagrees with, or,
+    loading into the ``existing`` adapter of that name, that adapter's own sizes (a load keeps its config)."""
     module_name = key.rsplit(".", 1)[0]
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer = root.get_submodule(module_name)
@@ -206,6 +249,10 @@ def shape_conflict_cause(tuner_cls: type[EditingTuner], model: nn.Module, config
         return (f"the base model's {module_name} takes {layer.in_features} inputs to {layer.out_features} outputs, "
                 "so the adapter was saved on a base model of another width; load it on the model it was made for")
     sizes = ", ".join(f"{name}={getattr(config, name)}" for name in tuner_cls.recorded_sizes)
+    if existing is not None:
+        return (f"the model already has an adapter {existing!r}, and loading into it keeps its config ({sizes}), "
+                "which holds other edits than the saved adapter; load it under a new adapter_name (or call "
+                f"delete_adapter({existing!r}) first)")
     return (f"the sizes recorded in the adapter's config ({sizes}) disagree with the saved tensors; the config was "
             "edited or belongs to another save of the adapter")
 

@@ -116,6 +116,9 @@ class GraceLayer(EditLayer, BatchAwareLayer):
     def update_layer(self, adapter_name: str, config: GraceConfig) -> None:
         """Create the codebook of ``adapter_name`` with the recorded sizes (so a saved adapter reloads)."""
         self.forget_states(adapter_name)  # a new adapter under a deleted one's name starts without its state
+        # ... and without its keys' cached norms: they are stamped by tensor address, which the new codebook's
+        # tensors can take over from the deleted ones (freed just before).
+        self.__dict__.get("_key_square_cache", {}).pop(adapter_name, None)
         device = self.get_base_layer().weight.device
         n, c = config.codebook_size, config.n_changes
         self.grace_values[adapter_name] = nn.Parameter(

@@ -81,6 +81,14 @@ def select_alpha(
     check_utility_floor(utility_floor)
     alphas = sorted({0.0, *(check_extrapolation_alpha(alpha) for alpha in grid)})
     adapter_name, _ = uipe_adapter(model, adapter_name)
+    active = list(model.active_adapters)
+    if adapter_name not in active:
+        # The accuracies are measured through the active adapters: every alpha of another one scores the same, and
+        # alpha 0 was chosen silently.
+        raise ValueError(
+            f"select_alpha measures the model through its active adapters ({active}), which leave out "
+            f"{adapter_name!r}: call model.set_adapter({adapter_name!r}) first"
+        )
 
     def accuracy(pairs):
         return answer_accuracy(model, tokenizer, pairs, batch_size=batch_size, chat_template=chat_template)

@@ -182,16 +182,23 @@ class WiseLinear(nn.Module, WiseLayer):
             return result
         if self._forced_delta is not None:
             return result + nn.functional.linear(x, self._forced_delta.to(x.dtype))
+        # With several adapters active, each routes against the main memory's output: scored against an output that
+        # another adapter's side memory had already changed, its decisions depended on that adapter and on their order.
+        main = result
         for adapter in self.active_adapters:
             if adapter not in self.wise_working:
                 continue
             candidates = self.routing_deltas(adapter, x.dtype)
             if not candidates:
                 continue
-            result = self._route(adapter, x, result, candidates)
+            change = self._route(adapter, x, main, candidates)
+            if change is not None:
+                result = result + change
         return result
 
-    def _route(self, adapter: str, x: torch.Tensor, main: torch.Tensor, candidates) -> torch.Tensor:
+    def _route(self, adapter: str, x: torch.Tensor, main: torch.Tensor, candidates) -> torch.Tensor | None:
+        """The side memories' change to the main memory's output ``main`` on the rows ``adapter`` routes (zero
+        elsewhere); None if it routes no row."""
         flat_shape = main.shape
         x, main = self.token_grid(x), self.token_grid(main)
         batch, length = x.shape[0], x.shape[1]
@@ -212,7 +219,7 @@ class WiseLinear(nn.Module, WiseLayer):
         self.keep_state(adapter, scores.detach(), length)
         best, routed = self.route(adapter, scores)
         if not bool(routed.any()):
-            return main.reshape(flat_shape)
+            return None
         if len(candidates) == 1:
             side = change
         else:
@@ -220,7 +227,8 @@ class WiseLinear(nn.Module, WiseLayer):
             for k in best[routed].unique().tolist():
                 rows = (best == k) & routed
                 side[rows] = nn.functional.linear(x[rows], candidates[k][1]).to(side.dtype)
-        return torch.where(routed[:, None, None], main + side.to(main.dtype), main).reshape(flat_shape)
+        side = side.to(main.dtype)
+        return torch.where(routed[:, None, None], side, torch.zeros_like(side)).reshape(flat_shape)
 
     def __repr__(self) -> str:
         return "wise." + super().__repr__()
