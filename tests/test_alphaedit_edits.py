@@ -119,6 +119,20 @@ def test_sequential_calls_accumulate_and_editing_resumes_after_reload(world, tra
     assert torch.equal(reloaded_layer.alphaedit_B["default"][:, :rank], first_values)
 
 
+def test_editing_goes_on_after_the_edited_model_is_cast_to_bf16(world, trained_models, one_thread):
+    """Cast with the model, the second moment of the edited keys was rounded to bf16 and no longer positive
+    semi-definite: the next five edits reached none of their targets and took the first ten (generation 1.0 ->
+    0.3) and the other facts (1.0 -> 0.405) with them. Kept in float32, editing goes on as in float32."""
+    base, model, tokenizer, requests = setup(world, trained_models, "llama", n=15)
+    retain = [f.pair for f in world.retain_facts]
+    pu.edit(model, tokenizer, requests[:10], progress=False)
+    model.to(torch.bfloat16)
+    result = pu.edit(model, tokenizer, requests[10:], progress=False)
+    assert result.reliability >= 0.6
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests[:10]]) >= 0.9
+    assert answer_accuracy(model, tokenizer, retain) >= answer_accuracy(base, tokenizer, retain) - 0.02
+
+
 def test_memit_and_rome_share_the_engine(world, trained_models):
     base, tokenizer = trained_models("llama")
     preserve = [f"{f.question} {f.answer}" for f in world.retain_facts]

@@ -294,6 +294,24 @@ def test_wise_edits_a_float16_model_in_float32(world, trained_models):
     assert matched[torch.float32] > 0 and abs(matched[torch.float16] - matched[torch.float32]) <= 0.1
 
 
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS)
+@pytest.mark.parametrize("cast", [lambda model: model.to(torch.bfloat16), lambda model: model.half()])
+def test_casting_an_edited_model_keeps_its_edits_in_float32(make_config, cast):
+    """``model.to(torch.bfloat16)`` rounded codebooks, memories, factors and AlphaEdit's second moments to bf16 with
+    the base weights; the next edit built on the rounded state (see the AlphaEdit test of editing after a cast).
+    The edits' tensors follow the model to its device, not to its dtype."""
+    model, tokenizer = word_model(make_config)
+    edit(model, tokenizer, [EditRequest("w1 w2 w3", "w5 w6", subject="w2")], progress=False)
+    edits = {name: tensor for name, tensor in adapter_state(model).items()
+             if any(f".{prefix}_" in name for prefix in ("alphaedit", "grace", "wise"))}
+    cast(model)
+    assert model.get_base_model().lm_head.weight.dtype != torch.float32
+    state = model.state_dict()
+    for name, tensor in edits.items():
+        assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
+    edit(model, tokenizer, [EditRequest("w5 w6 w7", "w1 w2", subject="w6")], progress=False)  # editing goes on
+
+
 ONE_REQUEST = [EditRequest("w1 w2 w3", "w5 w6", subject="w2")]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -268,10 +268,38 @@ def speculative_decoding(generate_kwargs: dict, model_config: Any) -> str | None
     return None
 
 
+def _moving_only(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` (what ``Module.to``, ``half()``, ``cuda()`` apply to each tensor) with its device move kept and any
+    change of dtype left out."""
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        converted = fn(tensor)
+        return converted if converted.dtype == tensor.dtype else tensor.to(converted.device)
+
+    return convert
+
+
+class EditParameterDict(nn.ParameterDict):
+    """An editing layer's per-adapter parameters: ``model.to(torch.bfloat16)`` (``half()``, ...) moves them but keeps
+    their dtype. Editing writes float32 and later edits build on what is stored: rounded to bf16, AlphaEdit's second
+    moments were no longer positive semi-definite and the next edit's solve wrecked the model."""
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        return super()._apply(_moving_only(fn), recurse)
+
+
+class EditBufferDict(BufferDict):
+    """An editing layer's per-adapter buffers, kept in their dtype as :class:`EditParameterDict` keeps parameters."""
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        return super()._apply(_moving_only(fn), recurse)
+
+
 class EditLayer(BaseTunerLayer):
     """A tuner layer whose adapter tensors are written by editing, never by an optimiser: activating an adapter
     (PEFT's ``set_adapter`` marks the active adapter's tensors trainable) leaves them frozen, and following the
-    base layer to its device keeps their dtype (editing writes float32)."""
+    base layer to its device, or a cast of the whole model, keeps their dtype (editing writes float32): layers hold
+    them in :class:`EditParameterDict` and :class:`EditBufferDict`."""
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=True)

@@ -6,14 +6,13 @@ import warnings
 from typing import Any
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...capture import linear_shape, linear_weight
 from ...statistics import null_space_basis
-from ..base import EditLayer
+from ..base import EditBufferDict, EditLayer, EditParameterDict
 from .config import AlphaEditConfig
 
 
@@ -28,12 +27,12 @@ class AlphaEditLayer(EditLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.alphaedit_A = nn.ParameterDict({})
-        self.alphaedit_B = nn.ParameterDict({})
+        self.alphaedit_A = EditParameterDict({})
+        self.alphaedit_B = EditParameterDict({})
         # Allocated when statistics are attached; the model leaves them out of the saved adapter unless
         # save_projection=True, in which case they are preallocated here so a reload finds their shapes.
-        self.alphaedit_moment = BufferDict({}, persistent=True)
-        self.alphaedit_edited_cov = BufferDict({}, persistent=True)
+        self.alphaedit_moment = EditBufferDict({}, persistent=True)
+        self.alphaedit_edited_cov = EditBufferDict({}, persistent=True)
         # Per adapter: (the moment and threshold it was derived from, null-space basis [in, k]).
         self._null_bases: dict[str, tuple[tuple, torch.Tensor]] = {}
         # Per (adapter, "moment" | "edited"): (the matrix and weight it was computed from, tr(W M W^T)).

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...capture import linear_shape
-from ..base import BatchAwareLayer, EditLayer
+from ..base import BatchAwareLayer, EditBufferDict, EditLayer, EditParameterDict
 from .config import GraceConfig
 
 NO_MATCH = -1
@@ -95,14 +94,14 @@ class GraceLayer(EditLayer, BatchAwareLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.grace_values = nn.ParameterDict({})
-        self.grace_keys = BufferDict({}, persistent=True)
-        self.grace_eps = BufferDict({}, persistent=True)
-        self.grace_labels = BufferDict({}, persistent=True)
-        self.grace_edit_ids = BufferDict({}, persistent=True)
+        self.grace_values = EditParameterDict({})
+        self.grace_keys = EditBufferDict({}, persistent=True)
+        self.grace_eps = EditBufferDict({}, persistent=True)
+        self.grace_labels = EditBufferDict({}, persistent=True)
+        self.grace_edit_ids = EditBufferDict({}, persistent=True)
         # [C, 3]: (changing edit id, entry's edit id, entry's ordinal among that edit's entries)
-        self.grace_change_ids = BufferDict({}, persistent=True)
-        self.grace_change_eps = BufferDict({}, persistent=True)  # [C]: the entry's radius before the change
+        self.grace_change_ids = EditBufferDict({}, persistent=True)
+        self.grace_change_eps = EditBufferDict({}, persistent=True)  # [C]: the entry's radius before the change
         self.grace_distance: dict[str, str] = {}
         self.grace_replacement: dict[str, str] = {}
         self._disable_adapters = False

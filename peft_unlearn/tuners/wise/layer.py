@@ -6,11 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...capture import linear_shape, linear_weight
-from ..base import BatchAwareLayer, EditLayer
+from ..base import BatchAwareLayer, EditBufferDict, EditLayer, EditParameterDict
 from .config import WiseConfig
 
 WORKING = -1  # the memory index of edits in the unfinished shard
@@ -42,10 +41,10 @@ class WiseLayer(EditLayer, BatchAwareLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.wise_working = nn.ParameterDict({})
-        self.wise_memories = nn.ParameterDict({})
-        self.wise_keys = BufferDict({}, persistent=True)
-        self.wise_key_memory = BufferDict({}, persistent=True)
+        self.wise_working = EditParameterDict({})
+        self.wise_memories = EditParameterDict({})
+        self.wise_keys = EditBufferDict({}, persistent=True)
+        self.wise_key_memory = EditBufferDict({}, persistent=True)
         self.wise_config: dict[str, WiseConfig] = {}
         self._disable_adapters = False
         self.merged_adapters = []
