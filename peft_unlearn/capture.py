@@ -218,14 +218,13 @@ def capture_at_positions(
     *,
     capture: str | Mapping[str, str] = "input",
     stop_early: bool = False,
-    keep_graph: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Run one forward pass and return, per named module, its input or output at ``positions``.
 
     ``capture`` is "input" or "output" for every module, or a mapping from module name to one of them.
     ``positions`` is [B] (one token per row) or [B, K]; None returns the whole [B, T, d] tensor.
     ``stop_early`` aborts the forward once every module has fired (no logits are computed), which makes
-    statistics collection over early layers cheaper. Gradients flow only with ``keep_graph=True``.
+    statistics collection over early layers cheaper. Runs without gradients: the captures are detached.
     """
     kinds = {name: capture for name in modules} if isinstance(capture, str) else dict(capture)
     for name in modules:
@@ -239,7 +238,7 @@ def capture_at_positions(
         def hook(module, args, output):
             value = token_grid(_first_tensor(args if kinds[name] == "input" else output), rows)
             value = value if positions is None else gather_positions(value, positions)
-            captured[name] = value if keep_graph else value.detach()
+            captured[name] = value.detach()
             if stop_early and len(captured) == len(modules):
                 raise _StopForward
 
@@ -248,7 +247,7 @@ def capture_at_positions(
     for name, module in modules.items():
         handles.append(module.register_forward_hook(make_hook(name)))
     try:
-        with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()):
+        with torch.no_grad():
             model(**inputs)
     except _StopForward:
         pass

@@ -127,6 +127,16 @@ def check_unrelated(unrelated: Sequence[str]) -> list[str]:
     return kept
 
 
+def unrelated_prompts(
+    tuner: nn.Module, tokenizer, requests: Sequence[EditRequest], unrelated: Sequence[str] | None, seed: int
+) -> list[str]:
+    """The prompts an editing method must leave alone: the caller's ``unrelated`` (checked), or by default the
+    unedited model's own text (:func:`own_unrelated_prompts`, sampled with ``seed``)."""
+    if unrelated is not None:
+        return check_unrelated(unrelated)
+    return own_unrelated_prompts(tuner, tokenizer, requests, seed)
+
+
 def the_active_adapter(model: nn.Module, what: str) -> str:
     """The one active adapter of a ``PeftModel``: with several active, every forward runs through all of them, so
     an edit fitted there would not hold in its adapter alone (and ``PeftModel.active_adapter`` may name any)."""

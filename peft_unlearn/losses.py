@@ -69,15 +69,15 @@ def logits_at(model: nn.Module, inputs: Mapping[str, torch.Tensor], positions: t
 LOGIT_BUDGET = 2**27
 
 
-def row_chunks(model: nn.Module, labels: torch.Tensor, budget: int | None = None) -> list[torch.Tensor | None]:
-    """Groups of rows whose labelled logits fit ``budget`` elements, or ``[None]`` when the whole batch does: a
-    loss summed over rows, accumulated chunk by chunk, has the same gradient, and memory stays bounded for many
-    requests and large vocabularies."""
+def row_chunks(model: nn.Module, labels: torch.Tensor) -> list[torch.Tensor | None]:
+    """Groups of rows whose labelled logits fit :data:`LOGIT_BUDGET` elements, or ``[None]`` when the whole batch
+    does: a loss summed over rows, accumulated chunk by chunk, has the same gradient, and memory stays bounded for
+    many requests and large vocabularies."""
     base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     vocabulary = head.weight.shape[0] if head is not None else getattr(getattr(base, "config", None), "vocab_size", 0)
     per_row = labelled_width(labels) * max(int(vocabulary or 0), 1)
-    size = max(1, (budget or LOGIT_BUDGET) // per_row)
+    size = max(1, LOGIT_BUDGET // per_row)
     if size >= labels.shape[0]:
         return [None]
     return list(torch.arange(labels.shape[0], device=labels.device).split(size))

@@ -12,7 +12,7 @@ from torch import nn
 
 from .capture import context_length
 from .losses import labelled_logits, per_example_accuracy
-from .requests import answer_end_id, tokenize_pairs, tokenize_prompts
+from .requests import answer_end_id, pad_token_id, tokenize_pairs, tokenize_prompts
 
 # Plain greedy decoding whatever the model's generation config ships (chat models often set a repetition
 # penalty, some an n-gram ban or beams): every method and model is then measured by the same decoding.
@@ -91,7 +91,7 @@ def generate_continuations(
     template already wrote (see :func:`~peft_unlearn.requests.tokenize_prompts`)."""
     device = model_device(model)
     texts: list[str] = []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     stop = stop_token_ids(model, tokenizer, chat_template=chat_template or rendered)
 
     def tokenize(chunk: Sequence[str]):
@@ -120,6 +120,12 @@ def generate_continuations(
                     out[i] = text
             texts.extend(out)
     return texts
+
+
+def longest_continuation(tokenizer, texts: Sequence[str]) -> int:
+    """The most tokens any of ``texts`` takes as a continuation (after a space): what a generation budget that must
+    hold each whole answer starts from."""
+    return max(len(tokenizer(" " + text, add_special_tokens=False)["input_ids"]) for text in texts)
 
 
 def _room_to_generate(model: nn.Module, prompt_width: int, max_new_tokens: int) -> int:
@@ -156,7 +162,7 @@ def sample_texts(
     """
     device = model_device(model)
     batch = tokenize_prompts(tokenizer, list(starters), padding_side="left").to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     with eval_mode(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         output = model.generate(
@@ -209,8 +215,7 @@ def generation_match(
     if blank:
         raise ValueError(f"answers {blank[:10]} are empty: every text would begin with them")
     if max_new_tokens is None:
-        longest = max(len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) for _, answer in pairs)
-        max_new_tokens = longest + 2
+        max_new_tokens = longest_continuation(tokenizer, [answer for _, answer in pairs]) + 2
     generated = generate_continuations(
         model,
         tokenizer,

@@ -16,8 +16,8 @@ from torch import nn
 
 from .capture import context_length
 from .data.refusals import REFUSALS, is_refusal, refusal_for
-from .metrics import generate_continuations
-from .requests import EditRequest
+from .metrics import generate_continuations, longest_continuation
+from .requests import EditRequest, require_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ def refusal_prompt(tokenizer, question: str, shots: Sequence[tuple[str, str]], c
     ``chat_template`` the shots become user/assistant turns.
     """
     if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat_template=True but the tokenizer has no chat template")
+        require_chat_template(tokenizer)
         messages = []
         for shot_question, shot_answer in shots:
             messages += [{"role": "user", "content": shot_question}, {"role": "assistant", "content": shot_answer}]
@@ -101,7 +100,7 @@ def self_improved_requests(
     if not fallback:
         raise ValueError("fallback is empty: give at least one refusal phrasing")
     if max_new_tokens is None:
-        max_new_tokens = max(len(tokenizer(" " + text, add_special_tokens=False)["input_ids"]) for text in fallback) + 4
+        max_new_tokens = longest_continuation(tokenizer, fallback) + 4
     prompts = _fitting_prompts(model, tokenizer, requests, list(shots), max_new_tokens, chat_template)
     # Chat prompts are whole conversations the template wrote (its BOS included): tokenized as they are.
     texts = generate_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,

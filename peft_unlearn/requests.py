@@ -157,7 +157,8 @@ class TokenizedBatch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its eos."""
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     if tokenizer.eos_token_id is not None:
@@ -457,7 +458,7 @@ def tokenize_pairs(
     targets = [t for _, t in pairs]
     rows = _encode_rows(tokenizer, prompts, targets, subjects, chat_template=chat_template, append_eos=append_eos,
                         subject_from=subject_from)
-    return _collate(rows, _pad_id(tokenizer), padding_side, True, max_length)
+    return _collate(rows, pad_token_id(tokenizer), padding_side, True, max_length)
 
 
 def tokenize_requests(tokenizer, requests: Sequence[EditRequest], **options) -> TokenizedBatch:
@@ -486,4 +487,4 @@ def tokenize_prompts(
         raise ValueError("no prompts to tokenize")
     rows = _encode_rows(tokenizer, prompts, None, subjects, chat_template=chat_template, append_eos=False,
                         rendered=rendered)
-    return _collate(rows, _pad_id(tokenizer), padding_side, False, None)
+    return _collate(rows, pad_token_id(tokenizer), padding_side, False, None)

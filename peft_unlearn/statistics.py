@@ -223,8 +223,8 @@ def check_moments(statistics: SecondMoments) -> None:
                              "point: collect them again")
 
 
-def _statistics_tuner(model: nn.Module):
-    """The active adapter's tuner if it consumes statistics (AlphaEdit family), else None."""
+def _statistics_tuner(model: nn.Module) -> tuple[nn.Module | None, str | None]:
+    """(tuner, active adapter name) if the active adapter consumes statistics (AlphaEdit family), else (None, None)."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel) and hasattr(model.base_model, "attach_statistics"):
@@ -235,7 +235,7 @@ def _statistics_tuner(model: nn.Module):
 def collect_statistics(
     model: nn.Module,
     tokenizer,
-    texts: Iterable[str],
+    texts: Iterable[str | tuple[str, str]],
     *,
     batch_size: int = 16,
     max_tokens: int | None = None,
@@ -243,7 +243,8 @@ def collect_statistics(
     module_names: Sequence[str] | None = None,
     progress: bool = True,
 ) -> SecondMoments:
-    """Second moments of the edited layers' inputs over ``texts`` (what editing must preserve).
+    """Second moments of the edited layers' inputs over ``texts`` (what editing must preserve): texts, or
+    (prompt, answer) pairs whose answer positions alone count (see :func:`second_moments`).
 
     On a ``PeftModel`` whose active adapter is AlphaEdit/MEMIT/ROME, the edited layers are measured on the original
     model (adapter disabled) and the result is attached to the adapter, which derives its null space.

@@ -49,11 +49,12 @@ def _normalise(text: str) -> str:
 
 
 def is_refusal(text: str, extra_phrases: list[str] | tuple[str, ...] = ()) -> bool:
-    """Whether a generated text refuses: it starts with a known phrasing or contains a refusal marker."""
+    """Whether a generated text refuses: it contains a known phrasing (the library's or ``extra_phrases``) or
+    a refusal marker."""
     normalised = _normalise(text)
     if not normalised:
         return False
     phrases = [_normalise(p) for p in (*REFUSALS, *extra_phrases)]
-    if any(normalised.startswith(p) or p in normalised for p in phrases if p):
+    if any(p in normalised for p in phrases if p):
         return True
     return _MARKER.search(normalised) is not None

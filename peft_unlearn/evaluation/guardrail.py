@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import datasets
 import jinja2
 
-from ..requests import EditRequest
+from ..requests import EditRequest, require_chat_template
 from .qa import PARAPHRASED_QUESTION, QUESTION, QASet, as_qa_set
 
 logger = logging.getLogger(__name__)
@@ -48,9 +48,7 @@ def _template(tokenizer) -> str:
     """The tokenizer's chat template, or a ValueError saying why there is none to use."""
     if tokenizer is None:
         raise ValueError("a system-message guardrail renders through a chat template: pass the tokenizer")
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise ValueError("chat_template=True but the tokenizer has no chat template")
+    template = require_chat_template(tokenizer)
     if not isinstance(template, str):
         raise TypeError("the tokenizer has several named chat templates; set tokenizer.chat_template to the one "
                          "to guard")

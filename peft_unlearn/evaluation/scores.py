@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..capture import context_length
 from ..data.refusals import is_refusal
 from ..losses import labelled_logits, per_example_accuracy, sequence_nll
-from ..metrics import batches, eval_mode, generate_continuations, model_device
+from ..metrics import batches, eval_mode, generate_continuations, longest_continuation, model_device
 from ..requests import IGNORE_INDEX, answer_end_id, tokenize_pairs
 from . import tofu
 from .qa import PARAPHRASED_ANSWER, PERTURBED_ANSWER, QAData, QASet, as_qa_set
@@ -139,10 +139,26 @@ def truth_ratio_reference(qa: QASet) -> str:
     return PARAPHRASED_ANSWER if qa.has(PARAPHRASED_ANSWER) else "answer"
 
 
+def truth_ratios(
+    model: nn.Module,
+    tokenizer,
+    qa: QASet,
+    *,
+    batch_size: int = 32,
+    chat_template: bool = False,
+    progress: bool = False,
+) -> list[float]:
+    """Each question's raw truth ratio R = P(perturbed)/P(reference answer) (see :func:`truth_ratio_reference`):
+    what the TOFU truth-ratio score summarises and forget quality compares."""
+    reference = truth_ratio_reference(qa)
+    options = dict(batch_size=batch_size, chat_template=chat_template, progress=progress)
+    correct_nll = answer_scores(model, tokenizer, list(zip(qa.questions, qa.column(reference))), **options).nll
+    return tofu.truth_ratios_from_nll(correct_nll, perturbed_nll(model, tokenizer, qa, **options))
+
+
 def default_max_new_tokens(tokenizer, answers: Sequence[str]) -> int:
     """Room for the longest expected answer plus :data:`GENERATION_MARGIN` tokens."""
-    longest = max(len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) for answer in answers)
-    return longest + GENERATION_MARGIN
+    return longest_continuation(tokenizer, answers) + GENERATION_MARGIN
 
 
 def generate_answers(
@@ -168,7 +184,8 @@ def generate_answers(
     return texts
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean(values: Sequence[float]) -> float:
+    """The mean of a set's per-sample scores (the set is never empty: scoring refuses empty data)."""
     return sum(values) / len(values)
 
 
@@ -184,7 +201,7 @@ def answer_probability(
     """Mean over questions of exp(-mean token NLL) of the answer given the question."""
     qa = as_qa_set(data)
     scores = answer_scores(model, tokenizer, qa.pairs, batch_size=batch_size, chat_template=chat_template)
-    return scores.probability if per_example else _mean(scores.probability)
+    return scores.probability if per_example else mean(scores.probability)
 
 
 def true_answer_probability(
@@ -204,7 +221,7 @@ def true_answer_probability(
     options = dict(batch_size=batch_size, chat_template=chat_template)
     true_nll = answer_scores(model, tokenizer, qa.pairs, **options).nll
     scores = tofu.true_answer_probabilities(true_nll, perturbed_nll(model, tokenizer, qa, **options))
-    return scores if per_example else _mean(scores)
+    return scores if per_example else mean(scores)
 
 
 def truth_ratio(
@@ -220,11 +237,7 @@ def truth_ratio(
     """TOFU truth ratio of a set with perturbed answers; ``per_example=True`` gives each question's raw ratio
     R = P(perturbed)/P(paraphrased) (what forget quality compares), otherwise the set score of
     :func:`~peft_unlearn.evaluation.tofu.truth_ratio_score`."""
-    qa = as_qa_set(data)
-    reference = truth_ratio_reference(qa)
-    options = dict(batch_size=batch_size, chat_template=chat_template)
-    correct_nll = answer_scores(model, tokenizer, list(zip(qa.questions, qa.column(reference))), **options).nll
-    ratios = tofu.truth_ratios_from_nll(correct_nll, perturbed_nll(model, tokenizer, qa, **options))
+    ratios = truth_ratios(model, tokenizer, as_qa_set(data), batch_size=batch_size, chat_template=chat_template)
     return ratios if per_example else tofu.truth_ratio_score(ratios, forget)
 
 
@@ -242,7 +255,7 @@ def extraction_strength(
     out given everything before it."""
     qa = as_qa_set(data)
     scores = answer_scores(model, tokenizer, qa.pairs, batch_size=batch_size, chat_template=chat_template)
-    return scores.extraction_strength if per_example else _mean(scores.extraction_strength)
+    return scores.extraction_strength if per_example else mean(scores.extraction_strength)
 
 
 def rouge_l(
@@ -264,7 +277,7 @@ def rouge_l(
         chat_template=chat_template,
     )
     scores = rouge_l_recall(generated, qa.answers)
-    return scores if per_example else _mean(scores)
+    return scores if per_example else mean(scores)
 
 
 def refusal_rate(
@@ -285,4 +298,4 @@ def refusal_rate(
         model, tokenizer, qa.questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
         chat_template=chat_template,
     )
-    return _mean([float(is_refusal(text, tuple(extra_phrases))) for text in generated])
+    return mean([float(is_refusal(text, tuple(extra_phrases))) for text in generated])

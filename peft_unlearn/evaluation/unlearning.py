@@ -18,18 +18,16 @@ from .scores import (
     answer_scores,
     default_max_new_tokens,
     generate_answers,
+    mean,
     perturbed_nll,
     truth_ratio_reference,
+    truth_ratios,
 )
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("forget_quality", "forget_quality_statistic", "model_utility", "model_utility_from", "notes")
 UTILITY_METRICS = ("probability", "rouge_l", "truth_ratio")
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _evaluate_set(
@@ -49,20 +47,20 @@ def _evaluate_set(
     perturbed = perturbed_nll(model, tokenizer, qa, **options) if qa.has(PERTURBED_ANSWER) else None
     metrics: dict[str, float | None] = {}
     if role == "utility" and perturbed is not None:
-        metrics["probability"] = _mean(tofu.true_answer_probabilities(scores.nll, perturbed))
+        metrics["probability"] = mean(tofu.true_answer_probabilities(scores.nll, perturbed))
     else:
-        metrics["probability"] = _mean(scores.probability)
+        metrics["probability"] = mean(scores.probability)
         if role == "utility":
             notes.append(f"{name}: no perturbed_answer column, so probability is the plain answer probability "
                          "rather than P_true / (P_true + sum P_perturbed)")
-    metrics["accuracy"] = _mean(scores.accuracy)
+    metrics["accuracy"] = mean(scores.accuracy)
     if qa.has(PARAPHRASED_QUESTION):
         rephrased = answer_scores(model, tokenizer, list(zip(qa.column(PARAPHRASED_QUESTION), qa.answers)), **options)
-        metrics["paraphrased_question_probability"] = _mean(rephrased.probability)
+        metrics["paraphrased_question_probability"] = mean(rephrased.probability)
 
     tokens = max_new_tokens or default_max_new_tokens(tokenizer, qa.answers)
     generated = generate_answers(model, tokenizer, qa.questions, max_new_tokens=tokens, **options)
-    metrics["rouge_l"] = _mean(rouge_l_recall(generated, qa.answers))
+    metrics["rouge_l"] = mean(rouge_l_recall(generated, qa.answers))
 
     if perturbed is None:
         metrics["truth_ratio"] = None
@@ -78,9 +76,9 @@ def _evaluate_set(
         ratios = tofu.truth_ratios_from_nll(correct_nll, perturbed)
         metrics["truth_ratio"] = tofu.truth_ratio_score(ratios, forget=role == "forget")
 
-    metrics["refusal_rate"] = _mean([float(is_refusal(text, tuple(refusal_phrases))) for text in generated])
+    metrics["refusal_rate"] = mean([float(is_refusal(text, tuple(refusal_phrases))) for text in generated])
     if role == "forget":
-        metrics["extraction_strength"] = _mean(scores.extraction_strength)
+        metrics["extraction_strength"] = mean(scores.extraction_strength)
     return metrics, notes
 
 
@@ -88,9 +86,7 @@ def _forget_statistic(model: nn.Module, tokenizer, forget: QASet, options: dict)
     """The per-sample values forget quality compares: truth ratios when the forget set has perturbed answers (as
     TOFU), otherwise answer probabilities."""
     if forget.has(PERTURBED_ANSWER):
-        reference = truth_ratio_reference(forget)
-        correct = answer_scores(model, tokenizer, list(zip(forget.questions, forget.column(reference))), **options)
-        return tofu.truth_ratios_from_nll(correct.nll, perturbed_nll(model, tokenizer, forget, **options))
+        return truth_ratios(model, tokenizer, forget, **options)
     return answer_scores(model, tokenizer, forget.pairs, **options).probability
 
 

@@ -201,8 +201,8 @@ def train_fact_model(
     *,
     use_cache: bool = True,
     progress: bool = True,
-    **spec_options,
-):
+    **spec_options: object,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """Train (or load from the cache) a small ``arch`` model that answers ``pairs``; returns ``(model, tokenizer)``.
 
     Each pair is trained as ``prompt + " " + answer`` plus eos, with the loss on the answer. Training stops once
@@ -255,8 +255,11 @@ def train_fact_model(
     return model, tokenizer
 
 
-def fact_model_info(pairs: Sequence[tuple[str, str]], arch: str = "llama", seed: int = 0, **spec_options) -> dict | None:
+def fact_model_info(
+    pairs: Sequence[tuple[str, str]], arch: str = "llama", seed: int = 0, **spec_options: object
+) -> dict | None:
     """The training record of a cached fact model (accuracy, epochs, seconds), or None if it is not cached."""
     spec = _resolve_spec(arch, spec_options)
-    record = cache_root() / "fact_models" / _cache_key([(str(p), str(a)) for p, a in pairs], spec, seed) / "training.json"
+    key = _cache_key([(str(p), str(a)) for p, a in pairs], spec, seed)
+    record = cache_root() / "fact_models" / key / "training.json"
     return json.loads(record.read_text()) if record.is_file() else None

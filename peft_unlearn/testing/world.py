@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+
 from ..data.facts import Fact, fictitious_facts
 from .fact_model import knowledge_pairs, train_fact_model
 
@@ -50,7 +53,7 @@ class FactWorld:
     def training_pairs(self) -> list[tuple[str, str]]:
         return knowledge_pairs(self.facts, n_unknown=self.n_unknown, seed=self.seed)
 
-    def train_model(self, arch: str = "llama", **options):
+    def train_model(self, arch: str = "llama", **options: object) -> tuple[nn.Module, PreTrainedTokenizerFast]:
         """The (cached) small model that knows every fact of this world and refuses unknown people."""
         return train_fact_model(self.training_pairs, arch=arch, seed=self.seed, **options)
 

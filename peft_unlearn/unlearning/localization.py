@@ -23,7 +23,7 @@ from typing_extensions import Self
 from ..capture import capture_at_positions, decoder_layers_path, unwrap_model
 from ..losses import labelled_logits, sequence_nll
 from ..metrics import batches, evaluating, model_device
-from ..requests import IGNORE_INDEX
+from ..requests import IGNORE_INDEX, pad_token_id
 from .data import ForgetRetainCollator, TokenizedRow, as_rows, row_format, tokenize_rows
 
 logger = logging.getLogger(__name__)
@@ -67,10 +67,7 @@ def _forget_batches(
         tokenizer, rows, row_format(rows, "forget"), max_length=max_length, append_eos=append_eos,
         chat_template=chat_template,
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
-    collate = ForgetRetainCollator(pad_id)
+    collate = ForgetRetainCollator(pad_token_id(tokenizer))
     return [collate([{"forget": row} for row in chunk])["forget"] for chunk in batches(tokenized, batch_size)]
 
 

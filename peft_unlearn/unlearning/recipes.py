@@ -10,7 +10,8 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
+from torch import nn
 from transformers import PrinterCallback
 
 from ..metrics import answer_accuracy
@@ -49,7 +50,7 @@ def _pairs(rows: Sequence) -> list[tuple[str, str]] | None:
 
 
 def unlearn_with_lora(
-    model,
+    model: nn.Module,
     tokenizer,
     forget: Sequence,
     retain: Sequence | None = None,
@@ -60,7 +61,7 @@ def unlearn_with_lora(
     output_dir: str | None = None,
     progress: bool = True,
     **options: Any,
-):
+) -> tuple[PeftModel, dict[str, Any]]:
     """Unlearn ``forget`` with ``loss`` on a new UIPE LoRA adapter; returns ``(peft_model, summary)``.
 
     ``options`` may set LoRA fields (r, lora_alpha, lora_dropout, target_modules) and any ``UnlearningArguments``
@@ -127,8 +128,8 @@ def unlearn_with_lora(
     return peft_model, summary
 
 
-def npo_with_uipe(model, tokenizer, forget: Sequence[tuple[str, str]], retain: Sequence[tuple[str, str]],
-                  progress: bool = True):
+def npo_with_uipe(model: nn.Module, tokenizer, forget: Sequence[tuple[str, str]], retain: Sequence[tuple[str, str]],
+                  progress: bool = True) -> PeftModel:
     """The demo's gradient method: NPO on a UIPE LoRA, alpha selected on the retain set."""
     peft_model, _ = unlearn_with_lora(model, tokenizer, forget, retain, loss="npo", progress=progress, max_steps=12)
     return peft_model

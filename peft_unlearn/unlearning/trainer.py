@@ -21,6 +21,7 @@ from ..data.refusals import REFUSALS
 from ..editing import adapters_disabled, check_tokenizer_matches
 from ..losses import labelled_logits, labelled_width
 from ..metrics import evaluating
+from ..requests import pad_token_id
 from .data import (
     ForgetRetainCollator,
     ForgetRetainDataset,
@@ -213,15 +214,13 @@ class UnlearningTrainer(Trainer):
         dataset = self._paired_dataset(tokenizer, args, forget_dataset, retain_dataset, refusals)
         longest = max(len(row.input_ids) for rows in dataset.parts() for row in rows)
         check_fits_context(model, longest, f"the longest tokenized row (max_length={args.max_length})")
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad_id is None:
-            raise ValueError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
+        collator = ForgetRetainCollator(pad_token_id(tokenizer))
 
         super().__init__(
             model=model,
             args=args,
             train_dataset=dataset,
-            data_collator=ForgetRetainCollator(pad_id),
+            data_collator=collator,
             processing_class=processing_class,
             **kwargs,
         )

@@ -148,11 +148,9 @@ class AlphaEditConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        if self.refine_steps < 0 or self.refine_lr <= 0 or self.refine_margin < 0 or self.refine_preservation < 0:
-            raise ValueError("refine_steps, refine_margin and refine_preservation must not be negative, refine_lr "
-                             "must be positive")
-        if self.rehearse_edits < 0:
-            raise ValueError(f"rehearse_edits must not be negative, got {self.rehearse_edits}")
+        for name in ("refine_steps", "rehearse_edits"):  # refine_lr, refine_margin, refine_preservation: above
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.v_steps < 1 or self.n_context_templates < 1 or self.rounds < 1:
             raise ValueError("v_steps, rounds and n_context_templates must be at least 1")
         if self.rank < 0 or self.n_edits < 0:

@@ -153,14 +153,11 @@ def edit_rows(
 
 @dataclass
 class TargetValues:
-    """Per request and slot: the hidden state to reach at the last edited layer (``z``), where it started
-    (``h``), and the target NLL the optimisation ended at."""
+    """Per request and slot, the hidden state to reach at the last edited layer (``z``); per request, the target
+    NLL before the optimisation (``initial_nll``: whether the model already gives the target)."""
 
     z: torch.Tensor
-    h: torch.Tensor
     initial_nll: torch.Tensor
-    final_nll: torch.Tensor
-    steps: int
 
 
 def optimize_target_values(
@@ -274,7 +271,7 @@ def optimize_target_values(
             scaled.mul_(torch.where(norms > limit, limit / norms.clamp(min=1e-12), torch.ones_like(norms)))
     delta = (rows_of(scaled, keys) * unit).detach()
     logger.debug("target values: %d steps, mean NLL %.4f", step, nll.mean().item())
-    return TargetValues(z=h + delta, h=h, initial_nll=initial_nll, final_nll=nll, steps=step)
+    return TargetValues(z=h + delta, initial_nll=initial_nll)
 
 
 def keys_and_outputs(

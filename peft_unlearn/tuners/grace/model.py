@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...capture import capture_at_positions, rows_of
-from ...editing import adapters_disabled, check_unrelated, own_unrelated_prompts
+from ...editing import adapters_disabled, unrelated_prompts
 from ...losses import labelled_logits, row_chunks, sequence_nll
 from ...metrics import batches
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
@@ -279,10 +279,7 @@ class GraceModel(SingleLayerTuner):
         if options:
             raise TypeError(f"unknown options for grace: {sorted(options)}")
         config: GraceConfig = self.peft_config[adapter_name]
-        if unrelated is not None:
-            unrelated = check_unrelated(unrelated)
-        else:
-            unrelated = own_unrelated_prompts(self, tokenizer, requests, seed=config.n_edits)
+        unrelated = unrelated_prompts(self, tokenizer, requests, unrelated, seed=config.n_edits)
         _, layer = self.grace_layer(adapter_name)
         device = next(self.model.parameters()).device
         batch = tokenize_requests(tokenizer, requests).to(device)

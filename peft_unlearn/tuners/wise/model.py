@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...capture import capture_at_positions
-from ...editing import adapters_disabled, check_unrelated, own_unrelated_prompts
+from ...editing import adapters_disabled, unrelated_prompts
 from ...losses import labelled_logits, sequence_nll
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
@@ -54,10 +54,7 @@ class WiseModel(SingleLayerTuner):
             raise TypeError(f"unknown options for wise: {sorted(options)}")
         config: WiseConfig = self.peft_config[adapter_name]
         layer = self.wise_layer(adapter_name)
-        if unrelated is not None:
-            unrelated = check_unrelated(unrelated)
-        else:
-            unrelated = own_unrelated_prompts(self, tokenizer, requests, config.seed + config.n_edits)
+        unrelated = unrelated_prompts(self, tokenizer, requests, unrelated, seed=config.seed + config.n_edits)
         first_id = config.n_edits
         snapshot = self._snapshot(adapter_name, layer)
         start = 0
