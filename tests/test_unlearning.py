@@ -459,6 +459,26 @@ def test_gradient_accumulation_gives_the_same_step_as_one_batch(tofu, tmp_path, 
             assert other[key] == pytest.approx(logged[0][key], rel=1e-4)
 
 
+def test_logged_terms_average_over_steps_when_the_last_step_has_fewer_micro_batches(tofu, tmp_path):
+    """6 forget rows in micro-batches of 2 with 2 accumulation steps: the epoch's steps have 2 and 1 micro-batches.
+    The logged forget/retain terms weighed each step by its micro-batches, unlike the loss: forget_loss -0.0188
+    instead of the whole batches' -0.0206, and forget + retain -0.0012 with the loss at -0.0036."""
+    logged = []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        args = make_args(tmp_path / f"{batch_size}", "grad_diff", per_device_train_batch_size=batch_size,
+                         gradient_accumulation_steps=accumulation, max_steps=-1, num_train_epochs=1, logging_steps=2,
+                         train_sampling_strategy="sequential")
+        trainer = UnlearningTrainer(lora_model(tofu), args, forget_dataset=tofu.forget[:6],
+                                    retain_dataset=tofu.retain[:5], processing_class=tofu.tokenizer)
+        trainer.train()
+        assert trainer.state.global_step == 2
+        logged.append(next(log for log in trainer.state.log_history if "loss" in log))
+    for log in logged:
+        assert log["forget_loss"] + log["retain_loss"] == pytest.approx(log["loss"], abs=1e-6)
+    for key in ("loss", "forget_loss", "retain_loss"):
+        assert logged[1][key] == pytest.approx(logged[0][key], rel=1e-4)
+
+
 def test_unlearn_with_lora_checks_its_arguments_before_training_and_measures_in_the_trained_format(tofu, monkeypatch):
     from peft_unlearn.unlearning import recipes
 
@@ -564,6 +584,39 @@ def test_the_reference_switches_off_modules_to_save_and_serves_parts_only_it_rea
                                                      (RETAIN,))))
     trainer = make_trainer(tofu, lora_model(tofu), make_args(tmp_path, "ga_reference_retain", max_steps=1))
     assert torch.isfinite(trainer.compute_loss(trainer.model, first_batch(trainer)))
+
+
+def test_best_checkpoints_are_refused_before_training(tofu, tmp_path):
+    """save_strategy='best' trained every step and saved no checkpoint (there are no evaluation metrics to rank
+    them)."""
+    output_dir = tmp_path / "never_written"
+    model = lora_model(tofu)
+    before = adapter_weights(model)
+    with pytest.raises(ValueError, match="save_strategy='best'.*no checkpoint would be saved"):
+        make_trainer(tofu, model, make_args(output_dir, "npo", save_strategy="best", metric_for_best_model="loss",
+                                            load_best_model_at_end=True))
+    assert not output_dir.exists()
+    assert all(torch.equal(before[name], weight) for name, weight in adapter_weights(model).items())
+
+
+def test_a_forget_set_that_drop_last_empties_is_refused_before_training(tofu, tmp_path):
+    """dataloader_drop_last with fewer forget rows than a batch trained 0 steps (max_steps) or failed in train()
+    asking for max_steps (epochs)."""
+    output_dir = tmp_path / "never_written"
+    model = lora_model(tofu)
+    before = adapter_weights(model)
+    for limit in (dict(max_steps=2), dict(max_steps=-1, num_train_epochs=1)):
+        with pytest.raises(ValueError, match="dataloader_drop_last=True drops every batch: the forget set has 6 rows"):
+            UnlearningTrainer(model, make_args(output_dir, "npo", dataloader_drop_last=True, **limit),
+                              forget_dataset=tofu.forget[:6], retain_dataset=tofu.retain,
+                              processing_class=tofu.tokenizer)
+    assert not output_dir.exists()
+    assert all(torch.equal(before[name], weight) for name, weight in adapter_weights(model).items())
+    # A forget set of one whole batch still trains with drop_last.
+    trainer = UnlearningTrainer(model, make_args(tmp_path, "npo", dataloader_drop_last=True, max_steps=1),
+                                forget_dataset=tofu.forget[:8], retain_dataset=tofu.retain,
+                                processing_class=tofu.tokenizer)
+    assert trainer.train().global_step == 1
 
 
 def test_trainer_options_it_cannot_honour_are_refused_and_counters_see_every_part(tofu, tmp_path):

@@ -181,6 +181,13 @@ class UnlearningTrainer(Trainer):
                 "UnlearningTrainer has no evaluation loop: set eval_strategy='no' and measure forgetting with "
                 "peft_unlearn.metrics or peft_unlearn.evaluate_unlearning (e.g. in a callback)"
             )
+        if getattr(args.save_strategy, "value", args.save_strategy) == "best":
+            # The Trainer saves a "best" checkpoint only on evaluation metrics: it trained and saved nothing.
+            raise ValueError(
+                "save_strategy='best' (and load_best_model_at_end with it) picks checkpoints by evaluation metrics, "
+                "which UnlearningTrainer never computes (no evaluation loop), so no checkpoint would be saved: use "
+                "save_strategy='steps' or 'epoch' and compare the checkpoints with peft_unlearn.metrics"
+            )
         if args.label_smoothing_factor:
             raise ValueError("label_smoothing_factor is not used by the unlearning losses; leave it at 0")
         if args.train_sampling_strategy not in ("random", "sequential"):
@@ -214,6 +221,15 @@ class UnlearningTrainer(Trainer):
         dataset = self._paired_dataset(tokenizer, args, forget_dataset, retain_dataset, refusals)
         longest = max(len(row.input_ids) for rows in dataset.parts() for row in rows)
         check_fits_context(model, longest, f"the longest tokenized row (max_length={args.max_length})")
+        batch = args.train_batch_size * args.world_size
+        if args.dataloader_drop_last and len(dataset) < batch:
+            # The Trainer then trains no step: with max_steps it warns about an IterableDataset, with epochs it
+            # asks for max_steps.
+            raise ValueError(
+                f"dataloader_drop_last=True drops every batch: the forget set has {len(dataset)} rows, fewer than "
+                f"one batch of {batch}, so no step would train; set dataloader_drop_last=False or a smaller "
+                "per_device_train_batch_size"
+            )
         collator = ForgetRetainCollator(pad_token_id(tokenizer))
 
         super().__init__(
@@ -226,6 +242,7 @@ class UnlearningTrainer(Trainer):
         )
         self.add_callback(RetainPairingCallback(dataset))
         self._logged_terms: dict[str, list[float]] = {}
+        self._logged_steps = 0.0  # optimizer steps the logged terms span (see compute_loss)
 
         # An adapter attached through transformers' PEFT integration (model.load_adapter) is disabled layer by layer.
         uses_adapter = isinstance(self.model, PeftModel) or bool(getattr(self.model, "_hf_peft_config_loaded", False))
@@ -332,7 +349,7 @@ class UnlearningTrainer(Trainer):
                 parameter.requires_grad_(False)
 
     def train(self, *args: Any, **kwargs: Any):
-        self._logged_terms = {}  # terms of an earlier run's unlogged last steps do not leak into this one
+        self._logged_terms, self._logged_steps = {}, 0.0  # an earlier run's unlogged last steps do not leak in
         return super().train(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any):
@@ -400,18 +417,22 @@ class UnlearningTrainer(Trainer):
         # processes divides by their number, which this multiplies back.
         share = (window.micro_batches, window.processes) if window is not None else (1, 1)
         if model.training and self.args.logging_strategy != "no":
+            # Summed, the micro-batches' shares give each step's term; the log divides by the steps (each micro-batch
+            # is 1/micro_batches of one), as the Trainer's loss does: an epoch's last step may have fewer micro-batches.
             for name, value in terms.items():
                 if name != "loss":
-                    self._logged_terms.setdefault(name, []).append(value.item() * share[0] * share[1])
+                    self._logged_terms.setdefault(name, []).append(value.item() * share[1])
+            self._logged_steps += 1 / share[0]
         total = terms["loss"] * share[1]
         return (total, outputs) if return_outputs else total
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean forget/retain terms since the last training log (this process's batches)."""
+        """Add the forget/retain terms since the last training log, averaged over its optimizer steps like the loss
+        (this process's batches)."""
         if "loss" in logs and self._logged_terms:
             for name, values in self._logged_terms.items():
-                logs[name] = sum(values) / len(values)
-            self._logged_terms = {}
+                logs[name] = sum(values) / self._logged_steps
+            self._logged_terms, self._logged_steps = {}, 0.0
         super().log(logs, start_time)
 
 
