@@ -700,6 +700,19 @@ def test_answer_span_masking_and_raw_text_rows(tofu, tmp_path):
     assert any(not torch.equal(before[name], p) for name, p in adapter_weights(model).items())
 
 
+def test_raw_text_rows_under_chat_template_are_trained_as_written_with_a_warning(tofu, tmp_path, caplog):
+    """chat_template=True formats question/answer rows only: raw text rows ignored it without a word."""
+    tokenizer = copy.deepcopy(tofu.tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    texts = [{"text": f"{q} {a}"} for q, a in tofu.forget[:4]]
+    with caplog.at_level(logging.WARNING, logger="peft_unlearn.unlearning.data"):
+        trainer = UnlearningTrainer(lora_model(tofu), make_args(tmp_path, "ga", max_steps=1, chat_template=True),
+                                    forget_dataset=texts, processing_class=tokenizer)
+    assert "these 4 raw text rows are trained as written" in caplog.text
+    plain = tokenizer(texts[0]["text"])["input_ids"]  # the text alone, no template around it
+    assert trainer.train_dataset[0]["forget"].input_ids[: len(plain)] == plain
+
+
 # --- bad input ----------------------------------------------------------------------------------------------------
 
 

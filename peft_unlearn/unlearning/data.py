@@ -3,6 +3,7 @@ the pairing of every forget row with a retain row."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,8 @@ from torch.utils.data import Dataset
 
 from ..data.refusals import refusal_for
 from ..requests import IGNORE_INDEX, tokenize_pairs
+
+logger = logging.getLogger(__name__)
 
 QA_COLUMNS = ("question", "answer")
 TEXT_COLUMN = "text"
@@ -85,8 +88,11 @@ def tokenize_rows(
     chat_template: bool,
 ) -> list[TokenizedRow]:
     """Question/answer rows: loss on the answer tokens only (the foundation's answer-span masking); text rows: loss
-    on every token."""
+    on every token (as written: a chat template formats question/answer rows only)."""
     if kind == "text":
+        if chat_template:
+            logger.warning("chat_template=True formats question/answer rows; these %d raw text rows are trained as "
+                           "written (give question/answer rows to train in the chat format)", len(rows))
         encoded = tokenizer(
             [row[TEXT_COLUMN] for row in rows], add_special_tokens=True, truncation=True, max_length=max_length
         )["input_ids"]
