@@ -239,6 +239,8 @@ def test_generation_metrics_and_refusals(world, trained_models):
     # Extra phrases count as refusals: here the model's own answer to the first question.
     answer = known[0][1]
     assert refusal_rate(model, tokenizer, known[:1], extra_phrases=[answer]) == 1.0
+    # Per question, in order, like the other scores.
+    assert refusal_rate(model, tokenizer, known[:2] + unknown[:2], per_example=True) == [0.0, 0.0, 1.0, 1.0]
 
 
 # ---- unlearning report on the TOFU protocol --------------------------------------------------------------------

@@ -289,8 +289,10 @@ def refusal_rate(
     max_new_tokens: int | None = None,
     batch_size: int = 32,
     chat_template: bool = False,
-) -> float:
-    """Fraction of questions whose greedy answer is a refusal (the library's phrasings plus ``extra_phrases``)."""
+    per_example: bool = False,
+) -> float | list[float]:
+    """Fraction of questions whose greedy answer is a refusal (the library's phrasings plus ``extra_phrases``);
+    ``per_example=True`` gives each question's 1.0 or 0.0, as the other scores here give theirs."""
     qa = as_qa_set(data)
     if max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(tokenizer, qa.answers)
@@ -298,4 +300,5 @@ def refusal_rate(
         model, tokenizer, qa.questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
         chat_template=chat_template,
     )
-    return mean([float(is_refusal(text, tuple(extra_phrases))) for text in generated])
+    scores = [float(is_refusal(text, tuple(extra_phrases))) for text in generated]
+    return scores if per_example else mean(scores)
