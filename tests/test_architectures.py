@@ -52,6 +52,13 @@ ARCHITECTURES = {
     "mpt": lambda: tf.MptConfig(d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, expansion_ratio=2, max_seq_len=64),
     # A hybrid of short convolutions and attention, its MLP under another name (feed_forward.w2).
     "lfm2": lambda: tf.Lfm2Config(**GQA, layer_types=["conv", "full_attention", "conv"]),
+    # Sliding-window and global layers interleaved; the MLP output normalised.
+    "gemma3_text": lambda: tf.Gemma3TextConfig(**GQA, head_dim=8, sliding_window=4),
+    "cohere": lambda: tf.CohereConfig(**GQA),  # parallel attention and MLP
+    "granite": lambda: tf.GraniteConfig(**GQA),  # scaled residuals and logits
+    "starcoder2": lambda: tf.Starcoder2Config(**GQA),  # mlp.c_proj as nn.Linear
+    "glm4": lambda: tf.Glm4Config(**GQA, head_dim=8),  # fused gate/up projection
+    "smollm3": lambda: tf.SmolLM3Config(**GQA),  # layers without rotary embeddings
 }
 METHODS = {"alphaedit": pu.AlphaEditConfig, "grace": pu.GraceConfig, "wise": pu.WiseConfig}
 
