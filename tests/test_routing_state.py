@@ -112,3 +112,17 @@ def test_speculative_decoding_is_refused_where_routing_decides_per_sequence(edit
     for option in ({"prompt_lookup_num_tokens": 3}, {"assistant_model": base}):
         with pytest.raises(ValueError, match="verifies several drafted tokens"):
             model.generate(**batch, max_new_tokens=4, do_sample=False, **option)
+
+
+def test_continuous_batching_is_refused_where_routing_decides_per_sequence(edited, world):
+    """Continuous batching packs a batch's sequences into one row: routed as one sequence, an edited prompt routed
+    the questions packed with it (an unrelated one was refused) and an edited one could go unrouted."""
+    _, model, tokenizer, facts = edited
+    inputs = [tokenizer(text)["input_ids"] for text in (facts[0].question, world.retain_facts[0].question)]
+    with pytest.raises(ValueError, match="packs several sequences"):
+        model.generate_batch(inputs, max_new_tokens=4)
+    with pytest.raises(ValueError, match="packs several sequences"):
+        model.generate(input_ids=torch.tensor(inputs[:1]), max_new_tokens=4, cache_implementation="paged")
+    packed = torch.tensor([inputs[0] + inputs[1]])  # what its forwards get (run in a thread that only logs errors)
+    with pytest.raises(ValueError, match="packs several sequences"), torch.no_grad():
+        model(input_ids=packed, cu_seq_lens_q=torch.tensor([0, len(inputs[0]), packed.shape[1]]))

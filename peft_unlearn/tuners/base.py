@@ -121,13 +121,38 @@ class EditingTuner(BaseTuner, EditableTuner):
                 "per adapter with model.set_adapter(name), and `with model.disable_adapter():` for the base model"
             )
         drafting = speculative_decoding(kwargs, getattr(self.model, "generation_config", None))
-        if drafting and any(isinstance(m, BatchAwareLayer) and m.routes_sequences() for m in self.model.modules()):
+        if drafting and routes_sequences(self.model):
             raise ValueError(
                 f"{drafting} verifies several drafted tokens per forward and rolls back the rejected ones, which "
                 "this adapter's routing (a decision per sequence, carried across decoding steps) cannot follow; "
                 "generate without it"
             )
+        if kwargs.get("cache_implementation") == "paged" and routes_sequences(self.model):
+            # Refused here: continuous batching runs its forwards in a thread that logs their errors and returns
+            # failed requests rather than raising.
+            raise ValueError(PACKED_SEQUENCES_REFUSAL)
         yield
+
+    def generate_batch(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' continuous batching, refused where the routing decides per sequence: its forwards run in a
+        thread that only logs their refusal (see :data:`PACKED_SEQUENCES_REFUSAL`)."""
+        if routes_sequences(self.model):
+            raise ValueError(PACKED_SEQUENCES_REFUSAL)
+        return self.model.generate_batch(*args, **kwargs)
+
+
+def routes_sequences(model: nn.Module) -> bool:
+    """Whether an enabled layer of ``model`` decides per sequence (see :class:`BatchAwareLayer`)."""
+    return any(isinstance(m, BatchAwareLayer) and not m.disable_adapters and m.routes_sequences()
+               for m in model.modules())
+
+
+PACKED_SEQUENCES_REFUSAL = (
+    "continuous batching (generate_batch, or generate with cache_implementation='paged') packs several sequences "
+    "into one row, which this adapter's routing (a decision per sequence, carried across decoding steps) cannot "
+    "tell apart: an edited prompt would route the sequences packed with it; generate with model.generate and a "
+    "dynamic or static cache instead"
+)
 
 
 def target_module(model: nn.Module, name: str) -> nn.Module:
@@ -390,6 +415,8 @@ def _share_batch_layout(module: nn.Module, args, kwargs) -> None:
     inputs = dict(kwargs)
     if args and isinstance(args[0], torch.Tensor):
         inputs.setdefault("input_ids", args[0])
+    if inputs.get("cu_seq_lens_q") is not None and routes_sequences(module):
+        raise ValueError(PACKED_SEQUENCES_REFUSAL)  # packed sequences (continuous batching) in one row
     mask, rows = token_validity(inputs.get("attention_mask")), batch_rows(inputs)
     # Recent transformers pass the cache as `cache`, earlier 5.x releases as `past_key_values`.
     cache = inputs.get("cache", inputs.get("past_key_values"))
