@@ -33,6 +33,15 @@ from peft_unlearn.unlearning import (
     UnlearningTrainer,
 )
 from peft_unlearn.unlearning.data import TokenizedRow
+from peft_unlearn.unlearning.losses import (
+    FORGET,
+    RETAIN,
+    LossTerm,
+    UnlearningLoss,
+    gradient_ascent,
+    register_unlearning_loss,
+    retain_kl,
+)
 from peft_unlearn.unlearning.recipes import LOSS_DEFAULTS
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -247,16 +256,6 @@ def test_the_reference_keeps_its_logits_only_where_a_term_reads_them(tofu, tmp_p
 
 
 def test_a_term_reading_reference_logits_it_did_not_declare_is_told_how(tofu, tmp_path):
-    from peft_unlearn.unlearning.losses import (
-        FORGET,
-        RETAIN,
-        LossTerm,
-        UnlearningLoss,
-        gradient_ascent,
-        register_unlearning_loss,
-        retain_kl,
-    )
-
     register_unlearning_loss(UnlearningLoss("kl_undeclared", LossTerm(gradient_ascent, (FORGET,)),
                                             LossTerm(retain_kl, (RETAIN,), (RETAIN,))))
     model = lora_model(tofu)
@@ -560,15 +559,6 @@ def test_an_adapter_attached_through_transformers_is_the_reference_without_a_cop
 def test_the_reference_switches_off_modules_to_save_and_serves_parts_only_it_reads(tofu, tmp_path):
     from peft import inject_adapter_in_model
     from peft.utils import ModulesToSaveWrapper
-
-    from peft_unlearn.unlearning.losses import (
-        FORGET,
-        RETAIN,
-        LossTerm,
-        UnlearningLoss,
-        gradient_ascent,
-        register_unlearning_loss,
-    )
 
     # An adapter attached the way transformers' load_adapter does, with a trained copy of lm_head.
     config = LoraConfig(r=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
