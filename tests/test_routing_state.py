@@ -126,3 +126,22 @@ def test_continuous_batching_is_refused_where_routing_decides_per_sequence(edite
     packed = torch.tensor([inputs[0] + inputs[1]])  # what its forwards get (run in a thread that only logs errors)
     with pytest.raises(ValueError, match="packs several sequences"), torch.no_grad():
         model(input_ids=packed, cu_seq_lens_q=torch.tensor([0, len(inputs[0]), packed.shape[1]]))
+
+
+def test_padding_free_packing_is_refused_where_routing_decides_per_sequence(edited, world):
+    """DataCollatorWithFlattening packs rows into one with restarting position ids and no attention mask:
+    transformers keeps the sequences apart in attention, but routing saw one sequence (the unrelated question
+    packed after an edited one was routed as edited). Consecutive position ids, a mask or a cache still pass."""
+    _, model, tokenizer, facts = edited
+    inputs = [tokenizer(text)["input_ids"] for text in (facts[0].question, world.retain_facts[0].question)]
+    packed = torch.tensor([inputs[0] + inputs[1]])
+    restarting = torch.tensor([list(range(len(inputs[0]))) + list(range(len(inputs[1])))])
+    with pytest.raises(ValueError, match="packs several sequences"), torch.no_grad():
+        model(input_ids=packed, position_ids=restarting)
+    alone = torch.tensor(inputs[1:])
+    with torch.no_grad():
+        expected = model(input_ids=alone).logits
+        consecutive = model(input_ids=alone, position_ids=torch.arange(alone.shape[1])[None]).logits
+        masked = model(input_ids=alone, attention_mask=torch.ones_like(alone), position_ids=torch.arange(
+            alone.shape[1])[None]).logits
+    assert torch.equal(consecutive, expected) and torch.equal(masked, expected)

@@ -149,9 +149,10 @@ def routes_sequences(model: nn.Module) -> bool:
 
 PACKED_SEQUENCES_REFUSAL = (
     "continuous batching (generate_batch, or generate with cache_implementation='paged') packs several sequences "
-    "into one row, which this adapter's routing (a decision per sequence, carried across decoding steps) cannot "
-    "tell apart: an edited prompt would route the sequences packed with it; generate with model.generate and a "
-    "dynamic or static cache instead"
+    "into one row, as do padding-free batches (position_ids restarting within a row, from DataCollatorWithFlattening); "
+    "this adapter's routing (a decision per sequence, carried across decoding steps) cannot tell them apart: an "
+    "edited prompt would route the sequences packed with it; generate with model.generate and a dynamic or static "
+    "cache, and batch with padding and an attention mask"
 )
 
 
@@ -415,17 +416,29 @@ def _share_batch_layout(module: nn.Module, args, kwargs) -> None:
     inputs = dict(kwargs)
     if args and isinstance(args[0], torch.Tensor):
         inputs.setdefault("input_ids", args[0])
-    if inputs.get("cu_seq_lens_q") is not None and routes_sequences(module):
-        raise ValueError(PACKED_SEQUENCES_REFUSAL)  # packed sequences (continuous batching) in one row
-    mask, rows = token_validity(inputs.get("attention_mask")), batch_rows(inputs)
     # Recent transformers pass the cache as `cache`, earlier 5.x releases as `past_key_values`.
     cache = inputs.get("cache", inputs.get("past_key_values"))
+    if packs_sequences(inputs, cache) and routes_sequences(module):
+        raise ValueError(PACKED_SEQUENCES_REFUSAL)
+    mask, rows = token_validity(inputs.get("attention_mask")), batch_rows(inputs)
     past = cached_length(cache)
     states = _routing_states(cache)
     for layer in module.modules():
         if isinstance(layer, BatchAwareLayer):
             layer._attention_mask, layer._batch_rows = mask, rows
             layer._continues_sequences, layer._cached_length, layer._sequence_states = past > 0, past, states
+
+
+def packs_sequences(inputs: dict, cache: Any) -> bool:
+    """Whether a forward holds several sequences in one row: continuous batching passes their boundaries
+    (``cu_seq_lens_q``); padding-free training (``DataCollatorWithFlattening``) passes only position ids that restart
+    at each sequence, with no attention mask and no cache, which is how transformers itself recognises packing."""
+    if inputs.get("cu_seq_lens_q") is not None:
+        return True
+    positions = inputs.get("position_ids")
+    if positions is None or inputs.get("attention_mask") is not None or cached_length(cache) > 0:
+        return False
+    return bool((positions.diff(dim=-1) != 1).any())
 
 
 def token_validity(mask: torch.Tensor | None) -> torch.Tensor | None:
