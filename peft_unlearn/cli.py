@@ -227,12 +227,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise UsageError(f"request file {args.requests} holds no requests")
     options = read_options(args.config)
     edit_options = options.pop("edit", {})
+    if args.chat_template:
+        edit_options["chat_template"] = True
+    chat = bool(edit_options.get("chat_template", False))
     config = _config_for(args.method, options)
     preserve = None
     if args.method in ("alphaedit", "memit", "rome"):
         if not args.preserve:
             raise UsageError(f"{args.method} needs --preserve: texts whose knowledge must stay (JSON/JSONL/txt)")
-        preserve = _read_texts(args.preserve)
+        preserve = _read_texts(args.preserve, pairs=chat)
     elif args.preserve:
         raise UsageError(f"--preserve is read by alphaedit, memit and rome only; {args.method} takes the prompts it "
                          "must leave alone from --config, as 'edit: {unrelated: [...]}'")
@@ -240,7 +243,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     model = _wrap(model, config, args.method)
     with staged_output(args.output) as folder:
         if preserve is not None:
-            pu.collect_statistics(model, tokenizer, preserve)
+            pu.collect_statistics(model, tokenizer, preserve, chat_template=chat)
         result = pu.edit(model, tokenizer, requests, **edit_options)
         metrics = {"edits_per_second": result.edits_per_second, "reliability_teacher_forced": result.reliability}
         _finish(model, folder, args.method, args.model, result.n_requests, metrics, [r.prompt for r in requests])
@@ -253,11 +256,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_texts(source: str) -> list[str]:
+def _read_texts(source: str, pairs: bool = False) -> list[str] | list[tuple[str, str]]:
+    """Preservation texts; with ``pairs`` (chat format), question/answer rows stay (question, answer) pairs, which
+    the statistics read as chat answers, as the edits are written (texts joined from them would be plain text)."""
     path = Path(source)
     if path.is_file() and path.suffix == ".txt":
         return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = read_records(source, "preservation texts")
+    if pairs and rows and all("question" in r and "answer" in r for r in rows):
+        return [(str(r["question"]), str(r["answer"])) for r in rows]
     texts = [r.get("text") or " ".join(str(r[k]) for k in ("question", "answer") if k in r) for r in rows]
     texts = [t for t in texts if t]
     if not texts:
@@ -273,6 +280,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     if not forget:
         raise UsageError("the forget set is empty")
     options = read_options(args.config)
+    if args.chat_template:
+        options["chat_template"] = True
     model, tokenizer = load_model(args.model)
     with staged_output(args.output) as folder:
         model, summary = unlearn_with_lora(model, tokenizer, forget, retain, loss=args.method,
@@ -300,7 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         retain_model, retain_tokenizer = load_model(args.retain_model)
     with staged_output(args.output) as folder:
         report = pu.evaluate_unlearning(model, tokenizer, forget, retain, retain_model=retain_model,
-                                        retain_tokenizer=retain_tokenizer)
+                                        retain_tokenizer=retain_tokenizer, chat_template=args.chat_template)
         (folder / "report.json").write_text(report.to_json())
     print(report)
     return 0
@@ -352,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--config", help="YAML/JSON file of method options (an 'edit' key holds edit() options)")
     edit.add_argument("--preserve", help="texts to preserve (JSON/JSONL with 'text' or question/answer, or .txt); "
                       "required by alphaedit, memit and rome")
+    edit.add_argument("--chat-template", action="store_true",
+                      help="write each prompt as a user turn of the tokenizer's chat template (as "
+                      "edit(chat_template=True)); question/answer --preserve rows are then read as chat answers")
     edit.add_argument("--output", required=True, help="output folder for the adapter")
     edit.add_argument("--push-to-hub", metavar="REPO", help="upload the adapter with a generated model card")
     edit.set_defaults(handler=cmd_edit)
@@ -368,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--config", help="YAML/JSON file of training options (UnlearningArguments, LoRA fields)")
     unlearn.add_argument("--uipe-alpha", default="auto", type=_alpha_or_auto,
                          help="extrapolation alpha, or 'auto' to select it on the retain set (default: %(default)s)")
+    unlearn.add_argument("--chat-template", action="store_true",
+                         help="train and measure question/answer rows in the tokenizer's chat template "
+                         "(UnlearningArguments.chat_template)")
     unlearn.add_argument("--output", required=True, help="output folder")
     unlearn.add_argument("--push-to-hub", metavar="REPO", help="upload the adapter with a generated model card")
     unlearn.set_defaults(handler=cmd_unlearn)
@@ -382,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--forget", required=True, help="forget set: JSON/JSONL file or Hub dataset name[:config]")
     evaluate.add_argument("--retain", required=True, help="retain set: JSON/JSONL file or Hub dataset name[:config]")
     evaluate.add_argument("--retain-model", help="a model never trained on the forget set (for forget quality)")
+    evaluate.add_argument("--chat-template", action="store_true",
+                          help="ask each question as a user turn of the tokenizer's chat template (for a model "
+                          "edited or unlearned in chat format)")
     evaluate.add_argument("--output", required=True, help="output folder for report.json")
     evaluate.set_defaults(handler=cmd_eval)
 

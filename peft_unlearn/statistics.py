@@ -104,15 +104,19 @@ def _process_state():
     return PartialState()
 
 
-def _token_rows(tokenizer, items: list, max_length: int, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _token_rows(
+    tokenizer, items: list, max_length: int, device, chat_template: bool = False
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs and the mask of counted tokens: every token of a text; for a (prompt, answer) pair, the
-    positions that predict answer tokens (the keys an answer edit touches)."""
+    positions that predict answer tokens (the keys an answer edit touches), the prompt written as a user turn of
+    the chat template under ``chat_template`` (as ``edit(chat_template=True)`` writes its requests)."""
     if all(isinstance(item, str) for item in items):
         encoded = tokenizer(items, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         return {k: v.to(device) for k, v in encoded.items()}, encoded["attention_mask"].bool().to(device)
     if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
         raise ValueError("statistics texts must be strings or (prompt, answer) pairs, not a mixture")
-    batch = tokenize_pairs(tokenizer, [tuple(item) for item in items], max_length=max_length)
+    batch = tokenize_pairs(tokenizer, [tuple(item) for item in items], max_length=max_length,
+                           chat_template=chat_template)
     columns = torch.arange(batch.input_ids.shape[1])
     counted = (columns >= batch.prompt_last[:, None]) & (columns < batch.target_end[:, None] - 1)
     return {k: v.to(device) for k, v in batch.model_inputs.items()}, counted.to(device)
@@ -128,11 +132,14 @@ def second_moments(
     max_tokens: int | None = None,
     max_length: int = 256,
     progress: bool = True,
+    chat_template: bool = False,
 ) -> SecondMoments:
     """Stream ``texts`` through ``model`` once and return the uncentred second moment of each named module's input.
 
     Items are texts (every non-padding token counts) or (prompt, answer) pairs (only the positions that predict
-    the answer count). ``max_tokens`` caps the tokens counted (over all processes).
+    the answer count). ``chat_template``: pairs are read as a user turn answered by the answer, as
+    ``edit(chat_template=True)`` writes its requests (texts are read as written). ``max_tokens`` caps the tokens
+    counted (over all processes).
     """
     if not module_names:
         raise ValueError("no modules to collect statistics for")
@@ -159,7 +166,7 @@ def second_moments(
     token_budget = None if max_tokens is None else -(-max_tokens // world)
     total = len(texts) if hasattr(texts, "__len__") else None
     sums: dict[str, torch.Tensor] = {}
-    count = 0
+    count, warned = 0, False
     pad_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "right"
     if pad_token is None:
@@ -174,7 +181,11 @@ def second_moments(
                 items = [item for item in items if not isinstance(item, str) or item.strip()]  # blank texts: no keys
                 if not items:
                     continue
-                inputs, mask = _token_rows(tokenizer, items, max_length, device)
+                if chat_template and not warned and any(isinstance(item, str) for item in items):
+                    warned = True
+                    logger.warning("chat_template=True formats (prompt, answer) pairs; texts are read as written "
+                                   "(give pairs to measure the keys of chat answers)")
+                inputs, mask = _token_rows(tokenizer, items, max_length, device, chat_template)
                 captured = capture_at_positions(base, modules, inputs, None, capture="input", stop_early=True)
                 take = int(mask.sum())
                 if token_budget is not None:
@@ -242,9 +253,12 @@ def collect_statistics(
     max_length: int = 256,
     module_names: Sequence[str] | None = None,
     progress: bool = True,
+    chat_template: bool = False,
 ) -> SecondMoments:
     """Second moments of the edited layers' inputs over ``texts`` (what editing must preserve): texts, or
-    (prompt, answer) pairs whose answer positions alone count (see :func:`second_moments`).
+    (prompt, answer) pairs whose answer positions alone count (see :func:`second_moments`). For edits made with
+    ``edit(chat_template=True)`` give pairs and ``chat_template=True``: the keys to preserve are then those of the
+    chat answers the edits sit among (plain-text keys of a chat model's answers differ, and preserve them less).
 
     On a ``PeftModel`` whose active adapter is AlphaEdit/MEMIT/ROME, the edited layers are measured on the original
     model (adapter disabled) and the result is attached to the adapter, which derives its null space.
@@ -262,6 +276,7 @@ def collect_statistics(
         statistics = second_moments(
             model, tokenizer, texts, module_names,
             batch_size=batch_size, max_tokens=max_tokens, max_length=max_length, progress=progress,
+            chat_template=chat_template,
         )
     if tuner is not None:
         tuner.attach_statistics(statistics, adapter_name)

@@ -118,6 +118,34 @@ def test_statistics_are_one_streaming_pass_equal_to_a_hand_sum(word_tokenizer, t
         assert layer.null_basis("default", other.peft_config["default"].nullspace_threshold).shape[1] > 0
 
 
+def test_chat_statistics_count_the_keys_of_the_chat_answers(word_tokenizer):
+    """collect_statistics(chat_template=True) reads (prompt, answer) pairs as edit(chat_template=True) writes them
+    (a user turn answered by the answer): a chat model's answers have other keys than the same pair as plain text,
+    and plain statistics left a chat model's kept facts less preserved (generation 0.77 where chat pairs keep 0.98,
+    on a small ChatML fact model after 8 AlphaEdit refusals)."""
+    from peft_unlearn.requests import tokenize_pairs
+
+    tokenizer = copy.deepcopy(word_tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}w12 {{ m['content'] }} w11 {% endfor %}"
+                               "{% if add_generation_prompt %}w10 {% endif %}")
+    base = tiny_llama(vocab_size=len(tokenizer), layers=3)
+    name = mlp_output_projection_name(base, 1)
+    pairs = [(" ".join(text.split()[:2]), " ".join(text.split()[2:])) for text in TEXTS[:8]]
+    model = get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig(layers=[1]))
+    stats = pu.collect_statistics(model, tokenizer, pairs, chat_template=True, progress=False)
+    batch = tokenize_pairs(tokenizer, pairs, chat_template=True)
+    assert int(batch.input_ids[0, 0]) == tokenizer.convert_tokens_to_ids("w12")  # the template's turn opens
+    total, count = 0, 0
+    for row in range(len(batch)):
+        ids = batch.input_ids[row : row + 1, : int(batch.target_end[row])]
+        x = capture_at_positions(base, {"m": base.get_submodule(name)}, {"input_ids": ids}, None)["m"][0]
+        x = x[int(batch.prompt_last[row]) : int(batch.target_end[row]) - 1]  # the positions predicting the answer
+        total, count = total + x.T @ x, count + x.shape[0]
+    torch.testing.assert_close(stats.moments[name], total / count, rtol=1e-4, atol=1e-6)
+    plain = pu.collect_statistics(model, tokenizer, pairs, progress=False)
+    assert not torch.allclose(plain.moments[name], stats.moments[name], rtol=1e-3, atol=1e-5)
+
+
 def projector(moment: torch.Tensor, energy: float) -> torch.Tensor:
     found = null_space_basis(moment, energy)
     torch.testing.assert_close(found.T @ found, torch.eye(found.shape[1]), atol=1e-5, rtol=0)  # orthonormal

@@ -299,3 +299,55 @@ def test_unlearn_trains_a_uipe_adapter_and_selects_alpha(tmp_path, model_dir, wo
     adapter = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "UIPE_LORA" and adapter["r"] == 4
     assert find_leaks(tmp_path / "out", [row["question"] for row in forget]) == []
+
+
+@pytest.fixture
+def chat_model_dir(tmp_path):
+    """A tiny random Llama whose word tokenizer has a chat template: the answers it gives differ by format."""
+    from peft_unlearn.testing import train_tokenizer
+
+    from .conftest import tiny_llama
+
+    words = [f"w{i}" for i in range(20)]
+    tokenizer = train_tokenizer([" ".join(words)] * 4, "word", vocab_size=40)
+    tokenizer.chat_template = ("{% for m in messages %}w17 {{ m['content'] }} w18 {% endfor %}"
+                               "{% if add_generation_prompt %}w19 {% endif %}")
+    folder = tmp_path / "chat-model"
+    tiny_llama(vocab_size=len(tokenizer), layers=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_chat_template_flag_evaluates_and_edits_in_chat_format(tmp_path, chat_model_dir, monkeypatch):
+    """A chat model edited or unlearned in chat format could only be evaluated by the CLI as plain text (a small
+    ChatML fact model's retain probability read 8.7e-06 there, 0.978 in its format); --chat-template asks its
+    questions as user turns, and edit --chat-template reads question/answer --preserve rows as chat answers."""
+    import peft_unlearn.cli as cli
+
+    model, tokenizer = cli.load_model(str(chat_model_dir))
+    forget = [{"question": "w1 w2", "answer": "w3 w4"}, {"question": "w5 w6", "answer": "w7"}]
+    retain = [{"question": "w8 w9", "answer": "w10 w11"}, {"question": "w12", "answer": "w13 w14"}]
+    rows = {name: str(write_jsonl(tmp_path / f"{name}.jsonl", data)) for name, data in
+            [("forget", forget), ("retain", retain)]}
+    for flag, chat in (([], False), (["--chat-template"], True)):
+        output = tmp_path / f"eval-{chat}"
+        assert main(["eval", "--model", str(chat_model_dir), "--forget", rows["forget"], "--retain", rows["retain"],
+                     "--output", str(output)] + flag) == 0
+        report = json.loads((output / "report.json").read_text())
+        expected = pu.evaluate_unlearning(model, tokenizer, forget, retain, chat_template=chat, progress=False)
+        assert report["retain"]["probability"] == pytest.approx(expected["retain"]["probability"], rel=1e-5)
+    plain = json.loads((tmp_path / "eval-False" / "report.json").read_text())["retain"]["probability"]
+    assert plain != pytest.approx(report["retain"]["probability"], rel=1e-3)  # the formats give other inputs
+
+    collected, edited = [], []
+    collect, edit = pu.collect_statistics, pu.edit
+    monkeypatch.setattr(pu, "collect_statistics", lambda *a, **kw: collected.append((a[2], kw)) or collect(*a, **kw))
+    monkeypatch.setattr(pu, "edit", lambda *a, **kw: edited.append(kw) or edit(*a, **kw))
+    requests = write_jsonl(tmp_path / "requests.jsonl", [{"prompt": "w1 w2", "target": "w15", "subject": "w2"}])
+    config = write_text(tmp_path / "options.yaml", "layers: [1]\nrefine_steps: 2\n")
+    assert main(["edit", "--model", str(chat_model_dir), "--method", "alphaedit", "--requests", str(requests),
+                 "--preserve", rows["retain"], "--config", str(config), "--output", str(tmp_path / "adapter"),
+                 "--chat-template"]) == 0
+    assert edited[0]["chat_template"] is True
+    texts, options = collected[0]
+    assert texts == [("w8 w9", "w10 w11"), ("w12", "w13 w14")] and options["chat_template"] is True
