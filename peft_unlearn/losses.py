@@ -128,7 +128,45 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def per_example_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Teacher-forced fraction of labelled tokens that the argmax predicts, per example."""
+    return predicted_accuracy(logits[:, :-1].argmax(-1), labels)
+
+
+def predicted_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`per_example_accuracy` from the argmax tokens ([B, T-1], as :func:`label_token_scores` gives them)."""
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    correct = (logits[:, :-1].argmax(-1) == targets) & mask
+    correct = (predicted == targets) & mask
     return correct.sum(-1).float() / mask.sum(-1).clamp(min=1)
+
+
+# Logit elements label_token_scores reads per step: on CPU 2 MiB of float32, which stays in cache; an accelerator
+# pays per kernel launch and has bandwidth to spare, so it takes 256 MiB steps.
+CPU_SCORING_STEP = 2**19
+ACCELERATOR_SCORING_STEP = 2**26
+
+
+def label_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Without gradients: the log-probability of each label token given its prefix and the argmax token there
+    ([B, T-1] each, 0 at unscored positions), and the mask of scored positions.
+
+    The same values as :func:`shifted_token_logprobs` and ``logits[:, :-1].argmax(-1)``, computed over each row's
+    labelled span a few positions at a time: a log-softmax of the whole tensor allocates another float32 [B, T, V]
+    tensor (GBs for a large vocabulary) and spends its time on padding columns and on memory traffic.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    safe_targets = targets.masked_fill(~mask, 0)
+    logprobs = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    predicted = torch.zeros(mask.shape, dtype=torch.long, device=logits.device)
+    budget = CPU_SCORING_STEP if logits.device.type == "cpu" else ACCELERATOR_SCORING_STEP
+    step = max(1, budget // logits.shape[-1])
+    first, last = _labelled_columns(mask)
+    for row, (begin, end) in enumerate(zip(first.tolist(), (last + 1).tolist())):
+        for start in range(begin, end, step):
+            stop = min(start + step, end)
+            chunk = logits[row, start:stop].float()
+            predicted[row, start:stop] = chunk.max(dim=-1).indices  # the first maximum, as argmax; faster on CPU
+            logprobs[row, start:stop] = torch.log_softmax(chunk, dim=-1).gather(
+                -1, safe_targets[row, start:stop, None]
+            ).squeeze(-1)
+    return logprobs.masked_fill_(~mask, 0.0), predicted.masked_fill_(~mask, 0), mask

@@ -9,10 +9,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .capture import context_length
-from .losses import labelled_logits, per_example_accuracy
-from .requests import answer_end_id, pad_token_id, tokenize_pairs, tokenize_prompts
+from .losses import label_token_scores, labelled_logits, predicted_accuracy, row_chunks
+from .requests import TokenizedBatch, answer_end_id, pad_token_id, tokenize_pairs, tokenize_prompts
 
 # Plain greedy decoding whatever the model's generation config ships (chat models often set a repetition
 # penalty, some an n-gram ban or beams): every method and model is then measured by the same decoding.
@@ -51,6 +52,43 @@ def batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
         yield items[start : start + batch_size]
 
 
+def length_sorted(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of ``batch_size``, longest first: rows of similar length share a batch, so little of it
+    is padding (TOFU answers run from 5 to 90 tokens), and the largest batch comes first. Each row's result does not
+    depend on its batch; callers put them back in the original order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [list(chunk) for chunk in batches(order, batch_size)]
+
+
+def pair_batches(
+    tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, **options
+) -> list[tuple[list[int], TokenizedBatch]]:
+    """:func:`~peft_unlearn.requests.tokenize_pairs` of ``pairs`` (with ``options``) in :func:`length_sorted` batches,
+    each with the indices of its rows in ``pairs``."""
+    encoded = tokenize_pairs(tokenizer, pairs, **options)
+    groups = length_sorted(encoded.attention_mask.sum(dim=1).tolist(), batch_size)
+    return [(rows, encoded.select(rows).trimmed()) for rows in groups]
+
+
+def scored_batches(
+    model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, progress: bool = False, **options
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Teacher-forced :func:`~peft_unlearn.losses.label_token_scores` of ``pairs`` (tokenized with ``options``) in
+    :func:`pair_batches`: per batch the indices of its rows in ``pairs``, its labels (aligned with the scores), the
+    label log-probabilities, the argmax tokens and the scored mask. A batch whose labelled logits pass
+    :data:`~peft_unlearn.losses.LOGIT_BUDGET` runs in row chunks: the logits of a large vocabulary bound memory."""
+    device = model_device(model)
+    for rows, batch in tqdm(pair_batches(tokenizer, pairs, batch_size, **options), desc="scoring answers",
+                            disable=not progress, leave=False):
+        for part in row_chunks(model, batch.labels):
+            chunk = batch if part is None else batch.select(part).trimmed()
+            chunk = chunk.to(device)
+            logits, labels = labelled_logits(model, chunk.model_inputs, chunk.labels)
+            scores = label_token_scores(logits, labels)
+            del logits  # the largest tensor of the batch, not kept through the next forward
+            yield (rows if part is None else [rows[i] for i in part.tolist()]), labels, *scores
+
+
 def answer_accuracy(
     model: nn.Module,
     tokenizer,
@@ -65,12 +103,12 @@ def answer_accuracy(
     pairs = list(pairs)
     if not pairs:
         raise ValueError("pairs is empty")
-    device = model_device(model)
-    scores: list[float] = []
+    scores = [0.0] * len(pairs)
     with eval_mode(model):
-        for chunk in batches(pairs, batch_size):
-            batch = tokenize_pairs(tokenizer, chunk, chat_template=chat_template).to(device)
-            scores.extend(per_example_accuracy(*labelled_logits(model, batch.model_inputs, batch.labels)).tolist())
+        for rows, labels, _, predicted, _ in scored_batches(model, tokenizer, pairs, batch_size,
+                                                            chat_template=chat_template):
+            for row, score in zip(rows, predicted_accuracy(predicted, labels).tolist()):
+                scores[row] = score
     return scores if per_example else sum(scores) / len(scores)
 
 
@@ -83,14 +121,18 @@ def generate_continuations(
     batch_size: int = 64,
     chat_template: bool = False,
     rendered: bool = False,
+    progress: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens; at most as many
-    new tokens as the model's context leaves after each prompt (its own, not the batch's longest: a continuation
-    does not depend on the prompts batched with it). In chat format generation also stops at the template's end
-    of turn, where teacher-forced scoring ends an answer. ``rendered``: the prompts are conversations the chat
-    template already wrote (see :func:`~peft_unlearn.requests.tokenize_prompts`)."""
+    """Greedy continuations of ``prompts`` (in :func:`length_sorted` batches, left-padded), decoded without special
+    tokens; at most as many new tokens as the model's context leaves after each prompt (its own, not the batch's
+    longest: a continuation does not depend on the prompts batched with it). In chat format generation also stops
+    at the template's end of turn, where teacher-forced scoring ends an answer. ``rendered``: the prompts are
+    conversations the chat template already wrote (see :func:`~peft_unlearn.requests.tokenize_prompts`)."""
+    prompts = list(prompts)
+    if not prompts:
+        return []
     device = model_device(model)
-    texts: list[str] = []
+    texts = [""] * len(prompts)
     pad_id = pad_token_id(tokenizer)
     stop = stop_token_ids(model, tokenizer, chat_template=chat_template or rendered)
 
@@ -104,21 +146,24 @@ def generate_continuations(
         )
         return tokenizer.batch_decode(output[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
 
+    groups = length_sorted(tokenize(prompts).attention_mask.sum(dim=1).tolist(), batch_size)
     with eval_mode(model):
-        for chunk in batches(list(prompts), batch_size):
+        for indices in tqdm(groups, desc="generating", disable=not progress, leave=False):
+            chunk = [prompts[i] for i in indices]
             batch = tokenize(chunk)
             rooms = [_room_to_generate(model, n, max_new_tokens) for n in batch.attention_mask.sum(dim=1).tolist()]
             if len(set(rooms)) == 1:  # the usual case: no prompt comes near the context's end
-                texts.extend(generate(batch, rooms[0]))
-                continue
-            # Prompts near the context's end get fewer new tokens, each group in a batch of its own width; the
-            # others keep max_new_tokens.
-            out: list[str] = [""] * len(chunk)
-            for room in set(rooms):
-                rows = [i for i, r in enumerate(rooms) if r == room]
-                for i, text in zip(rows, generate(tokenize([chunk[i] for i in rows]), room)):
-                    out[i] = text
-            texts.extend(out)
+                out = generate(batch, rooms[0])
+            else:
+                # Prompts near the context's end get fewer new tokens, each group in a batch of its own width; the
+                # others keep max_new_tokens.
+                out = [""] * len(chunk)
+                for room in set(rooms):
+                    rows = [i for i, r in enumerate(rooms) if r == room]
+                    for i, text in zip(rows, generate(tokenize([chunk[i] for i in rows]), room)):
+                        out[i] = text
+            for i, text in zip(indices, out):
+                texts[i] = text
     return texts
 
 

@@ -15,16 +15,14 @@ from peft import PeftModel
 from torch import nn
 
 from ..editing import check_tokenizer_matches
-from ..losses import labelled_logits
 from ..metrics import (
     answer_accuracy,
-    batches,
     collapse_whitespace,
     eval_mode,
     generation_match,
-    model_device,
+    scored_batches,
 )
-from ..requests import IGNORE_INDEX, EditRequest, as_edit_requests, tokenize_pairs
+from ..requests import EditRequest, as_edit_requests
 from .report import EvaluationReport
 from .scores import default_max_new_tokens, generate_answers
 
@@ -75,14 +73,13 @@ def _argmax_answer_tokens(
     model: nn.Module, tokenizer, pairs: list[tuple[str, str]], batch_size: int, chat_template: bool
 ) -> list[torch.Tensor]:
     """Per pair, the teacher-forced argmax token at each answer position."""
-    device = model_device(model)
-    predictions = []
+    predictions: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     with eval_mode(model):
-        for chunk in batches(pairs, batch_size):
-            batch = tokenize_pairs(tokenizer, chunk, chat_template=chat_template).to(device)
-            logits, labels = labelled_logits(model, batch.model_inputs, batch.labels)
-            argmax, scored = logits[:, :-1].argmax(-1).cpu(), (labels[:, 1:] != IGNORE_INDEX).cpu()
-            predictions.extend(argmax[row][scored[row]] for row in range(len(batch)))
+        for rows, _, _, argmax, scored in scored_batches(model, tokenizer, pairs, batch_size,
+                                                         chat_template=chat_template):
+            argmax, scored = argmax.cpu(), scored.cpu()
+            for i, row in enumerate(rows):
+                predictions[row] = argmax[i][scored[i]]
     return predictions
 
 

@@ -46,11 +46,12 @@ class WordTokenizer:
     scored 0 and "García" became "garc", "a". On ASCII text the words are the same."""
 
     def __init__(self) -> None:
-        self._stemmer = porter.PorterStemmer()
+        # Stemming is most of ROUGE's time and answers repeat their words: each word is stemmed once.
+        self._stem = functools.lru_cache(maxsize=2**16)(porter.PorterStemmer().stem)
 
     def tokenize(self, text: str) -> list[str]:
         text = unicodedata.normalize("NFKC", text).lower()  # "Zoe\u0308" and "Zoë" are one word
-        return [self._stemmer.stem(w) if len(w) > 3 else w for w in _WORD.findall(text)]
+        return [self._stem(w) if len(w) > 3 else w for w in _WORD.findall(text)]
 
 
 @functools.lru_cache(maxsize=1)

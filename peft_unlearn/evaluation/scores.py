@@ -13,13 +13,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..capture import context_length
 from ..data.refusals import is_refusal
-from ..losses import labelled_logits, per_example_accuracy, sequence_nll
-from ..metrics import batches, eval_mode, generate_continuations, longest_continuation, model_device
-from ..requests import IGNORE_INDEX, answer_end_id, tokenize_pairs
+from ..losses import predicted_accuracy
+from ..metrics import eval_mode, generate_continuations, longest_continuation, scored_batches
+from ..requests import IGNORE_INDEX, answer_end_id
 from . import tofu
 from .qa import PARAPHRASED_ANSWER, PERTURBED_ANSWER, QAData, QASet, as_qa_set
 from .rouge import rouge_l_recall
@@ -54,15 +53,16 @@ def _without_end_of_sequence(labels: torch.Tensor, eos_id: int) -> torch.Tensor:
     return labels
 
 
-def _extraction_strength(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """1 - k/|y| for the smallest k such that every answer token from k on is the argmax given its true prefix.
+def _extraction_strength(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """1 - k/|y| for the smallest k such that every answer token from k on is the argmax given its true prefix
+    (``predicted``: the argmax tokens, [B, T-1]).
 
     That argmax condition is exactly "greedy decoding from question + y[:k] reproduces y[k:]" (each greedy step
     then sees the true prefix), so one teacher-forced pass finds k for every row at once.
     """
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
-    wrong = (logits[:, :-1].argmax(-1) != targets) & scored
+    wrong = (predicted != targets) & scored
     # Position of each scored token within its answer (0 = first answer token).
     position = scored.long().cumsum(dim=1) - 1
     last_wrong = torch.where(wrong, position, torch.full_like(position, -1)).max(dim=1).values
@@ -93,19 +93,18 @@ def answer_scores(
         raise ValueError("no (question, answer) pairs to score")
     end_id = answer_end_id(tokenizer, chat_template)
     append_eos = append_eos and end_id is not None
-    device = model_device(model)
-    nll, accuracy, strength = [], [], []
-    chunks = list(batches(pairs, batch_size))
+    nll, accuracy, strength = ([0.0] * len(pairs) for _ in range(3))
+    scored = scored_batches(model, tokenizer, pairs, batch_size, progress, chat_template=chat_template,
+                            append_eos=append_eos, max_length=context_length(model))
     with eval_mode(model):
-        for chunk in tqdm(chunks, desc="scoring answers", disable=not progress, leave=False):
-            batch = tokenize_pairs(tokenizer, chunk, chat_template=chat_template, append_eos=append_eos,
-                                   max_length=context_length(model)).to(device)
-            logits, labels = labelled_logits(model, batch.model_inputs, batch.labels)
-            nll.extend(sequence_nll(logits, labels).tolist())
+        for rows, labels, logprobs, predicted, mask in scored:
+            row_nll = -logprobs.sum(-1) / mask.sum(-1).clamp(min=1)  # sequence_nll's mean token NLL
             if append_eos:
                 labels = _without_end_of_sequence(labels, end_id)
-            accuracy.extend(per_example_accuracy(logits, labels).tolist())
-            strength.extend(_extraction_strength(logits, labels).tolist())
+            values = zip(row_nll.tolist(), predicted_accuracy(predicted, labels).tolist(),
+                         _extraction_strength(predicted, labels).tolist())
+            for row, (row_nll, row_accuracy, row_strength) in zip(rows, values):
+                nll[row], accuracy[row], strength[row] = row_nll, row_accuracy, row_strength
     return AnswerScores(nll, accuracy, strength)
 
 
@@ -172,16 +171,10 @@ def generate_answers(
     progress: bool = False,
 ) -> list[str]:
     """Greedy answers to ``questions``, batched, with a progress bar over the batches."""
-    texts: list[str] = []
-    chunks = list(batches(list(questions), batch_size))
-    for chunk in tqdm(chunks, desc="generating answers", disable=not progress, leave=False):
-        texts.extend(
-            generate_continuations(
-                model, tokenizer, chunk, max_new_tokens=max_new_tokens, batch_size=len(chunk),
-                chat_template=chat_template,
-            )
-        )
-    return texts
+    return generate_continuations(
+        model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        chat_template=chat_template, progress=progress,
+    )
 
 
 def mean(values: Sequence[float]) -> float:

@@ -40,8 +40,10 @@ def _evaluate_set(
     options: dict,
     max_new_tokens: int | None,
     refusal_phrases: Sequence[str],
-) -> tuple[dict[str, float | None], list[str]]:
-    """Metrics of one set and notes on what could not be computed; ``role`` is forget, retain or utility."""
+) -> tuple[dict[str, float | None], list[str], list[float]]:
+    """Metrics of one set, notes on what could not be computed, and the per-sample values forget quality compares
+    (see :func:`_forget_statistic`; computed on the way, so the forget set is not scored twice); ``role`` is forget,
+    retain or utility."""
     notes = []
     scores = answer_scores(model, tokenizer, qa.pairs, **options)
     perturbed = perturbed_nll(model, tokenizer, qa, **options) if qa.has(PERTURBED_ANSWER) else None
@@ -62,6 +64,7 @@ def _evaluate_set(
     generated = generate_answers(model, tokenizer, qa.questions, max_new_tokens=tokens, **options)
     metrics["rouge_l"] = mean(rouge_l_recall(generated, qa.answers))
 
+    statistic = scores.probability
     if perturbed is None:
         metrics["truth_ratio"] = None
         notes.append(f"{name}: no perturbed_answer column, so no truth ratio")
@@ -73,13 +76,13 @@ def _evaluate_set(
                          "with the answer itself (as TOFU does for real_authors and world_facts)")
         else:
             correct_nll = answer_scores(model, tokenizer, list(zip(qa.questions, qa.column(reference))), **options).nll
-        ratios = tofu.truth_ratios_from_nll(correct_nll, perturbed)
-        metrics["truth_ratio"] = tofu.truth_ratio_score(ratios, forget=role == "forget")
+        statistic = tofu.truth_ratios_from_nll(correct_nll, perturbed)
+        metrics["truth_ratio"] = tofu.truth_ratio_score(statistic, forget=role == "forget")
 
     metrics["refusal_rate"] = mean([float(is_refusal(text, tuple(refusal_phrases))) for text in generated])
     if role == "forget":
         metrics["extraction_strength"] = mean(scores.extraction_strength)
-    return metrics, notes
+    return metrics, notes, statistic
 
 
 def _forget_statistic(model: nn.Module, tokenizer, forget: QASet, options: dict) -> list[float]:
@@ -130,8 +133,9 @@ def evaluate_unlearning(
 
     data: dict = {}
     notes: list[str] = []
+    statistics: dict[str, list[float]] = {}
     for name, (qa, role) in tqdm(sets.items(), desc="evaluating sets", disable=not progress, leave=False):
-        metrics, set_notes = _evaluate_set(
+        metrics, set_notes, statistics[name] = _evaluate_set(
             model, tokenizer, qa, name, role, options=options, max_new_tokens=max_new_tokens,
             refusal_phrases=refusal_phrases,
         )
@@ -144,9 +148,8 @@ def evaluate_unlearning(
         data["forget_quality"] = data["forget_quality_statistic"] = None
         notes.append("forget quality not computed: no retain_model (a model never trained on the forget set) given")
     else:
-        statistic = _forget_statistic(model, tokenizer, forget_qa, options)
         reference = _forget_statistic(retain_model, retain_tokenizer or tokenizer, forget_qa, options)
-        data["forget_quality"] = tofu.forget_quality(statistic, reference)
+        data["forget_quality"] = tofu.forget_quality(statistics["forget"], reference)
         if forget_qa.has(PERTURBED_ANSWER):
             data["forget_quality_statistic"] = "truth_ratio"
         else:
