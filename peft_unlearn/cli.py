@@ -21,6 +21,8 @@ from .outputs import check_replaceable, staged_output
 
 EDIT_METHODS = ("alphaedit", "memit", "rome", "grace", "wise")
 UNLEARN_LOSSES = ("ga", "grad_diff", "kl", "npo", "simnpo", "idk_dpo", "refusal")
+# Arguments naming files or folders a command reads: its --output must not hold them (replacing it would delete them).
+INPUT_ARGUMENTS = ("model", "adapter", "requests", "preserve", "config", "forget", "retain", "retain_model")
 
 
 class UsageError(Exception):
@@ -30,16 +32,35 @@ class UsageError(Exception):
 # --- inputs -------------------------------------------------------------------------------------------------------
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A UTF-8 file's text, without the byte order mark Windows editors write first (JSON parsers refuse it)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{what} file {path} is not UTF-8 text ({error.reason} at byte {error.start}); save it "
+                         "as UTF-8") from None
+
+
+def _json_lines(text: str) -> list:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def read_records(source: str, what: str) -> list[dict]:
     """Rows from a JSON list, a JSONL file, or a Hub dataset given as ``name`` or ``name:config``."""
     path = Path(source)
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path, what)
         try:
             if path.suffix == ".jsonl":
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+                rows = _json_lines(text)
             else:
-                rows = json.loads(text)
+                try:
+                    rows = json.loads(text)
+                except json.JSONDecodeError as error:
+                    try:  # one object per line in a file named .json
+                        rows = _json_lines(text)
+                    except json.JSONDecodeError:
+                        raise error from None
         except json.JSONDecodeError as error:
             raise UsageError(f"{what} file {source} is not valid JSON/JSONL: {error}") from None
         if isinstance(rows, dict):
@@ -68,7 +89,7 @@ def read_options(source: str | None) -> dict:
     import yaml
 
     try:
-        options = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        options = yaml.safe_load(_read_text(path, "config")) or {}
     except yaml.YAMLError as error:
         raise UsageError(f"config file {source} is not valid YAML/JSON: {str(error).splitlines()[0]}") from None
     if not isinstance(options, dict):
@@ -78,11 +99,22 @@ def read_options(source: str | None) -> dict:
 
 def load_model(name: str):
     """A causal LM and its tokenizer from a local folder or the Hub cache."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    folder = Path(name)
+    if not folder.exists() and (name.startswith((".", "/", "~", "\\")) or folder.drive):
+        raise UsageError(f"cannot load model {name!r}: no such folder")  # not "a malformed Hub id"
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        # else the tokenizer, loaded first, fails with a message about its backend
+        what = "an adapter (adapter_config.json), not a model: give its base model" if (
+            folder / "adapter_config.json").is_file() else "no model"
+        raise UsageError(f"cannot load model {name!r}: the folder holds no config.json: it holds {what}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name)
+    except SafetensorError as error:
+        raise UsageError(f"cannot load model {name!r}: its weights file is truncated or corrupted ({error})") from None
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
@@ -99,12 +131,15 @@ def load_adapter(model, source: str):
     from safetensors import SafetensorError
 
     folder = Path(source)
+    made_for = None
     if folder.is_dir():
         config_file = folder / "adapter_config.json"
         try:
-            peft_type = json.loads(config_file.read_text(encoding="utf-8")).get("peft_type")
+            adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
+            peft_type = adapter_config.get("peft_type")
         except (OSError, ValueError, AttributeError):
             raise UsageError(f"adapter folder {source} holds no readable adapter_config.json") from None
+        made_for = (adapter_config.get("auto_mapping") or {}).get("base_model_class")
         if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
             raise UsageError(f"adapter folder {source} names peft_type {peft_type!r}, which neither PEFT nor "
                              "peft_unlearn knows (adapter_config.json was edited, or needs another library)")
@@ -115,6 +150,10 @@ def load_adapter(model, source: str):
     except SafetensorError as error:
         raise UsageError(f"cannot load adapter {source!r}: its weights file is truncated or corrupted "
                          f"({error})") from None
+    except AttributeError as error:  # the model has no module the adapter targets: made for another architecture
+        first = (str(error).splitlines() or [type(error).__name__])[0].split(":")[0]
+        made = f"; it was made for a {made_for}" if made_for and made_for != type(model).__name__ else ""
+        raise UsageError(f"cannot load adapter {source!r} on this model: {first}{made}") from None
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         lines = str(error).splitlines() or [type(error).__name__]
         detail = next((line.strip() for line in lines if "size mismatch" in line), "")  # torch's shape report
@@ -171,6 +210,14 @@ def _wrap(model, config, method: str):
         return peft.get_peft_model(model, config)
     except AttributeError as error:  # torch's get_submodule: the model has no module of that name
         raise UsageError(f"bad target_modules for {method}: {error}") from None
+
+
+def _check_method(loaded, config, source: str, method: str) -> None:
+    """An adapter continued with ``edit --adapter`` must be one of ``--method``: another method's state would be
+    edited by the wrong engine."""
+    if loaded.peft_type != config.peft_type or getattr(loaded, "solver", None) != getattr(config, "solver", None):
+        kind = getattr(loaded, "solver", None) or str(loaded.peft_type.value).lower()
+        raise UsageError(f"adapter {source} was made with {kind}, not {method}: edit it with --method {kind}")
 
 
 def _finish(model, folder: Path, method: str, base_model: str, n_edits, metrics, forget_texts) -> None:
@@ -230,6 +277,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.chat_template:
         edit_options["chat_template"] = True
     chat = bool(edit_options.get("chat_template", False))
+    if args.adapter and options:
+        raise UsageError(f"--config sets the options {sorted(options)} of a new adapter; the adapter given with "
+                         "--adapter keeps its own (only 'edit:' options apply)")
     config = _config_for(args.method, options)
     preserve = None
     if args.method in ("alphaedit", "memit", "rome"):
@@ -240,13 +290,18 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise UsageError(f"--preserve is read by alphaedit, memit and rome only; {args.method} takes the prompts it "
                          "must leave alone from --config, as 'edit: {unrelated: [...]}'")
     model, tokenizer = load_model(args.model)
-    model = _wrap(model, config, args.method)
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+        _check_method(model.peft_config[model.active_adapter], config, args.adapter, args.method)
+    else:
+        model = _wrap(model, config, args.method)
     with staged_output(args.output) as folder:
         if preserve is not None:
             pu.collect_statistics(model, tokenizer, preserve, chat_template=chat)
         result = pu.edit(model, tokenizer, requests, **edit_options)
         metrics = {"edits_per_second": result.edits_per_second, "reliability_teacher_forced": result.reliability}
-        _finish(model, folder, args.method, args.model, result.n_requests, metrics, [r.prompt for r in requests])
+        n_edits = getattr(model.peft_config[model.active_adapter], "n_edits", result.n_requests)  # earlier ones too
+        _finish(model, folder, args.method, args.model, n_edits, metrics, [r.prompt for r in requests])
         (folder / "edit_result.json").write_text(json.dumps(
             {"method": result.method, "n_requests": result.n_requests, "seconds": result.seconds,
              "edit_ids": result.edit_ids, "reached": result.reached}, indent=2))
@@ -261,7 +316,7 @@ def _read_texts(source: str, pairs: bool = False) -> list[str] | list[tuple[str,
     the statistics read as chat answers, as the edits are written (texts joined from them would be plain text)."""
     path = Path(source)
     if path.is_file() and path.suffix == ".txt":
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line for line in _read_text(path, "preservation texts").splitlines() if line.strip()]
     rows = read_records(source, "preservation texts")
     if pairs and rows and all("question" in r and "answer" in r for r in rows):
         return [(str(r["question"]), str(r["answer"])) for r in rows]
@@ -364,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--chat-template", action="store_true",
                       help="write each prompt as a user turn of the tokenizer's chat template (as "
                       "edit(chat_template=True)); question/answer --preserve rows are then read as chat answers")
+    edit.add_argument("--adapter", help="an adapter folder (or Hub repo id) of this method to continue: its earlier "
+                      "edits are kept and the whole adapter is written to --output")
     edit.add_argument("--output", required=True, help="output folder for the adapter")
     edit.add_argument("--push-to-hub", metavar="REPO", help="upload the adapter with a generated model card")
     edit.set_defaults(handler=cmd_edit)
@@ -417,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if getattr(args, "output", None):
-            check_replaceable(args.output)  # before any work: a run never deletes the user's files
+            inputs = [getattr(args, name, None) for name in INPUT_ARGUMENTS]
+            check_replaceable(args.output, inputs)  # before any work: a run never deletes the user's files
         return args.handler(args)
     except (UsageError, FileNotFoundError, ValueError, TypeError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

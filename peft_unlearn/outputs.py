@@ -6,16 +6,18 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # Written into every output folder: a folder holding it (or an empty one) may be replaced by the next run.
 OUTPUT_MARKER = ".peft-unlearn-output"
 
 
-def check_replaceable(output: str | Path) -> None:
+def check_replaceable(output: str | Path, inputs: Iterable[str | Path | None] = ()) -> None:
     """Raise ``ValueError`` unless ``output`` is new, empty or an earlier output of this library: a run must never
-    delete the user's own files (their inputs, the current folder) to make room for its results."""
+    delete the user's own files (their inputs, the current folder) to make room for its results. ``inputs`` are the
+    run's input paths: an earlier output that is or holds one of them (an adapter being evaluated, a request file
+    kept next to its adapter) is refused too, since replacing it would delete the input."""
     target = Path(output).resolve()
     if target.exists() and not target.is_dir():
         raise ValueError(f"output {str(output)!r} is a file, not a folder")
@@ -27,6 +29,12 @@ def check_replaceable(output: str | Path) -> None:
             f"output folder {str(output)!r} already holds files that peft_unlearn did not write; name a new or "
             "empty folder (or delete it)"
         )
+    for source in inputs:
+        if source is not None and Path(source).exists():
+            path = Path(source).resolve()
+            if path == target or target in path.parents:
+                raise ValueError(f"output {str(output)!r} holds the input {str(source)!r}, which replacing it would "
+                                 "delete; name a new folder")
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 import copy
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -8,9 +9,11 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import peft_unlearn as pu
-from peft_unlearn.cli import build_parser, main
+from peft_unlearn.cli import _read_texts, build_parser, main, read_records
 from peft_unlearn.hub import find_leaks, model_card
 from peft_unlearn.testing.hub_cache import install_in_hub_cache
+
+from .conftest import tiny_gpt2
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +37,20 @@ def write_jsonl(path, rows):
     return path
 
 
+def truncated_copy(model_dir, folder):
+    """A copy of the model folder whose weights file was cut short (an interrupted download or copy)."""
+    shutil.copytree(model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return folder
+
+
+def gpt2_adapter(folder):
+    """A GRACE adapter saved on a GPT-2 model, whose modules a Llama model does not have."""
+    get_peft_model(tiny_gpt2(), pu.GraceConfig()).save_pretrained(folder)
+    return folder
+
+
 def test_help_documents_every_command(capsys):
     parser = build_parser()
     text = parser.format_help()
@@ -41,7 +58,8 @@ def test_help_documents_every_command(capsys):
         assert command in text
     for command, flags in {
         "demo": ["--output", "--subjects", "--methods"],
-        "edit": ["--model", "--method", "--requests", "--config", "--output", "--push-to-hub", "--preserve"],
+        "edit": ["--model", "--method", "--requests", "--config", "--output", "--push-to-hub", "--preserve",
+                 "--adapter"],
         "unlearn": ["--model", "--method", "--forget", "--retain", "--config", "--output", "--push-to-hub"],
         "eval": ["--model", "--adapter", "--forget", "--retain", "--output"],
     }.items():
@@ -78,10 +96,27 @@ def test_help_documents_every_command(capsys):
                        str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--preserve",
                        str(write_text(d / "keep.txt", "a b c")), "--output", str(d / "out")],
          "--preserve is read by alphaedit, memit and rome only"),  # was ignored silently
+        # The cases below ended with a traceback, or with a message that did not name the problem.
+        (lambda d, m: ["edit", "--model", str(truncated_copy(m, d / "cut")), "--method", "grace", "--requests",
+                       str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--output",
+                       str(d / "out")], "its weights file is truncated or corrupted"),
+        (lambda d, m: ["edit", "--model", str(gpt2_adapter(d / "adapter")), "--method", "grace", "--requests",
+                       str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--output",
+                       str(d / "out")], "holds no config.json: it holds an adapter"),  # was about the tokenizer
+        (lambda d, m: ["edit", "--model", str(m), "--method", "grace", "--requests", str(d / "latin1.jsonl"),
+                       "--output", str(d / "out")], "latin1.jsonl is not UTF-8 text"),
+        (lambda d, m: ["eval", "--model", str(m), "--adapter", str(gpt2_adapter(d / "adapter")), "--forget",
+                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--retain",
+                       str(d / "f.jsonl"), "--output", str(d / "out")],
+         "LlamaForCausalLM has no module 'transformer.h.1.mlp.c_proj'; it was made for a GPT2LMHeadModel"),
+        (lambda d, m: ["eval", "--model", str(m), "--forget",
+                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": None}])), "--retain",
+                       str(d / "f.jsonl"), "--output", str(d / "out")], "answer must be a non-empty string"),
     ],
 )
 def test_bad_input_ends_with_one_line_and_no_output(tmp_path, model_dir, capsys, make_args, message):
     (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "Where was Zoé born?", "target": "c"}'.encode("latin-1"))
     args = make_args(tmp_path, model_dir)
     code = main(args)
     err = capsys.readouterr().err.strip()
@@ -89,6 +124,74 @@ def test_bad_input_ends_with_one_line_and_no_output(tmp_path, model_dir, capsys,
     assert code != 0 and message in err and len(lines) == 1, err
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left behind
+
+
+def test_files_from_windows_editors_are_read(tmp_path):
+    """A UTF-8 byte order mark (Notepad, PowerShell) made every JSON file 'not valid JSON' and stuck to the first
+    preserved text; JSONL content in a file named .json was refused as 'Extra data'."""
+    rows = [{"prompt": "Où est né Zoë?", "target": "Je ne sais pas."},
+            {"prompt": "王小明住在哪里?", "target": "不知道"}]
+    lines = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    files = {"bom.jsonl": lines, "bom.json": json.dumps(rows, ensure_ascii=False), "lines.json": lines}
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        assert read_records(str(tmp_path / name), "requests") == rows, name
+    (tmp_path / "keep.txt").write_bytes("\ufeffAnaïs Nin wrote diaries.\r\nA second text.\r\n".encode("utf-8"))
+    assert _read_texts(str(tmp_path / "keep.txt")) == ["Anaïs Nin wrote diaries.", "A second text."]
+
+
+def test_output_never_deletes_an_input_kept_inside_it(tmp_path, model_dir, world, capsys):
+    """An earlier output is replaced by the next run; an earlier output that is or holds the run's input (the adapter
+    being evaluated, a request file kept next to its adapter) was deleted with it."""
+    facts = world.forget_facts[:2]
+    requests = [{"prompt": r.prompt, "target": r.target}
+                for r in pu.forget_requests([f.question for f in facts], [f.subject for f in facts])]
+    adapter = tmp_path / "adapter"
+    assert main(["edit", "--model", str(model_dir), "--method", "grace", "--requests",
+                 str(write_jsonl(tmp_path / "requests.jsonl", requests)), "--output", str(adapter)]) == 0
+    capsys.readouterr()
+    request_file = shutil.copy(tmp_path / "requests.jsonl", adapter / "requests.jsonl")
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": f.question, "answer": f.answer} for f in facts])
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    for args in (["edit", "--model", str(model_dir), "--method", "grace", "--requests", str(request_file)],
+                 ["eval", "--model", str(model_dir), "--adapter", str(adapter), "--forget", str(qa), "--retain",
+                  str(qa)]):
+        assert main([*args, "--output", str(adapter)]) == 2
+        err = capsys.readouterr().err
+        assert "holds the input" in err and len(err.strip().splitlines()) == 1, err
+        assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+
+
+def test_edit_continues_an_adapter_as_the_api_does(tmp_path, model_dir, trained_models, world, capsys):
+    """A second call had no way to build on the first one's adapter: its --output held a new adapter with the second
+    call's edits only. ``--adapter`` continues one, as ``PeftModel.from_pretrained`` + ``edit`` do in process."""
+    facts = world.forget_facts[:4]
+    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    rows = [{"prompt": r.prompt, "target": r.target} for r in requests]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["edit", "--model", str(model_dir), "--method", "grace", "--requests",
+                 str(write_jsonl(tmp_path / "a.jsonl", rows[:2])), "--output", str(first)]) == 0
+    later = write_jsonl(tmp_path / "b.jsonl", rows[2:])
+    assert main(["edit", "--model", str(model_dir), "--method", "grace", "--adapter", str(first), "--requests",
+                 str(later), "--output", str(second)]) == 0
+    assert json.loads((second / "edit_result.json").read_text())["edit_ids"] == [2, 3]
+    assert "number of edits: 4" in (second / "README.md").read_text()
+    base, tokenizer = trained_models("llama")
+    expected = PeftModel.from_pretrained(copy.deepcopy(base), first)
+    pu.edit(expected, tokenizer, requests[2:], progress=False)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), second)
+    batch = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected(**batch).logits, rtol=0, atol=0)
+    capsys.readouterr()
+    # Another method's adapter, or options for a new adapter, are refused before any work.
+    config = write_text(tmp_path / "c.yaml", "n_iter: 5")
+    for args, message in [(["--method", "wise"], "was made with grace, not wise"),
+                          (["--method", "grace", "--config", str(config)], "keeps its own")]:
+        assert main(["edit", "--model", str(model_dir), *args, "--adapter", str(first), "--requests", str(later),
+                     "--output", str(tmp_path / "third")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "third").exists()
 
 
 def test_unknown_method_and_bad_alpha_are_refused_by_the_parser(capsys):

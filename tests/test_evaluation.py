@@ -146,6 +146,10 @@ def test_qa_sets_accept_datasets_dicts_and_tuples():
         as_qa_set([{**rows[0], "paraphrased_answer": "P"}, rows[1]])
     with pytest.raises(ValueError, match="empty"):
         as_qa_set([])
+    # A null answer or question (a JSON row's missing value) is refused by name; it failed later with KeyError.
+    for column in ("question", "answer"):
+        with pytest.raises(ValueError, match=f"row 1: {column} must be a non-empty string, got None"):
+            as_qa_set([rows[0], {**rows[1], column: None}])
     with pytest.raises(ValueError, match="reserved"):
         evaluate_unlearning(None, None, rows, rows, utility_sets={"model_utility": rows})
 

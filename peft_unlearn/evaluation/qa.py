@@ -61,7 +61,9 @@ def _row(index: int, item: Any) -> dict[str, Any]:
         missing = [name for name in (QUESTION, ANSWER) if name not in item]
         if missing:
             raise ValueError(f"row {index} lacks {missing}; it has {sorted(item)}")
-        row = {name: item[name] for name in (QUESTION, ANSWER, *OPTIONAL_COLUMNS) if item.get(name) is not None}
+        # An optional column left null is absent; a null question or answer is kept, to be refused below.
+        row = {QUESTION: item[QUESTION], ANSWER: item[ANSWER]}
+        row.update({name: item[name] for name in OPTIONAL_COLUMNS if item.get(name) is not None})
     elif isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2:
         row = {QUESTION: item[0], ANSWER: item[1]}
     else:
