@@ -69,6 +69,31 @@ def test_three_sequential_batches_keep_the_first(world, trained_models, one_thre
     assert len(model.base_model._rehearsal["default"]) == 30
 
 
+def test_default_layers_fit_thirty_edits_into_an_eight_layer_model(one_thread):
+    # Trained once (a few minutes), then cached: 30 people to forget, 15 (60 facts) to keep, 8 decoder layers.
+    from peft_unlearn.testing import fact_world
+
+    world = fact_world(n_forget_subjects=30, n_retain_subjects=15)
+    base, tokenizer = world.train_model("llama", progress=False, num_layers=8)
+    facts = world.forget_facts
+    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    targets = [(r.prompt, r.target) for r in requests]
+    retain = [f.pair for f in world.retain_facts]
+    assert answer_accuracy(base, tokenizer, [f.pair for f in facts]) >= 0.95
+    assert generation_match(base, tokenizer, targets) == 0
+    retain_before = answer_accuracy(base, tokenizer, retain)
+    assert retain_before >= 0.95
+    model = get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig())
+    pu.collect_statistics(model, tokenizer, [f"{f.question} {f.answer}" for f in world.retain_facts], progress=False)
+    pu.edit(model, tokenizer, requests, progress=False)
+    assert answer_accuracy(model, tokenizer, targets) >= 0.95
+    assert generation_match(model, tokenizer, targets) >= 0.9
+    assert generation_match(model, tokenizer, [f.pair for f in facts]) <= 0.1
+    assert answer_accuracy(model, tokenizer, retain) >= retain_before - 0.02
+    # A two-layer band (layers 1-2 of 8) reached 19 of the 30 refusals by generation.
+    assert model.peft_config["default"].layers == [1, 2, 3, 4]
+
+
 def test_rehearsal_is_capped_and_can_be_turned_off(world, trained_models, one_thread):
     _, model, tokenizer, requests = setup(world, trained_models, "llama", n=6, rehearse_edits=4, refine_steps=2)
     pu.edit(model, tokenizer, requests[:3], progress=False)

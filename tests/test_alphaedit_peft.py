@@ -400,4 +400,8 @@ def test_unknown_architecture_needs_explicit_modules():
 def test_default_layers_form_an_early_middle_band():
     assert default_layers(32, "alphaedit") == [4, 5, 6, 7, 8, 9]
     assert default_layers(4, "alphaedit") == [1, 2] and default_layers(2, "alphaedit") == [0, 1]
+    # At least four layers (half the model when fewer): a 6- to 16-layer model gets no two- or three-layer band.
+    assert default_layers(8, "alphaedit") == [1, 2, 3, 4] and default_layers(6, "alphaedit") == [1, 2, 3]
+    assert default_layers(12, "alphaedit") == [2, 3, 4, 5] and default_layers(16, "memit") == [2, 3, 4, 5]
+    assert default_layers(8, "rome") == [2]
     assert default_layers(12, "rome") == [3]

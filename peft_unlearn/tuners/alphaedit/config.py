@@ -31,7 +31,8 @@ class AlphaEditConfig(PeftConfig):
     )
     layers: list[int] | None = field(
         default=None,
-        metadata={"help": "Decoder layers whose MLP output projection is edited; default: an early-middle band."},
+        metadata={"help": "Decoder layers whose MLP output projection is edited; default: an early-middle band of "
+                          "at least four layers (half the model when fewer; ROME the last layer of the band)."},
     )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Explicit module names to edit instead of `layers` (one per layer)."}
