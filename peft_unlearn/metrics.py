@@ -97,15 +97,17 @@ def answer_accuracy(
     batch_size: int = 64,
     chat_template: bool = False,
     per_example: bool = False,
+    progress: bool = False,
 ) -> float | list[float]:
     """Teacher-forced accuracy over the answer tokens of ``prompt + " " + answer`` (joined as
-    :func:`~peft_unlearn.requests.tokenize_pairs` joins them), averaged over pairs."""
+    :func:`~peft_unlearn.requests.tokenize_pairs` joins them), averaged over pairs; ``progress`` shows a bar over the
+    batches."""
     pairs = list(pairs)
     if not pairs:
         raise ValueError("pairs is empty")
     scores = [0.0] * len(pairs)
     with eval_mode(model):
-        for rows, labels, _, predicted, _ in scored_batches(model, tokenizer, pairs, batch_size,
+        for rows, labels, _, predicted, _ in scored_batches(model, tokenizer, pairs, batch_size, progress,
                                                             chat_template=chat_template):
             for row, score in zip(rows, predicted_accuracy(predicted, labels).tolist()):
                 scores[row] = score
@@ -251,8 +253,10 @@ def generation_match(
     batch_size: int = 64,
     chat_template: bool = False,
     per_example: bool = False,
+    progress: bool = False,
 ) -> float | list[bool]:
-    """Fraction of prompts whose greedy, batched generation begins with the expected answer."""
+    """Fraction of prompts whose greedy, batched generation begins with the expected answer; ``progress`` shows a
+    bar over the batches."""
     pairs = list(pairs)
     if not pairs:
         raise ValueError("pairs is empty")
@@ -268,6 +272,7 @@ def generation_match(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         chat_template=chat_template,
+        progress=progress,
     )
     matches = [starts_with_answer(text, answer) for text, (_, answer) in zip(generated, pairs)]
     return matches if per_example else sum(matches) / len(matches)

@@ -247,6 +247,21 @@ def test_generation_metrics_and_refusals(world, trained_models):
     assert refusal_rate(model, tokenizer, known[:2] + unknown[:2], per_example=True) == [0.0, 0.0, 1.0, 1.0]
 
 
+def test_unlearning_report_names_extra_refusal_phrases_as_refusal_rate_does(world, trained_models):
+    """evaluate_unlearning called them refusal_phrases, refusal_rate and is_refusal extra_phrases: the old name still
+    works, with a FutureWarning, and giving both is refused."""
+    model, tokenizer = trained_models("llama")
+    forget, retain = [f.pair for f in world.retain_facts[:2]], [f.pair for f in world.retain_facts[2:4]]
+    phrases = [answer for _, answer in forget]
+    report = evaluate_unlearning(model, tokenizer, forget, retain, extra_phrases=phrases, progress=False)
+    assert report["forget"]["refusal_rate"] == 1.0 and report["retain"]["refusal_rate"] == 0.0
+    with pytest.warns(FutureWarning, match="use extra_phrases"):
+        old = evaluate_unlearning(model, tokenizer, forget, retain, refusal_phrases=phrases, progress=False)
+    assert old["forget"]["refusal_rate"] == 1.0
+    with pytest.raises(ValueError, match="deprecated name"):
+        evaluate_unlearning(model, tokenizer, forget, retain, extra_phrases=phrases, refusal_phrases=phrases)
+
+
 # ---- unlearning report on the TOFU protocol --------------------------------------------------------------------
 
 

@@ -46,12 +46,13 @@ def edit_success(
     batch_size: int = 32,
     chat_template: bool = False,
     max_new_tokens: int | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Reliability when ``pairs`` are the edit requests, generalization when they are rephrasings of them:
     ``teacher_forced`` = mean target-token accuracy, ``generation`` = fraction of greedy answers that start with
     the target."""
     pairs = _pairs(pairs)
-    options = dict(batch_size=batch_size, chat_template=chat_template)
+    options = dict(batch_size=batch_size, chat_template=chat_template, progress=progress)
     return {
         "teacher_forced": answer_accuracy(model, tokenizer, pairs, **options),
         "generation": generation_match(model, tokenizer, pairs, max_new_tokens=max_new_tokens, **options),
@@ -70,12 +71,12 @@ def _pre_edit_model(model: nn.Module, reference_model: nn.Module | None) -> Iter
 
 
 def _argmax_answer_tokens(
-    model: nn.Module, tokenizer, pairs: list[tuple[str, str]], batch_size: int, chat_template: bool
+    model: nn.Module, tokenizer, pairs: list[tuple[str, str]], batch_size: int, chat_template: bool, progress: bool
 ) -> list[torch.Tensor]:
     """Per pair, the teacher-forced argmax token at each answer position."""
     predictions: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     with eval_mode(model):
-        for rows, _, _, argmax, scored in scored_batches(model, tokenizer, pairs, batch_size,
+        for rows, _, _, argmax, scored in scored_batches(model, tokenizer, pairs, batch_size, progress,
                                                          chat_template=chat_template):
             argmax, scored = argmax.cpu(), scored.cpu()
             for i, row in enumerate(rows):
@@ -92,6 +93,7 @@ def locality(
     batch_size: int = 32,
     chat_template: bool = False,
     max_new_tokens: int | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Agreement with the pre-edit model on unrelated prompts: ``teacher_forced`` = mean fraction of answer
     positions whose argmax token is unchanged, ``generation`` = fraction of prompts whose greedy continuation is
@@ -104,10 +106,10 @@ def locality(
     prompts = [prompt for prompt, _ in pairs]
 
     def outputs(scored: nn.Module) -> tuple[list[torch.Tensor], list[str]]:
-        tokens = _argmax_answer_tokens(scored, tokenizer, pairs, batch_size, chat_template)
+        tokens = _argmax_answer_tokens(scored, tokenizer, pairs, batch_size, chat_template, progress)
         texts = generate_answers(
             scored, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            chat_template=chat_template,
+            chat_template=chat_template, progress=progress,
         )
         return tokens, texts
 
@@ -133,13 +135,16 @@ def evaluate_editing(
     batch_size: int = 32,
     chat_template: bool = False,
     max_new_tokens: int | None = None,
+    progress: bool = True,
 ) -> EvaluationReport:
     """Reliability on ``edits``, generalization on ``rephrases`` (the edits asked differently, same targets) and
-    locality on ``unrelated`` prompts (with their original answers), each teacher-forced and by generation."""
+    locality on ``unrelated`` prompts (with their original answers), each teacher-forced and by generation;
+    ``progress`` shows bars over the batches, as :func:`evaluate_unlearning` does."""
     check_tokenizer_matches(model, tokenizer)
     if reference_model is not None:
         check_tokenizer_matches(reference_model, tokenizer)
-    options = dict(batch_size=batch_size, chat_template=chat_template, max_new_tokens=max_new_tokens)
+    options = dict(batch_size=batch_size, chat_template=chat_template, max_new_tokens=max_new_tokens,
+                   progress=progress)
     data: dict = {"reliability": edit_success(model, tokenizer, edits, **options)}
     notes = []
     if rephrases is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 
 from torch import nn
@@ -39,7 +40,7 @@ def _evaluate_set(
     *,
     options: dict,
     max_new_tokens: int | None,
-    refusal_phrases: Sequence[str],
+    extra_phrases: Sequence[str],
 ) -> tuple[dict[str, float | None], list[str], list[float]]:
     """Metrics of one set, notes on what could not be computed, and the per-sample values forget quality compares
     (see :func:`_forget_statistic`; computed on the way, so the forget set is not scored twice); ``role`` is forget,
@@ -79,7 +80,7 @@ def _evaluate_set(
         statistic = tofu.truth_ratios_from_nll(correct_nll, perturbed)
         metrics["truth_ratio"] = tofu.truth_ratio_score(statistic, forget=role == "forget")
 
-    metrics["refusal_rate"] = mean([float(is_refusal(text, tuple(refusal_phrases))) for text in generated])
+    metrics["refusal_rate"] = mean([float(is_refusal(text, tuple(extra_phrases))) for text in generated])
     if role == "forget":
         metrics["extraction_strength"] = mean(scores.extraction_strength)
     return metrics, notes, statistic
@@ -104,22 +105,29 @@ def evaluate_unlearning(
     *,
     batch_size: int = 32,
     max_new_tokens: int | None = None,
-    refusal_phrases: Sequence[str] = (),
+    extra_phrases: Sequence[str] = (),
     chat_template: bool = False,
     progress: bool = True,
+    refusal_phrases: Sequence[str] | None = None,
 ) -> EvaluationReport:
     """Evaluate ``model`` on a forget set, a retain set and optional utility sets (e.g. real_authors, world_facts).
 
     Per set: answer probability (on utility sets with perturbed answers P_true / (P_true + sum P_perturbed), as
     TOFU scores real_authors and world_facts), teacher-forced token accuracy, ROUGE-L recall of the greedy answer,
     truth ratio (when the set has perturbed answers), refusal rate (the library's refusal phrasings plus
-    ``refusal_phrases``), and on the forget set extraction strength. Forget quality compares the forget set's
-    per-sample truth ratios (or, without perturbed answers, answer probabilities; ``forget_quality_statistic``
-    names the one used) with those of ``retain_model``, a model never trained on the forget set. Model utility is
-    the harmonic mean of probability, ROUGE-L and truth ratio over every set but the forget set
-    (``model_utility_from`` lists them). What could not be computed is said in ``notes``. ``max_new_tokens``
-    defaults, per set, to the longest answer plus a margin.
+    ``extra_phrases``, as :func:`refusal_rate` names them; ``refusal_phrases`` is its deprecated name), and on the
+    forget set extraction strength. Forget quality compares the forget set's per-sample truth ratios (or, without
+    perturbed answers, answer probabilities; ``forget_quality_statistic`` names the one used) with those of
+    ``retain_model``, a model never trained on the forget set. Model utility is the harmonic mean of probability,
+    ROUGE-L and truth ratio over every set but the forget set (``model_utility_from`` lists them). What could not be
+    computed is said in ``notes``. ``max_new_tokens`` defaults, per set, to the longest answer plus a margin.
     """
+    if refusal_phrases is not None:
+        if extra_phrases:
+            raise ValueError("give extra_phrases only: refusal_phrases is its deprecated name")
+        warnings.warn("evaluate_unlearning(refusal_phrases=...) is deprecated; use extra_phrases=..., as "
+                      "refusal_rate and is_refusal name it", FutureWarning, stacklevel=2)
+        extra_phrases = refusal_phrases
     utility_sets = dict(utility_sets or {})
     clashing = sorted(set(utility_sets) & {"forget", "retain", *SUMMARY_KEYS})
     if clashing:
@@ -137,7 +145,7 @@ def evaluate_unlearning(
     for name, (qa, role) in tqdm(sets.items(), desc="evaluating sets", disable=not progress, leave=False):
         metrics, set_notes, statistics[name] = _evaluate_set(
             model, tokenizer, qa, name, role, options=options, max_new_tokens=max_new_tokens,
-            refusal_phrases=refusal_phrases,
+            extra_phrases=extra_phrases,
         )
         logger.info("%s: %s", name, metrics)
         data[name] = metrics
