@@ -218,12 +218,17 @@ def test_answer_accuracy_scores_the_guarded_prompts(setting):
     guarded_retain = answer_accuracy(model, tokenizer, guarded(retain, guardrail), per_example=True)
     assert len(guarded_scores) == len(forget) and all(0.0 <= s <= 1.0 for s in guarded_scores + guarded_retain)
 
-    # What the model saw is each guarded question with its answer (then padding), and nothing else.
+    # What the model saw is each guarded question with its answer (then padding), once each and nothing else (in
+    # batches sorted by length).
     rows = torch.cat(seen.batches).tolist()
-    for row, (question, answer) in zip(rows, guarded_forget):
-        expected = tokenizer(f"{question} {answer}")["input_ids"]
-        assert row[: len(expected)] == expected
-        assert set(row[len(expected) :]) <= {tokenizer.pad_token_id}
+    expected = [tokenizer(f"{question} {answer}")["input_ids"] for question, answer in guarded_forget]
+    assert len(rows) == len(expected)
+    unseen = list(range(len(expected)))
+    for row in rows:
+        match = [i for i in unseen if row[: len(expected[i])] == expected[i]
+                 and set(row[len(expected[i]) :]) <= {tokenizer.pad_token_id}]
+        assert match, "the model saw a row that is no guarded question with its answer"
+        unseen.remove(match[0])
     # Batched and padded, the long guarded prompts score as one unpadded sequence does.
     for index in (0, 17, 49):
         assert guarded_scores[index] == _hand_accuracy(model, tokenizer, *guarded_forget[index])
@@ -241,10 +246,13 @@ def test_every_metric_runs_on_guarded_data(setting, world):
 
     with _SeenInputs(model) as seen:
         match = generation_match(model, tokenizer, guarded(forget[:8], guardrail))
-    # Generation is left-padded: the first (prefill) pass ends every row with the guarded question.
-    for row, (question, _) in zip(seen.batches[0].tolist(), forget[:8]):
-        expected = tokenizer(guardrail.apply(question))["input_ids"]
-        assert row[len(row) - len(expected) :] == expected
+    # Generation is left-padded: the first (prefill) pass ends every row with a guarded question, each once (the
+    # batch is sorted by length).
+    prefill = seen.batches[0].tolist()
+    expected = [tokenizer(guardrail.apply(question))["input_ids"] for question, _ in forget[:8]]
+    assert len(prefill) == len(expected)
+    ends = sorted(next(i for i, ids in enumerate(expected) if row[len(row) - len(ids) :] == ids) for row in prefill)
+    assert ends == list(range(len(expected)))
     assert 0.0 <= match <= 1.0
     assert 0.0 <= refusal_rate(model, tokenizer, guarded(forget[:8], guardrail)) <= 1.0
 

@@ -71,7 +71,8 @@ def _pre_edit_model(model: nn.Module, reference_model: nn.Module | None) -> Iter
 
 
 def _argmax_answer_tokens(
-    model: nn.Module, tokenizer, pairs: list[tuple[str, str]], batch_size: int, chat_template: bool, progress: bool
+    model: nn.Module, tokenizer, pairs: list[tuple[str, str]], batch_size: int, chat_template: bool,
+    progress: bool = False,
 ) -> list[torch.Tensor]:
     """Per pair, the teacher-forced argmax token at each answer position."""
     predictions: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
