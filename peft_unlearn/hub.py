@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .metrics import collapse_whitespace
+from .outputs import OUTPUT_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ def push_adapter(folder: str | Path, repo_id: str, forget_texts: Iterable[str] =
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    # The CLI's output marker says the local folder may be replaced; it is no part of the adapter.
     commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
-                               commit_message="Upload adapter made with peft_unlearn")
+                               commit_message="Upload adapter made with peft_unlearn", ignore_patterns=[OUTPUT_MARKER])
     logger.info("pushed adapter to %s", repo_id)
     return str(getattr(commit, "commit_url", commit))

@@ -1,4 +1,5 @@
 import copy
+import fnmatch
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ from peft import PeftModel, get_peft_model
 import peft_unlearn as pu
 from peft_unlearn.cli import _read_texts, build_parser, main, read_records
 from peft_unlearn.hub import find_leaks, model_card
+from peft_unlearn.outputs import OUTPUT_MARKER
 from peft_unlearn.testing.hub_cache import install_in_hub_cache
 
 from .conftest import tiny_gpt2
@@ -293,8 +295,10 @@ def test_push_uploads_exactly_the_checked_folder_and_refuses_leaks(tmp_path, mon
         def create_repo(self, repo_id, private=None, exist_ok=False):
             calls.append(("create", repo_id, private))
 
-        def upload_folder(self, folder_path, repo_id, revision=None, commit_message=None):
-            calls.append(("upload", sorted(p.name for p in Path(folder_path).iterdir()), revision))
+        def upload_folder(self, folder_path, repo_id, revision=None, commit_message=None, ignore_patterns=()):
+            names = [p.name for p in Path(folder_path).iterdir()]
+            kept = [n for n in names if not any(fnmatch.fnmatch(n, pattern) for pattern in ignore_patterns)]
+            calls.append(("upload", sorted(kept), revision))
             return SimpleNamespace(commit_url=f"https://hub/{repo_id}/commit/1")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
@@ -305,6 +309,7 @@ def test_push_uploads_exactly_the_checked_folder_and_refuses_leaks(tmp_path, mon
     folder = tmp_path / "adapter"
     model.save_pretrained(folder)
     write_card(folder, "grace", "org/base", 1, None)
+    (folder / OUTPUT_MARKER).write_text("written by peft_unlearn\n")  # as the CLI's output folders hold
     with pytest.raises(ValueError, match="holds no saved adapter"):
         push_adapter(tmp_path / "missing", "me/repo", [fact.question])
     url = push_adapter(folder, "me/repo", [fact.question], token="hf_x", private=True, revision="dev")
