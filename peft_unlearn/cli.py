@@ -187,7 +187,36 @@ def _check_option_types(method: str, config_cls: type, options: dict) -> None:
             continue
         accepted, words = kind
         if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
-            raise UsageError(f"option {name!r} of {method} must be {words}, got {value!r}")
+            raise _option_type_error(name, method, words, value)
+
+
+def _option_type_error(name: str, owner: str, words: str, value) -> UsageError:
+    """The error for an option of the wrong type; YAML reads a number like 1e-4 (no dot) as text, so say so."""
+    hint = ""
+    if isinstance(value, str):
+        try:
+            float(value)
+            hint = f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-4)"
+        except ValueError:
+            pass
+    return UsageError(f"option {name!r} of {owner} must be {words}, got {value!r}{hint}")
+
+
+def _check_training_option_types(options: dict) -> None:
+    """Name the training option whose value has the wrong type, by the field's declared type (an int default such
+    as save_steps=500 may be declared float); the Trainer would fail later on a comparison that names no option.
+    Fields of several types (fsdp, debug, ...) are left to the Trainer."""
+    from peft import LoraConfig
+
+    from .unlearning.trainer import UnlearningArguments
+
+    declared = {f.name: f.type for cls in (UnlearningArguments, LoraConfig) for f in dataclasses.fields(cls)}
+    kinds = {"bool": ((bool,), "true or false"), "int": ((int,), "an integer"), "float": ((int, float), "a number")}
+    for name, value in options.items():
+        kind = declared.get(name)
+        accepted, words = kinds.get(getattr(kind, "__name__", kind), (None, None))
+        if accepted and (not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted)):
+            raise _option_type_error(name, "unlearn", words, value)
 
 
 def _config_for(method: str, options: dict):
@@ -337,6 +366,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     options = read_options(args.config)
     if args.chat_template:
         options["chat_template"] = True
+    _check_training_option_types(options)
     model, tokenizer = load_model(args.model)
     with staged_output(args.output) as folder:
         model, summary = unlearn_with_lora(model, tokenizer, forget, retain, loss=args.method,

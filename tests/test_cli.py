@@ -114,6 +114,15 @@ def test_help_documents_every_command(capsys):
         (lambda d, m: ["eval", "--model", str(m), "--forget",
                        str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": None}])), "--retain",
                        str(d / "f.jsonl"), "--output", str(d / "out")], "answer must be a non-empty string"),
+        # The Trainer failed on a comparison ("'>' not supported ...") that named no option.
+        (lambda d, m: ["unlearn", "--model", str(m), "--method", "npo", "--forget",
+                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
+                       str(write_text(d / "c.yaml", "max_steps: two")), "--output", str(d / "out")],
+         "option 'max_steps' of unlearn must be an integer, got 'two'"),
+        (lambda d, m: ["unlearn", "--model", str(m), "--method", "npo", "--forget",
+                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
+                       str(write_text(d / "c.yaml", "learning_rate: 1e-4")), "--output", str(d / "out")],
+         "option 'learning_rate' of unlearn must be a number, got '1e-4' (YAML reads 1e-4 as text"),
     ],
 )
 def test_bad_input_ends_with_one_line_and_no_output(tmp_path, model_dir, capsys, make_args, message):
