@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -61,12 +62,19 @@ def _readable_text(path: Path) -> str:
     return data.decode("utf-8", errors="ignore")
 
 
+def _display_width(text: str) -> int:
+    """Characters counted as a terminal shows them: a wide (CJK) character as two, since one carries about as much
+    as an English word's letters (a Chinese question is a third as long as its English twin)."""
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+
+
 def find_leaks(folder: str | Path, forget_texts: Iterable[str], min_length: int = 12) -> list[str]:
-    """Files in ``folder`` that contain any forget text of at least ``min_length`` characters: case and runs of
-    whitespace ignored, also as JSON writes it (escaped quotes and non-ASCII characters), in every file."""
+    """Files in ``folder`` that contain any forget text at least ``min_length`` characters wide (a CJK character
+    counts two): case and runs of whitespace ignored, also as JSON writes it (escaped quotes and non-ASCII
+    characters), in every file."""
     needles = set()
     for text in forget_texts:
-        if len(text.strip()) >= min_length:
+        if _display_width(text.strip()) >= min_length:
             needles |= {_normalise(variant) for variant in
                         (text, json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1])}
     leaks = []

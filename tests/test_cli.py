@@ -334,6 +334,16 @@ def test_push_uploads_exactly_the_checked_folder_and_refuses_leaks(tmp_path, mon
     assert calls == []
 
 
+def test_leak_check_finds_short_cjk_questions(tmp_path):
+    """A Chinese question is a third as long as its English twin: counted in characters, most fell under the
+    12-character floor and were never looked for. Short Latin texts stay below it (too common to mean a leak)."""
+    question, generic = "王小明住在哪里?", "Yes, he did."
+    (tmp_path / "card.md").write_text(f"notes: {question} / {generic[:-1]}", encoding="utf-8")
+    (tmp_path / "meta.json").write_text(json.dumps({"q": question}), encoding="utf-8")  # escaped as \uXXXX
+    assert find_leaks(tmp_path, [question]) == [str(tmp_path / "card.md"), str(tmp_path / "meta.json")]
+    assert find_leaks(tmp_path, ["Yes, he did"]) == []  # 11 characters
+
+
 def test_model_card_reports_metrics_not_texts():
     card = model_card("wise", "org/base", 12, {"refusal_rate": 0.93})
     assert "base_model: org/base" in card and "| refusal_rate | 0.93 |" in card
