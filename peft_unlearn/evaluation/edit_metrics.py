@@ -19,12 +19,13 @@ from ..metrics import (
     answer_accuracy,
     collapse_whitespace,
     eval_mode,
+    generate_continuations,
     generation_match,
     scored_batches,
 )
 from ..requests import EditRequest, as_edit_requests
 from .report import EvaluationReport
-from .scores import default_max_new_tokens, generate_answers
+from .scores import default_max_new_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def locality(
 
     def outputs(scored: nn.Module) -> tuple[list[torch.Tensor], list[str]]:
         tokens = _argmax_answer_tokens(scored, tokenizer, pairs, batch_size, chat_template, progress)
-        texts = generate_answers(
+        texts = generate_continuations(
             scored, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
             chat_template=chat_template, progress=progress,
         )

@@ -160,23 +160,6 @@ def default_max_new_tokens(tokenizer, answers: Sequence[str]) -> int:
     return longest_continuation(tokenizer, answers) + GENERATION_MARGIN
 
 
-def generate_answers(
-    model: nn.Module,
-    tokenizer,
-    questions: Sequence[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 32,
-    chat_template: bool = False,
-    progress: bool = False,
-) -> list[str]:
-    """Greedy answers to ``questions``, batched, with a progress bar over the batches."""
-    return generate_continuations(
-        model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        chat_template=chat_template, progress=progress,
-    )
-
-
 def mean(values: Sequence[float]) -> float:
     """The mean of a set's per-sample scores (the set is never empty: scoring refuses empty data)."""
     return sum(values) / len(values)
@@ -265,7 +248,7 @@ def rouge_l(
     qa = as_qa_set(data)
     if max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(tokenizer, qa.answers)
-    generated = generate_answers(
+    generated = generate_continuations(
         model, tokenizer, qa.questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
         chat_template=chat_template,
     )
@@ -289,7 +272,7 @@ def refusal_rate(
     qa = as_qa_set(data)
     if max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(tokenizer, qa.answers)
-    generated = generate_answers(
+    generated = generate_continuations(
         model, tokenizer, qa.questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
         chat_template=chat_template,
     )

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..data.refusals import is_refusal
 from ..editing import check_tokenizer_matches
+from ..metrics import generate_continuations
 from . import tofu
 from .qa import PARAPHRASED_QUESTION, PERTURBED_ANSWER, QAData, QASet, as_qa_set
 from .report import EvaluationReport
@@ -18,7 +19,6 @@ from .rouge import rouge_l_recall
 from .scores import (
     answer_scores,
     default_max_new_tokens,
-    generate_answers,
     mean,
     perturbed_nll,
     truth_ratio_reference,
@@ -62,7 +62,7 @@ def _evaluate_set(
         metrics["paraphrased_question_probability"] = mean(rephrased.probability)
 
     tokens = max_new_tokens or default_max_new_tokens(tokenizer, qa.answers)
-    generated = generate_answers(model, tokenizer, qa.questions, max_new_tokens=tokens, **options)
+    generated = generate_continuations(model, tokenizer, qa.questions, max_new_tokens=tokens, **options)
     metrics["rouge_l"] = mean(rouge_l_recall(generated, qa.answers))
 
     statistic = scores.probability
