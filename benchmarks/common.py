@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import os
 import platform
 import resource
 import subprocess
@@ -35,6 +37,20 @@ def run_isolated(script: Path, *args: str) -> dict:
     """Run one measurement in a fresh interpreter (so peak memory is its own) and parse its JSON line."""
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure_modes(script: Path, modes, measure, options) -> list[dict] | None:
+    """The driver of a script that measures each of ``modes`` in a fresh interpreter: called with ``--mode`` (in
+    the child) it prints ``measure(mode, options)`` as a JSON line and returns None; otherwise it runs every mode
+    with the script's own arguments and returns their rows."""
+    if options.mode:
+        logging.disable(logging.WARNING)
+        print(json.dumps(measure(options.mode, options)))
+        return None
+    # Freed tensors then leave the resident set, so the peak follows live memory: a fixed threshold also stops
+    # glibc from raising it after large frees (which would keep freed heap resident).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
+    return [run_isolated(script, "--mode", mode, *sys.argv[1:]) for mode in modes]
 
 
 def timed(function, *args, **kwargs):

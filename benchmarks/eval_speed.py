@@ -15,9 +15,6 @@ Writes benchmarks/results/eval_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
 import random
 import sys
 import time
@@ -27,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import peak_rss_mb, run_isolated, table, write_json  # noqa: E402
+from common import measure_modes, peak_rss_mb, table, write_json  # noqa: E402
 
 TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 MODES = ("unlearning", "editing")
@@ -104,13 +101,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     options = parse()
-    if options.mode:
-        logging.disable(logging.WARNING)
-        print(json.dumps(measure(options.mode, options)))
+    rows = measure_modes(Path(__file__), MODES, measure, options)
+    if rows is None:
         return
-    # Freed tensors leave the resident set, so the peak follows live memory (see npo_memory.py).
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
-    rows = [run_isolated(Path(__file__), "--mode", mode, *sys.argv[1:]) for mode in MODES]
     print(table(rows, ["mode", "items", "seconds", "peak_rss_mb", "peak_rss_over_baseline_mb"]))
     settings = {k: v for k, v in vars(options).items() if k not in ("mode", "tofu_dir")}
     print(f"wrote {write_json('eval_speed', {'settings': settings, 'rows': rows})}")

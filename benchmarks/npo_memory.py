@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -27,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import peak_rss_mb, run_isolated, table, write_json  # noqa: E402
+from common import measure_modes, peak_rss_mb, table, write_json  # noqa: E402
 
 TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 MODES = ("disabled_adapter", "deep_copy")
@@ -104,13 +101,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     options = parse()
-    if options.mode:
-        logging.disable(logging.WARNING)
-        print(json.dumps(measure(options.mode, options)))
+    rows = measure_modes(Path(__file__), MODES, measure, options)
+    if rows is None:
         return
-    # A fixed threshold also stops glibc from raising it after large frees (which would keep freed heap resident).
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
-    rows = [run_isolated(Path(__file__), "--mode", mode, *sys.argv[1:]) for mode in MODES]
     by_mode = {row["mode"]: row for row in rows}
     ratio_total = by_mode["deep_copy"]["peak_rss_mb"] / by_mode["disabled_adapter"]["peak_rss_mb"]
     ratio_model = (
