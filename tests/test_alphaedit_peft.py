@@ -357,6 +357,47 @@ def test_alphaedit_solve_in_the_null_space_basis_equals_the_projector_form():
     torch.testing.assert_close(B, residuals.T)
 
 
+def test_refinement_penalty_is_the_whole_adapters_change_and_leaves_rehearsed_edits_to_rehearsal():
+    """The penalty of a new block counts the change on preserved keys of the whole delta (earlier columns included,
+    up to their own constant part), and the change on earlier edits' keys only for edits that are not rehearsed."""
+    from peft_unlearn.tuners.alphaedit.model import AlphaEditModel
+    from peft_unlearn.tuners.alphaedit.solver import ValueBlock, preservation_cross, preservation_gram
+
+    generator = torch.Generator().manual_seed(0)
+    d_in, d_out = 6, 5
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    W, preserved, unrehearsed, rehearsed = random(d_out, d_in), random(20, d_in), random(3, d_in), random(4, d_in)
+    moment, edited = preserved.T @ preserved, unrehearsed.T @ unrehearsed + rehearsed.T @ rehearsed
+
+    def energy(matrix, keys):  # ||M K^T||^2: output energy of M on the keys
+        return float((keys @ matrix.T).pow(2).sum())
+
+    A_new, every_key = random(2, d_in), torch.cat([unrehearsed, rehearsed])
+    gram = preservation_gram(A_new, moment, energy(W, preserved), edited, energy(W, every_key), rehearsed, W)
+    expected = (A_new @ moment @ A_new.T / energy(W, preserved)
+                + A_new @ unrehearsed.T @ unrehearsed @ A_new.T / energy(W, unrehearsed))
+    torch.testing.assert_close(gram, expected)
+    every_edit = preservation_gram(A_new, moment, energy(W, preserved), edited, energy(W, every_key), every_key, W)
+    torch.testing.assert_close(every_edit, A_new @ moment @ A_new.T / energy(W, preserved))
+
+    B_old, A_old, B_new = random(d_out, 3), random(3, d_in), random(d_out, 2)
+    B, A = torch.cat([B_old, B_new], 1), torch.cat([A_old, A_new])
+    block = ValueBlock(torch.nn.Parameter(B), 3, A_new @ moment @ A_new.T / energy(W, preserved),
+                       preservation_cross(B, A, 3, moment, energy(W, preserved)))
+    whole = energy(B @ A, preserved) / energy(W, preserved)
+    torch.testing.assert_close(float(block.penalty()) + energy(B_old @ A_old, preserved) / energy(W, preserved), whole)
+    assert preservation_cross(B_new, A_new, 0, moment, 1.0) is None
+
+    # Batches are rehearsed whole: the most recent ones whose requests all lie among the rehearsed requests.
+    batches = [(3, "a"), (2, "b"), (4, "c")]
+    assert AlphaEditModel._covered(batches, 6) == [(2, "b"), (4, "c")]
+    assert AlphaEditModel._covered(batches, 5) == [(4, "c")]
+    assert AlphaEditModel._covered(batches, 3) == []
+
+
 def test_output_energies_follow_the_moments_they_are_cached_for(word_tokenizer):
     """The refinement penalty's normalisers tr(W M W^T) are cached, and computed again whenever the moment or the
     edited keys change (protected edits, a failed call's restore, new statistics)."""

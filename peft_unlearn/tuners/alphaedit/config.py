@@ -83,8 +83,9 @@ class AlphaEditConfig(PeftConfig):
     )
     refine_preservation: float = field(
         default=0.3,
-        metadata={"help": "Weight of the refinement penalty: the change of the edited layers' outputs on the "
-                  "preserved keys and on earlier edits' keys, relative to those outputs' energy."},
+        metadata={"help": "Weight of the refinement penalty: the change of the edited layers' outputs (the whole "
+                  "delta's) on the preserved keys, and the new columns' change on the keys of earlier edits that "
+                  "are not rehearsed, each relative to those outputs' energy."},
     )
     rehearse_edits: int = field(
         default=64,

@@ -14,6 +14,7 @@ from ...capture import (
     decoder_layer_name,
     layer_index_of,
     linear_shape,
+    linear_weight,
     mlp_output_projection_name,
     num_decoder_layers,
 )
@@ -31,6 +32,7 @@ from .solver import (
     fitting_templates,
     keys_and_outputs,
     optimize_target_values,
+    preservation_cross,
     preservation_gram,
     refine_values,
     solve_delta,
@@ -124,8 +126,10 @@ class AlphaEditModel(EditingTuner):
         self._forget_session(adapter_name)
 
     def _forget_session(self, adapter_name: str) -> None:
-        """Drop what this session kept in memory for ``adapter_name`` (the requests refinement rehearses)."""
+        """Drop what this session kept in memory for ``adapter_name`` (the requests refinement rehearses, and the
+        keys their batches edited)."""
         self.__dict__.get("_rehearsal", {}).pop(adapter_name, None)
+        self.__dict__.get("_rehearsed_keys", {}).pop(adapter_name, None)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
@@ -241,6 +245,8 @@ class AlphaEditModel(EditingTuner):
         final_nll, n_keys = [], 0
         rehearsal = self._most_recent(self.__dict__.setdefault("_rehearsal", {}).get(adapter_name, []),
                                       config.rehearse_edits)
+        rehearsed_keys = self._covered(self.__dict__.setdefault("_rehearsed_keys", {}).get(adapter_name, []),
+                                       len(rehearsal))
         try:
             chunks = range(0, len(requests), batch_size)
             for start in tqdm(chunks, desc=f"{config.solver} edits", disable=not progress or len(chunks) == 1):
@@ -257,11 +263,14 @@ class AlphaEditModel(EditingTuner):
                 for name, layer in layers.items():
                     self._fold_new_keys(layer, adapter_name, first_column[name])
                 if config.refine_steps:
-                    nll = self._refine_values(tokenizer, chunk, rows, adapter_name, first_column, rehearsal)
+                    nll = self._refine_values(
+                        tokenizer, chunk, rows, adapter_name, first_column, rehearsal, rehearsed_keys
+                    )
                 rehearsal = self._most_recent(rehearsal + chunk, config.rehearse_edits)
                 for layer in layers.values():
                     self._compress_factors(layer, adapter_name)
-                self._protect_edited_keys(rows, adapter_name)
+                edited_keys = self._protect_edited_keys(rows, adapter_name)
+                rehearsed_keys = self._covered(rehearsed_keys + [(len(chunk), edited_keys)], len(rehearsal))
                 final_nll.append(nll)
                 n_keys += rows.n_keys
         except BaseException:
@@ -271,6 +280,7 @@ class AlphaEditModel(EditingTuner):
                 layer.set_edited_cov(adapter_name, edited)
             raise
         self._rehearsal[adapter_name] = rehearsal
+        self._rehearsed_keys[adapter_name] = rehearsed_keys
         config.rank = next(iter(layers.values())).rank(adapter_name)
         first_id = config.n_edits
         config.n_edits += len(requests)
@@ -354,22 +364,36 @@ class AlphaEditModel(EditingTuner):
         adapter_name: str,
         first_column: dict[str, int],
         rehearsal: list[EditRequest],
+        rehearsed_keys: list[tuple[int, dict[str, torch.Tensor]]],
     ) -> torch.Tensor:
         """Fit the value columns this batch added (from ``first_column`` on, per layer) end to end on the bare
         prompts, while the session's recent earlier requests (``rehearsal``) keep reaching their targets; returns
-        the batch's per-request target NLL afterwards."""
+        the batch's per-request target NLL afterwards.
+
+        The penalty measures the whole adapter's change on the preserved keys (earlier batches' columns included,
+        so a new batch does not add its damage to theirs), and the change on the keys of earlier edits that are not
+        rehearsed (edited in another session, or beyond ``rehearse_edits``). Rehearsed edits are kept by their
+        targets themselves: their keys often nearly repeat the new ones (the same refusal read after another name),
+        and a penalty on them held new edits back from continuations the earlier ones share."""
         config: AlphaEditConfig = self.peft_config[adapter_name]
         blocks = []
         for name, layer in self.edited_layers(adapter_name).items():
             start = first_column[name]
+            covered = [keys[name] for _, keys in rehearsed_keys]
             gram = preservation_gram(
                 layer.alphaedit_A[adapter_name][start:],
                 layer.moment(adapter_name),
                 layer.output_energy(adapter_name, "moment"),
                 layer.edited_cov(adapter_name),
                 layer.output_energy(adapter_name, "edited"),
+                torch.cat(covered) if covered else None,
+                linear_weight(layer).detach().float(),
             )
-            blocks.append(ValueBlock(layer.alphaedit_B[adapter_name], start, gram))
+            cross = preservation_cross(
+                layer.alphaedit_B[adapter_name], layer.alphaedit_A[adapter_name], start, layer.moment(adapter_name),
+                layer.output_energy(adapter_name, "moment"),
+            )
+            blocks.append(ValueBlock(layer.alphaedit_B[adapter_name], start, gram, cross))
         batch = rows.batch.select(slice(0, rows.n_requests)).trimmed()  # the bare prompts, without templates' width
         if rehearsal:
             pairs = [(r.prompt, r.target) for r in list(requests) + rehearsal]
@@ -386,18 +410,31 @@ class AlphaEditModel(EditingTuner):
             n_new=len(requests),
         )
 
-    def _protect_edited_keys(self, rows, adapter_name: str) -> None:
+    def _protect_edited_keys(self, rows, adapter_name: str) -> dict[str, torch.Tensor]:
         """Add the batch's keys (read after its whole update, on the bare prompts: the edits refinement fitted) to
-        the second moment later edits must keep."""
+        the second moment later edits must keep; returns them per layer."""
         layers = self.edited_layers(adapter_name)
         n = rows.n_requests
         bare = dataclasses.replace(
             rows, batch=rows.batch.select(slice(0, n)), positions=rows.positions[:n], mask=rows.mask[:n], n_templates=1
         )
         final_keys, _ = keys_and_outputs(self.model, bare, layers, None)
+        edited = {name: rows.per_key(final_keys[name]) for name in layers}
         for name, layer in layers.items():
-            K = rows.per_key(final_keys[name])
-            layer.set_edited_cov(adapter_name, layer.edited_cov(adapter_name) + K.T @ K)
+            layer.set_edited_cov(adapter_name, layer.edited_cov(adapter_name) + edited[name].T @ edited[name])
+        return edited
+
+    @staticmethod
+    def _covered(batches: list[tuple[int, dict]], n_rehearsed: int) -> list[tuple[int, dict]]:
+        """The most recent ``(n_requests, keys)`` batches whose requests all lie among the ``n_rehearsed`` that
+        refinement rehearses."""
+        kept, total = [], 0
+        for batch in reversed(batches):
+            total += batch[0]
+            if total > n_rehearsed:
+                break
+            kept.append(batch)
+        return kept[::-1]
 
     @staticmethod
     def _most_recent(requests: list[EditRequest], limit: int) -> list[EditRequest]:

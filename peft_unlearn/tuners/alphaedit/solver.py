@@ -27,6 +27,8 @@ from ...requests import EditRequest, TokenizedBatch, tokenize_pairs, tokenize_pr
 logger = logging.getLogger(__name__)
 
 EARLY_STOP_NLL = 5e-2
+# Below this share of the earlier edits' output energy, what rehearsal does not cover is rounding.
+UNGUARDED_ENERGY = 1e-4
 SOLVE_ROWS = 1024  # rows of the edited keys' second moment projected at a time by the alphaedit solve
 OUTPUT_KEY = "__layer_output__"
 # Generation starters for context templates; the model continues them itself (as in ROME/MEMIT).
@@ -363,12 +365,20 @@ def solve_delta(
 
 @dataclass
 class ValueBlock:
-    """The columns ``start:`` of one layer's value factor ``B`` that a batch added, and the Gram matrix ``G`` of
-    their keys under the preservation penalty (``tr(B_new G B_new^T)`` = change on preserved outputs)."""
+    """The columns ``start:`` of one layer's value factor ``B`` that a batch added, the Gram matrix ``G`` of their
+    keys under the preservation penalty (``tr(B_new G B_new^T)`` = their own change on preserved outputs) and the
+    linear ``cross`` term [d_out, r_new] that couples them to the earlier columns' change (None: no earlier ones)."""
 
     values: nn.Parameter
     start: int
     gram: torch.Tensor
+    cross: torch.Tensor | None = None
+
+    def penalty(self) -> torch.Tensor:
+        """The relative change on preserved outputs, up to the constant part of the earlier columns alone."""
+        new = self.values[:, self.start :]
+        value = ((new @ self.gram) * new).sum()
+        return value if self.cross is None else value + 2 * (self.cross * new).sum()
 
 
 def preservation_gram(
@@ -377,15 +387,40 @@ def preservation_gram(
     moment_energy: float,
     edited_cov: torch.Tensor,
     edited_energy: float,
+    rehearsed_keys: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``A (C0 / tr(W C0 W^T) + E / tr(W E W^T)) A^T`` for new key factors ``A`` [r, d_in], given the layer's
     output energies ``tr(W C0 W^T)`` and ``tr(W E W^T)``: with it the penalty measures the output change on the
     preserved keys (second moment ``C0``) and on earlier edits' keys (``E``), each relative to the layer's own output
-    energy on them, so one weight fits every model and layer. Only [r, d_in] products are formed."""
+    energy on them, so one weight fits every model and layer. Only [r, d_in] products are formed.
+
+    ``rehearsed_keys`` [m, d_in] (part of what ``E`` sums) are left out of ``E``, and its energy computed with the
+    layer's ``weight`` [d_out, d_in]: earlier edits that refinement rehearses need no penalty. When they are all
+    of ``E`` (up to rounding), the term is dropped."""
     gram = (new_keys @ moment @ new_keys.T) / max(moment_energy, 1e-12)
-    if edited_energy > 0:
-        gram = gram + (new_keys @ edited_cov @ new_keys.T) / edited_energy
-    return gram
+    if edited_energy <= 0:
+        return gram
+    edited_gram = new_keys @ edited_cov @ new_keys.T
+    if rehearsed_keys is not None:
+        projected = new_keys @ rehearsed_keys.T  # [r, m]
+        edited_gram = edited_gram - projected @ projected.T
+        remaining = edited_energy - float((rehearsed_keys @ weight.T).pow(2).sum())
+        if remaining <= UNGUARDED_ENERGY * edited_energy:
+            return gram
+        edited_energy = remaining
+    return gram + edited_gram / edited_energy
+
+
+def preservation_cross(
+    B: torch.Tensor, A: torch.Tensor, start: int, moment: torch.Tensor, moment_energy: float
+) -> torch.Tensor | None:
+    """``B_old A_old C0 A_new^T / tr(W C0 W^T)`` for factors whose columns/rows ``start:`` are new: with it the
+    penalty ``||(B_old A_old + B_new A_new) K0||^2`` on preserved keys expands to a constant, ``2 <cross, B_new>``
+    and the new block's own Gram term. None without earlier columns."""
+    if start == 0:
+        return None
+    return B[:, :start] @ (A[:start] @ (moment @ A[start:].T)) / max(moment_energy, 1e-12)
 
 
 def refine_values(
@@ -403,10 +438,12 @@ def refine_values(
     """Train the new value columns on the target loss itself, end to end, returning the NLL of the first ``n_new``
     rows (the batch's requests; any further rows are earlier edits to keep).
 
-    The loss is ``max(NLL - margin, 0)`` summed over the rows and divided by ``n_new``, plus ``preservation`` times
-    the penalty: a request that reaches its target stops pulling, and the penalty then shrinks the update to what
-    the targets need. Keys (``A``) stay as the closed form wrote them, so the delta keeps its rank and null space.
-    The decoder layers below ``first_layer`` (the first edited one) are computed once and replayed.
+    The loss is the mean of ``max(NLL - margin, 0)`` over the rows, plus ``preservation`` times the penalty: a
+    request that reaches its target stops pulling, and the penalty then shrinks the update to what the targets
+    need. The mean is over every row, rehearsed ones included, so the targets weigh against the penalty as much
+    after earlier edits as in a first batch. Keys (``A``) stay as the closed form wrote them, so the delta keeps its
+    rank and null space. The decoder layers below ``first_layer`` (the first edited one) are computed once and
+    replayed.
     """
     for block in blocks:
         block.values.requires_grad_(True)
@@ -428,12 +465,8 @@ def refine_values(
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
                 for rows in chunks:  # the hinged target loss is a sum over rows: chunks add up to its gradient
-                    ((chunk_nll(rows) - margin).clamp(min=0).sum() / n_new).backward()
-                penalty = sum(
-                    ((block.values[:, block.start :] @ block.gram) * block.values[:, block.start :]).sum()
-                    for block in blocks
-                )
-                (preservation * penalty).backward()
+                    ((chunk_nll(rows) - margin).clamp(min=0).sum() / len(batch)).backward()
+                (preservation * sum(block.penalty() for block in blocks)).backward()
                 for block in blocks:
                     block.values.grad[:, : block.start] = 0  # earlier edits' values are not touched
                 optimizer.step()
