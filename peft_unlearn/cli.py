@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .data.records import read_records as read_record_file
+from .data.records import read_text
 from .outputs import check_replaceable, staged_output
 
 EDIT_METHODS = ("alphaedit", "memit", "rome", "grace", "wise")
@@ -33,41 +35,21 @@ class UsageError(Exception):
 
 
 def _read_text(path: Path, what: str) -> str:
-    """A UTF-8 file's text, without the byte order mark Windows editors write first (JSON parsers refuse it)."""
+    """The file's text (:func:`read_text`), a problem with it reported as a usage error."""
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UsageError(f"{what} file {path} is not UTF-8 text ({error.reason} at byte {error.start}); save it "
-                         "as UTF-8") from None
-
-
-def _json_lines(text: str) -> list:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return read_text(path, what)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def read_records(source: str, what: str) -> list[dict]:
     """Rows from a JSON list, a JSONL file, or a Hub dataset given as ``name`` or ``name:config``."""
     path = Path(source)
     if path.is_file():
-        text = _read_text(path, what)
         try:
-            if path.suffix == ".jsonl":
-                rows = _json_lines(text)
-            else:
-                try:
-                    rows = json.loads(text)
-                except json.JSONDecodeError as error:
-                    try:  # one object per line in a file named .json
-                        rows = _json_lines(text)
-                    except json.JSONDecodeError:
-                        raise error from None
-        except json.JSONDecodeError as error:
-            raise UsageError(f"{what} file {source} is not valid JSON/JSONL: {error}") from None
-        if isinstance(rows, dict):
-            rows = next((v for v in rows.values() if isinstance(v, list)), None)
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise UsageError(f"{what} file {source} must hold a list of objects (JSON) or one object per line (JSONL)")
-        return rows
+            return read_record_file(path, what)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     if "/" in source and not path.suffix and not source.startswith((".", "/")):
         import datasets
 

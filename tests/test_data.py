@@ -1,6 +1,6 @@
 import pytest
 
-from peft_unlearn.data import RELATIONS, fictitious_facts, is_refusal, load_tofu, REFUSALS
+from peft_unlearn.data import REFUSALS, RELATIONS, fictitious_facts, is_refusal, load_tofu
 
 
 def test_load_tofu_reads_the_local_sample(tofu_dir):
@@ -30,6 +30,23 @@ def test_load_tofu_says_what_it_read_and_names_bad_files(tofu_dir, tmp_path, cap
         load_tofu("retain", data_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
         load_tofu("forget", data_dir=tmp_path / "retain.json")
+
+
+def test_load_tofu_reads_a_download_of_the_hub_dataset(tofu_dir, tmp_path):
+    """The Hub's files are JSON Lines named .json (forget10.json, ...): a downloaded copy of the dataset loads as
+    the Hub's configurations do, a byte order mark included; a one-row file is one row."""
+    lines = (tofu_dir / "forget.jsonl").read_text(encoding="utf-8")
+    (tmp_path / "forget10.json").write_text(lines, encoding="utf-8")
+    (tmp_path / "retain90.json").write_text("\ufeff" + (tofu_dir / "retain.jsonl").read_text(encoding="utf-8"),
+                                            encoding="utf-8")
+    (tmp_path / "forget01.json").write_text(lines.splitlines()[0] + "\n", encoding="utf-8")
+    forget = load_tofu("forget10", data_dir=tmp_path)
+    assert len(forget) == 300 and forget[0] == load_tofu("forget", data_dir=tofu_dir)[0]
+    assert len(load_tofu("retain90", data_dir=tmp_path)) == 300
+    assert load_tofu("forget01", data_dir=tmp_path)["question"] == [forget[0]["question"]]
+    (tmp_path / "world_facts.json").write_text('{"question": "q", "answer": "a"}\n{"question": \n')
+    with pytest.raises(ValueError, match="world_facts.json is not valid JSON or JSONL"):
+        load_tofu("world_facts", data_dir=tmp_path)
 
 
 def test_fictitious_facts_are_deterministic_and_well_formed():

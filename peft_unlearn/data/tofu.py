@@ -1,13 +1,15 @@
-"""TOFU (Maini et al. 2024) from the Hugging Face Hub, or from local JSON/JSONL files with the same schema."""
+"""TOFU (Maini et al. 2024) from the Hugging Face Hub, or from local JSON/JSONL files with the same schema (a
+downloaded copy of the Hub dataset included)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 
 import datasets
+
+from .records import read_records
 
 logger = logging.getLogger(__name__)
 
@@ -20,32 +22,6 @@ _LOCAL_ALIASES = (
     (re.compile(r"^real_authors(_perturbed)?$"), "real_authors"),
     (re.compile(r"^world_facts(_perturbed)?$"), "world_facts"),
 )
-
-
-def _read_rows(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path} line {number} is not valid JSON: {error.msg}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        if isinstance(data, dict):
-            data = next(iter(v for v in data.values() if isinstance(v, list)), None)
-        if not isinstance(data, list):
-            raise ValueError(f"{path} holds neither a JSON list of rows nor a JSONL file")
-        rows = data
-    not_rows = [i for i, row in enumerate(rows) if not isinstance(row, dict)]
-    if not_rows:
-        raise ValueError(f"{path}: rows {not_rows[:10]} are not objects with TOFU fields (question, answer, ...)")
-    return rows
 
 
 def _local_file(data_dir: Path, split: str) -> tuple[Path, bool]:
@@ -76,7 +52,7 @@ def load_tofu(split: str, data_dir: str | Path | None = None) -> datasets.Datase
         problem = "is a file, not a folder" if data_dir.exists() else "does not exist"
         raise FileNotFoundError(f"TOFU data_dir {data_dir} {problem}")
     path, aliased = _local_file(data_dir, split)
-    rows = _read_rows(path)
+    rows = read_records(path, "TOFU")
     if not rows:
         raise ValueError(f"{path} is empty")
     if aliased:
