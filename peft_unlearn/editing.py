@@ -290,8 +290,10 @@ def edit(
     with the model's own refusal of the prompt (see :mod:`peft_unlearn.refusal_targets`); the targets used are in
     ``EditResult.details["targets"]``. ``chat_template=True`` edits each prompt as a user turn of the tokenizer's
     chat template answered by the target (as the metrics' ``chat_template=True`` read it); everything the method
-    tokenizes, unrelated prompts included, is formatted the same way. Method-specific options (e.g. ``unrelated``
-    for WISE, ``merge_queries`` for AlphaEdit/MEMIT/ROME, ``batch_size``) are passed through to the method.
+    tokenizes, unrelated prompts included, is formatted the same way. Method-specific options (``unrelated`` for
+    GRACE and WISE; ``merge_queries``, ``batch_size``, ``target_batch_size`` and ``templates`` for AlphaEdit, MEMIT
+    and ROME; ``progress`` for every method) are passed through to the method, which refuses options it does not
+    take.
     With several adapters, the active one is edited (``model.set_adapter(name)`` first); ``adapter_name=`` is
     accepted only when it names the active adapter.
     """
