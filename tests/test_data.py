@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from peft_unlearn.data import REFUSALS, RELATIONS, fictitious_facts, is_refusal, load_tofu
@@ -44,6 +46,9 @@ def test_load_tofu_reads_a_download_of_the_hub_dataset(tofu_dir, tmp_path):
     assert len(forget) == 300 and forget[0] == load_tofu("forget", data_dir=tofu_dir)[0]
     assert len(load_tofu("retain90", data_dir=tmp_path)) == 300
     assert load_tofu("forget01", data_dir=tmp_path)["question"] == [forget[0]["question"]]
+    row = {"question": "q", "answer": "a", "perturbed_answer": ["b", "c"]}  # a list field, not rows under a key
+    (tmp_path / "real_authors_perturbed.json").write_text(json.dumps(row) + "\n")
+    assert load_tofu("real_authors_perturbed", data_dir=tmp_path).to_list() == [row]
     (tmp_path / "world_facts.json").write_text('{"question": "q", "answer": "a"}\n{"question": \n')
     with pytest.raises(ValueError, match="world_facts.json is not valid JSON or JSONL"):
         load_tofu("world_facts", data_dir=tmp_path)

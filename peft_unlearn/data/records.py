@@ -28,9 +28,10 @@ def _json_lines(text: str, path: Path, what: str) -> list:
 
 
 def read_records(path: Path, what: str) -> list[dict]:
-    """The objects of a JSON list (or of the first list in a JSON object; an object without one is one row), or of a
-    file with one JSON object per line: a ``.jsonl`` file, or a ``.json`` one that does not parse as a whole (the
-    Hub's TOFU files, and many exports, are JSON Lines named ``.json``). ``what`` names the file in errors."""
+    """The objects of a JSON list (or of the first list of objects in a JSON object; an object without one is one
+    row), or of a file with one JSON object per line: a ``.jsonl`` file, or a ``.json`` one that does not parse as a
+    whole (the Hub's TOFU files, and many exports, are JSON Lines named ``.json``). ``what`` names the file in
+    errors."""
     text = read_text(path, what)
     if path.suffix == ".jsonl":
         rows = _json_lines(text, path, what)
@@ -43,7 +44,9 @@ def read_records(path: Path, what: str) -> list[dict]:
             except ValueError:
                 raise ValueError(f"{what} file {path} is not valid JSON or JSONL: {whole}") from None
         if isinstance(rows, dict):  # rows under a key ({"data": [...]}), or one row (a JSONL file of one line)
-            rows = next((value for value in rows.values() if isinstance(value, list)), [rows])
+            under_key = (value for value in rows.values()
+                         if isinstance(value, list) and all(isinstance(row, dict) for row in value))
+            rows = next(under_key, [rows])
     if not isinstance(rows, list):
         raise ValueError(f"{what} file {path} holds neither a JSON list of objects nor one object per line (JSONL)")
     not_objects = [i for i, row in enumerate(rows) if not isinstance(row, dict)]
