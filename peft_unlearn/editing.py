@@ -15,6 +15,7 @@ from .capture import context_length
 from .metrics import answer_accuracy, evaluating
 from .refusal_targets import self_improved_requests
 from .requests import EditRequest, as_edit_requests, chat_formatted, tokenize_requests
+from .tokenizer_record import check_recorded_tokenizer, record_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,8 @@ def editing_method_names() -> list[str]:
 
 
 def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
-    """Refuse a tokenizer whose ids the model's embedding cannot hold."""
+    """Refuse a tokenizer whose ids the model's embedding cannot hold, or other than the one the model's active
+    adapters were made with."""
     embeddings = model.get_input_embeddings()
     vocab = embeddings.num_embeddings if embeddings is not None else None
     if vocab is not None and len(tokenizer) > vocab:
@@ -181,6 +183,7 @@ def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
             f"mismatched tokenizer: it has {len(tokenizer)} tokens but the model's embedding has {vocab} rows; "
             "load the tokenizer that belongs to this model"
         )
+    check_recorded_tokenizer(model, tokenizer)
 
 
 def check_requests_fit(model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> None:
@@ -330,6 +333,7 @@ def edit(
         with torch.inference_mode(False), torch.enable_grad():
             outcome = tuner.apply_edits(tokenizer, requests, adapter_name, **options)
     seconds = time.perf_counter() - start
+    record_tokenizer(model, tokenizer, adapter_name)
     outcome = {**extra, **(outcome or {})}
     edit_ids = list(outcome.pop("edit_ids", []))
     logger.info("%s: applied %d edits in %.2fs", method, len(requests), seconds)

@@ -23,6 +23,7 @@ from .capture import capture_at_positions, context_length, linear_shape, unwrap_
 from .editing import check_tokenizer_matches, the_active_adapter
 from .metrics import evaluating
 from .requests import tokenize_pairs
+from .tokenizer_record import record_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +281,7 @@ def collect_statistics(
         )
     if tuner is not None:
         tuner.attach_statistics(statistics, adapter_name)
+        record_tokenizer(model, tokenizer, adapter_name)
     return statistics
 
 

@@ -12,7 +12,7 @@ import peft_unlearn
 from peft_unlearn import EditRequest, edit, remove_edits
 
 from .conftest import tiny_gpt2
-from .test_editing import WORDS, adapter_state, word_model
+from .test_editing import EDIT_CONFIGS, WORDS, adapter_state, word_model
 
 REQUEST = [EditRequest("w1 w2 w3", "w5 w6", subject="w2")]
 
@@ -246,3 +246,35 @@ def test_a_target_the_tokenizer_can_only_write_as_unknown_tokens_is_refused():
     with pytest.raises(ValueError, match="unknown token"):
         edit(model, tokenizer, [EditRequest("w1 w2", "w3 Zoë"), EditRequest("w5 w6", "w7")], progress=False)
     assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS)
+def test_an_adapter_refuses_a_tokenizer_of_the_same_size_other_than_its_own(make_config, tmp_path):
+    """Only a tokenizer larger than the embedding was refused: another tokenizer of the same size edited and evaluated
+    the adapter with different token ids, silently. The adapter now records its tokenizer (kept when saved)."""
+    from peft import PeftModel
+
+    from peft_unlearn.evaluation import evaluate_editing
+    from peft_unlearn.testing import train_tokenizer
+
+    model, tokenizer = word_model(make_config)
+    other = train_tokenizer(["w9 w10 w11 w12", "w13 w14 w15 w16", "w10 w12 w14 w16"], "word", vocab_size=40)
+    assert len(other) == len(tokenizer) and other.get_vocab() != tokenizer.get_vocab()
+    edit(model, tokenizer, REQUEST, progress=False)
+    recorded = model.peft_config["default"].tokenizer_fingerprint
+    assert recorded and recorded.startswith(f"{len(tokenizer)}:")
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match="mismatched tokenizer: adapter 'default'"):
+        edit(model, other, [EditRequest("w9 w10 w11", "w13 w14", subject="w10")], progress=False)
+    assert_unchanged(before, model)
+    pairs = [("w1 w2 w3", "w5 w6")]
+    with pytest.raises(ValueError, match="mismatched tokenizer"):
+        evaluate_editing(model, other, pairs, progress=False)
+
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_gpt2(vocab_size=len(tokenizer) + 1), tmp_path)
+    assert loaded.peft_config["default"].tokenizer_fingerprint == recorded
+    with pytest.raises(ValueError, match="mismatched tokenizer"):
+        evaluate_editing(loaded, other, pairs, progress=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<extra>"]})  # a token added later keeps the record
+    evaluate_editing(loaded, tokenizer, pairs, progress=False)

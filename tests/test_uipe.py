@@ -19,6 +19,7 @@ import peft_unlearn.tuners.uipe  # noqa: F401  (registers UIPE with PEFT)
 from peft_unlearn.metrics import answer_accuracy
 from peft_unlearn.requests import tokenize_pairs
 from peft_unlearn.testing.tofu import tofu_pairs, train_tofu_models
+from peft_unlearn.tokenizer_record import tokenizer_fingerprint
 from peft_unlearn.tuners.uipe import UIPELoraConfig, export_lora, extrapolate, select_alpha
 from peft_unlearn.unlearning import UnlearningArguments, UnlearningTrainer
 
@@ -101,6 +102,8 @@ def test_save_and_reload_give_identical_logits(unlearned, tofu, inputs, tmp_path
     assert json.loads((tmp_path / "adapter_config.json").read_text())["extrapolation_alpha"] == 0.6
     reloaded = PeftModel.from_pretrained(copy.deepcopy(tofu.model), tmp_path).eval()
     assert isinstance(reloaded.peft_config["default"], UIPELoraConfig)
+    # The trainer recorded the tokenizer it trained with; later calls with another tokenizer are refused.
+    assert reloaded.peft_config["default"].tokenizer_fingerprint == tokenizer_fingerprint(tofu.tokenizer)
     torch.testing.assert_close(logits_of(reloaded, inputs), expected, rtol=0, atol=0)
     with reloaded.disable_adapter():
         assert not torch.allclose(logits_of(reloaded, inputs), expected, atol=1e-3)

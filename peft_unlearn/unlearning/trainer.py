@@ -22,6 +22,7 @@ from ..editing import adapters_disabled, check_tokenizer_matches
 from ..losses import labelled_logits, labelled_width
 from ..metrics import evaluating
 from ..requests import pad_token_id
+from ..tokenizer_record import record_tokenizer
 from .data import (
     ForgetRetainCollator,
     ForgetRetainDataset,
@@ -241,6 +242,7 @@ class UnlearningTrainer(Trainer):
             **kwargs,
         )
         self.add_callback(RetainPairingCallback(dataset))
+        record_tokenizer(model, tokenizer)
         self._logged_terms: dict[str, list[float]] = {}
         self._logged_steps = 0.0  # optimizer steps the logged terms span (see compute_loss)
 

@@ -10,12 +10,13 @@ from peft.config import PeftConfig
 
 from ...capture import check_layer_index
 from ...registration import peft_type_member
+from ...tokenizer_record import TokenizerRecord
 
 SOLVERS = ("alphaedit", "memit", "rome")
 
 
 @dataclass
-class AlphaEditConfig(PeftConfig):
+class AlphaEditConfig(PeftConfig, TokenizerRecord):
     """A low-rank weight delta on MLP output projections, written in closed form from edit requests.
 
     ``solver`` picks the closed form: ``"alphaedit"`` projects the update onto the null space of the preserved

@@ -10,10 +10,11 @@ from peft.config import PeftConfig
 
 from ...capture import check_layer_index
 from ...registration import peft_type_member
+from ...tokenizer_record import TokenizerRecord
 
 
 @dataclass
-class GraceConfig(PeftConfig):
+class GraceConfig(PeftConfig, TokenizerRecord):
     """A key-value codebook at one layer: when the layer's input at a token lies within an entry's radius of the
     entry's key, the layer's output there is replaced by the entry's trained value.
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from peft import LoraConfig
 
 from ...registration import peft_type_member
+from ...tokenizer_record import TokenizerRecord
 
 
 def check_extrapolation_alpha(alpha: float) -> float:
@@ -23,7 +24,7 @@ def check_extrapolation_alpha(alpha: float) -> float:
 
 
 @dataclass
-class UIPELoraConfig(LoraConfig):
+class UIPELoraConfig(LoraConfig, TokenizerRecord):
     """A LoRA adapter whose update is applied as ``(1 + extrapolation_alpha)`` times the trained LoRA update.
 
     UIPE extrapolates an unlearning update ``v = theta_unlearned - theta_init`` to ``theta_init + (1 + alpha) v``;

@@ -10,12 +10,13 @@ from peft.config import PeftConfig
 
 from ...capture import check_layer_index
 from ...registration import peft_type_member
+from ...tokenizer_record import TokenizerRecord
 
 MERGE_METHODS = ("ties", "dare_ties", "linear")
 
 
 @dataclass
-class WiseConfig(PeftConfig):
+class WiseConfig(PeftConfig, TokenizerRecord):
     """A side memory (a trainable copy of one MLP output projection) that edits are written into, and a router
     that sends a sequence to it only when the side memory reacts strongly to the sequence's tokens.
 
