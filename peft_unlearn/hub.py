@@ -18,12 +18,29 @@ logger = logging.getLogger(__name__)
 CARD_NAME = "README.md"
 
 
+def hub_model_id(base_model: str) -> str | None:
+    """``base_model`` when it names a model on the Hub; None for a local folder or a path, which the card's
+    ``base_model`` must not hold (the Hub refuses an upload whose card metadata names no valid repository)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(base_model).expanduser().exists():
+        return None
+    try:
+        validate_repo_id(base_model)
+    except HFValidationError:
+        return None
+    return base_model
+
+
 def model_card(method: str, base_model: str, n_edits: int | None = None, metrics: Mapping | None = None) -> str:
-    """A model card that says what the adapter does without repeating any forget text."""
+    """A model card that says what the adapter does without repeating any forget text. A local base model is
+    named by its folder's name in the text and left out of the metadata."""
+    hub_id = hub_model_id(base_model)
+    named = hub_id or f"a local model ({Path(base_model).name or base_model})"
     lines = [
         "---",
         "library_name: peft",
-        f"base_model: {base_model}",
+        *([f"base_model: {hub_id}"] if hub_id else []),
         "tags:",
         "- peft",
         "- peft_unlearn",
@@ -31,7 +48,7 @@ def model_card(method: str, base_model: str, n_edits: int | None = None, metrics
         "- unlearning",
         "---",
         "",
-        f"# {method} adapter for {base_model}",
+        f"# {method} adapter for {named}",
         "",
         f"A knowledge-editing / unlearning adapter made with [peft_unlearn](https://pypi.org/project/peft-unlearn/) "
         f"using **{method}**. Load it with `import peft_unlearn` first, then `PeftModel.from_pretrained`.",

@@ -344,9 +344,15 @@ def test_leak_check_finds_short_cjk_questions(tmp_path):
     assert find_leaks(tmp_path, ["Yes, he did"]) == []  # 11 characters
 
 
-def test_model_card_reports_metrics_not_texts():
+def test_model_card_reports_metrics_not_texts(tmp_path, monkeypatch):
     card = model_card("wise", "org/base", 12, {"refusal_rate": 0.93})
     assert "base_model: org/base" in card and "| refusal_rate | 0.93 |" in card
+    # A local model is no Hub id: the Hub refuses an upload whose card's base_model names no valid repository.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "base").mkdir(parents=True)
+    for local in ("org/base", str(tmp_path / "org" / "base"), "/models/llama-3", "models/fine/tuned"):
+        card = model_card("wise", local, 12)
+        assert "base_model" not in card and "# wise adapter for a local model (" in card
 
 
 @pytest.mark.parametrize("kind", ["alphaedit", "grace", "wise", "uipe_lora"])
