@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
@@ -154,22 +155,23 @@ def _alpha_or_auto(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a finite number >= 0, got {text!r}") from None
 
 
-# An option whose default has the first type takes values of the second; bool comes before int (its subclass).
-_OPTION_TYPES = ((bool, (bool,), "true or false"), (int, (int,), "an integer"), (float, (int, float), "a number"),
-                 (str, (str,), "a string"))
+# Per declared field type: the values it takes and how the error names them (bool is not a number here).
+_OPTION_KINDS = {"bool": ((bool,), "true or false"), "int": ((int,), "an integer"),
+                 "float": ((int, float), "a number"), "str": ((str,), "a string")}
 
 
-def _check_option_types(method: str, config_cls: type, options: dict) -> None:
-    """Name the option whose value has the wrong type (a config would fail later, on a comparison)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+def _check_option_types(owner: str, config_classes: Sequence[type], options: dict) -> None:
+    """Name the option whose value has the wrong type, by its field's declared type (an int default such as
+    save_steps=500 may be declared float; a Literal of texts takes a string): a config or the Trainer would fail
+    later, on a comparison that names no option. Fields of several types (fsdp, layer, ...) are left to them."""
+    declared = {f.name: f.type for cls in config_classes for f in dataclasses.fields(cls)}
     for name, value in options.items():
-        kind = next(((accepted, words) for default_type, accepted, words in _OPTION_TYPES
-                     if isinstance(defaults.get(name), default_type)), None)
-        if kind is None:
-            continue
-        accepted, words = kind
-        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
-            raise _option_type_error(name, method, words, value)
+        kind = getattr(declared.get(name), "__name__", declared.get(name))
+        if isinstance(kind, str) and kind.startswith("Literal["):
+            kind = "str"
+        accepted, words = _OPTION_KINDS.get(kind, (None, None))
+        if accepted and (not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted)):
+            raise _option_type_error(name, owner, words, value)
 
 
 def _option_type_error(name: str, owner: str, words: str, value) -> UsageError:
@@ -184,29 +186,12 @@ def _option_type_error(name: str, owner: str, words: str, value) -> UsageError:
     return UsageError(f"option {name!r} of {owner} must be {words}, got {value!r}{hint}")
 
 
-def _check_training_option_types(options: dict) -> None:
-    """Name the training option whose value has the wrong type, by the field's declared type (an int default such
-    as save_steps=500 may be declared float); the Trainer would fail later on a comparison that names no option.
-    Fields of several types (fsdp, debug, ...) are left to the Trainer."""
-    from peft import LoraConfig
-
-    from .unlearning.trainer import UnlearningArguments
-
-    declared = {f.name: f.type for cls in (UnlearningArguments, LoraConfig) for f in dataclasses.fields(cls)}
-    kinds = {"bool": ((bool,), "true or false"), "int": ((int,), "an integer"), "float": ((int, float), "a number")}
-    for name, value in options.items():
-        kind = declared.get(name)
-        accepted, words = kinds.get(getattr(kind, "__name__", kind), (None, None))
-        if accepted and (not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted)):
-            raise _option_type_error(name, "unlearn", words, value)
-
-
 def _config_for(method: str, options: dict):
     import peft_unlearn as pu
 
     configs = {"alphaedit": pu.AlphaEditConfig, "memit": pu.MemitConfig, "rome": pu.RomeConfig,
                "grace": pu.GraceConfig, "wise": pu.WiseConfig}
-    _check_option_types(method, configs[method], options)
+    _check_option_types(method, [configs[method]], options)
     try:
         return configs[method](**options)
     except TypeError as error:
@@ -348,7 +333,11 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     options = read_options(args.config)
     if args.chat_template:
         options["chat_template"] = True
-    _check_training_option_types(options)
+    from peft import LoraConfig
+
+    from .unlearning.trainer import UnlearningArguments
+
+    _check_option_types("unlearn", [UnlearningArguments, LoraConfig], options)
     model, tokenizer = load_model(args.model)
     with staged_output(args.output) as folder:
         model, summary = unlearn_with_lora(model, tokenizer, forget, retain, loss=args.method,

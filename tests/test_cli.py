@@ -123,6 +123,10 @@ def test_help_documents_every_command(capsys):
                        str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
                        str(write_text(d / "c.yaml", "learning_rate: 1e-4")), "--output", str(d / "out")],
          "option 'learning_rate' of unlearn must be a number, got '1e-4' (YAML reads 1e-4 as text"),
+        (lambda d, m: ["unlearn", "--model", str(m), "--method", "npo", "--forget",
+                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
+                       str(write_text(d / "c.yaml", "bias: 1")), "--output", str(d / "out")],
+         "option 'bias' of unlearn must be a string, got 1"),
     ],
 )
 def test_bad_input_ends_with_one_line_and_no_output(tmp_path, model_dir, capsys, make_args, message):
