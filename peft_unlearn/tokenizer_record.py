@@ -80,7 +80,11 @@ def check_recorded_tokenizer(model: nn.Module, tokenizer) -> None:
         recorded = getattr(config, "tokenizer_fingerprint", None)
         if not recorded:
             continue
-        size = int(recorded.split(":", 1)[0])
+        size_text, _, digest = str(recorded).partition(":")
+        if not size_text.isdigit() or not digest:
+            raise ValueError(f"adapter {name!r} holds a malformed tokenizer_fingerprint {recorded!r} (expected "
+                             "'<size>:<digest>'); set it to None in the adapter's config to record the tokenizer anew")
+        size = int(size_text)
         if len(tokenizer) < size or tokenizer_fingerprint(tokenizer, size) not in (None, recorded):
             raise ValueError(
                 f"mismatched tokenizer: adapter {name!r} was made with another tokenizer (this one's first {size} "

@@ -278,3 +278,6 @@ def test_an_adapter_refuses_a_tokenizer_of_the_same_size_other_than_its_own(make
         evaluate_editing(loaded, other, pairs, progress=False)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<extra>"]})  # a token added later keeps the record
     evaluate_editing(loaded, tokenizer, pairs, progress=False)
+    loaded.peft_config["default"].tokenizer_fingerprint = "12-abc"  # edited by hand
+    with pytest.raises(ValueError, match="malformed tokenizer_fingerprint '12-abc'"):
+        evaluate_editing(loaded, tokenizer, pairs, progress=False)
