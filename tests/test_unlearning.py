@@ -521,6 +521,36 @@ def test_unlearn_with_lora_leaves_the_model_alone_when_it_fails_and_counts_epoch
     assert summary["steps"] == 2
 
 
+def test_unlearn_with_lora_resumes_from_a_checkpoint(trained_models, world, tmp_path, monkeypatch):
+    """resume_from_checkpoint, an UnlearningArguments field the recipe accepted, was ignored: the run restarted
+    from step 0 (TrainingArguments leave it to the training script, which the recipe is)."""
+    from peft_unlearn.unlearning import recipes
+
+    base, tokenizer = trained_models("llama")
+    forget = [fact.pair for fact in world.all_forget_facts[:8]]
+    retain = [fact.pair for fact in world.retain_facts[:8]]
+    options = dict(loss="npo", uipe_alpha=0.0, progress=False, per_device_train_batch_size=4, max_steps=4,
+                   save_strategy="steps", save_steps=2)
+    straight, _ = recipes.unlearn_with_lora(copy.deepcopy(base), tokenizer, forget, retain,
+                                            output_dir=str(tmp_path / "straight"), **options)
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    steps = []
+    training_step = recipes.UnlearningTrainer.training_step
+    monkeypatch.setattr(recipes.UnlearningTrainer, "training_step",
+                        lambda self, *args, **kwargs: steps.append(1) or training_step(self, *args, **kwargs))
+    resumed, summary = recipes.unlearn_with_lora(copy.deepcopy(base), tokenizer, forget, retain,
+                                                 output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=True,
+                                                 **options)
+    assert len(steps) == 2 and summary["steps"] == 4  # steps 3 and 4 only
+    expected, actual = adapter_weights(straight), adapter_weights(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="resume_from_checkpoint=True.*give output_dir"):
+        recipes.unlearn_with_lora(copy.deepcopy(base), tokenizer, forget, retain, resume_from_checkpoint=True,
+                                  **options)
+
+
 def test_a_frozen_adapter_is_refused_and_the_reference_keeps_what_the_user_froze(tofu, tmp_path):
     model = lora_model(tofu)
     model.save_pretrained(tmp_path / "adapter")
@@ -538,6 +568,25 @@ def test_a_frozen_adapter_is_refused_and_the_reference_keeps_what_the_user_froze
     assert all(torch.equal(before[name], after[name]) for name in before if "q_proj" not in name)
     assert any(not torch.equal(before[name], after[name]) for name in before if "q_proj" in name)
     assert not any(p.requires_grad for name, p in model.named_parameters() if "lora_" in name and "q_proj" not in name)
+
+
+def test_a_noisy_trained_pass_is_refused_and_a_trained_adapter_as_reference_is_named(tofu, tmp_path, caplog):
+    """NEFTune's noise reached the trained pass but not the reference pass (eval mode): NPO's first loss was 7.8
+    instead of (2 / beta) log 2. Training an adapter that already changes the model kept the base model as the
+    reference without a word."""
+    with pytest.raises(ValueError, match="neftune_noise_alpha .* npo would compare a noisy model"):
+        make_trainer(tofu, lora_model(tofu), make_args(tmp_path, "npo", neftune_noise_alpha=5.0))
+    make_trainer(tofu, lora_model(tofu), make_args(tmp_path, "ga", neftune_noise_alpha=5.0))  # no reference read
+    model = lora_model(tofu)
+    with caplog.at_level(logging.WARNING, logger="peft_unlearn.unlearning.trainer"):
+        make_trainer(tofu, model, make_args(tmp_path, "npo"))
+    assert "already changes the model" not in caplog.text  # a new adapter is the identity
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        for factor in layer.lora_B.values():
+            torch.nn.init.normal_(factor.weight, std=0.1)
+    with caplog.at_level(logging.WARNING, logger="peft_unlearn.unlearning.trainer"):
+        make_trainer(tofu, model, make_args(tmp_path, "npo"))
+    assert "already changes the model" in caplog.text and "pass reference_model=" in caplog.text
 
 
 def test_an_adapter_attached_through_transformers_is_the_reference_without_a_copy(tofu, tmp_path):

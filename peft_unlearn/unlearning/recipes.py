@@ -66,7 +66,8 @@ def unlearn_with_lora(
 
     ``options`` may set LoRA fields (r, lora_alpha, lora_dropout, target_modules) and any ``UnlearningArguments``
     field; the rest comes from :data:`LOSS_DEFAULTS`. ``uipe_alpha="auto"`` selects alpha on the retain set with
-    :func:`select_alpha` (needs question/answer rows); a number sets it directly.
+    :func:`select_alpha` (needs question/answer rows); a number sets it directly. ``resume_from_checkpoint`` (a
+    checkpoint folder, or True for the last one in ``output_dir``) continues an interrupted run with the same options.
     """
     if loss not in LOSS_DEFAULTS:
         raise ValueError(f"unknown unlearning loss {loss!r}; choose from {sorted(LOSS_DEFAULTS)}")
@@ -84,6 +85,10 @@ def unlearn_with_lora(
         defaults.pop("max_steps")  # the caller counts in epochs
     training.update(defaults)
     training.update(options)
+    resume = training.get("resume_from_checkpoint")
+    if resume is True and output_dir is None:
+        raise ValueError("resume_from_checkpoint=True resumes from the last checkpoint in output_dir: give output_dir "
+                         "(the folder of the interrupted run), or the checkpoint's folder itself")
     forget_pairs, retain_pairs = _pairs(forget), _pairs(retain or [])
     chat = bool(training.get("chat_template", False))  # measured in the format the model is trained on
     before = {}
@@ -102,7 +107,8 @@ def unlearn_with_lora(
             if not progress:
                 # Without tqdm the Trainer prints every log dict, its final summary included.
                 trainer.remove_callback(PrinterCallback)
-            trainer.train()
+            # TrainingArguments.resume_from_checkpoint is only read by training scripts: this recipe is one.
+            trainer.train(resume_from_checkpoint=resume or None)
         except BaseException:
             peft_model.unload()  # a failed run leaves the caller's model as it was
             raise

@@ -219,6 +219,13 @@ class UnlearningTrainer(Trainer):
                 raise ValueError(f"reference_model: {error}") from None
         self.unlearning_loss = get_unlearning_loss(args.unlearn_loss)
         self.with_retain = self.unlearning_loss.uses_retain and args.retain_weight > 0
+        reads_reference = bool(self.unlearning_loss.reference_parts(self.with_retain))
+        if args.neftune_noise_alpha and reads_reference:
+            raise ValueError(
+                f"neftune_noise_alpha adds noise to the embeddings of the trained pass only (the reference pass runs "
+                f"in eval mode), so {args.unlearn_loss} would compare a noisy model with a clean reference: leave it "
+                "unset, or use a loss that reads no reference"
+            )
         dataset = self._paired_dataset(tokenizer, args, forget_dataset, retain_dataset, refusals)
         longest = max(len(row.input_ids) for rows in dataset.parts() for row in rows)
         check_fits_context(model, longest, f"the longest tokenized row (max_length={args.max_length})")
@@ -248,7 +255,17 @@ class UnlearningTrainer(Trainer):
 
         # An adapter attached through transformers' PEFT integration (model.load_adapter) is disabled layer by layer.
         uses_adapter = isinstance(self.model, PeftModel) or bool(getattr(self.model, "_hf_peft_config_loaded", False))
-        if self.unlearning_loss.reference_parts(self.with_retain) and reference_model is None and not uses_adapter:
+        if reads_reference and reference_model is None and uses_adapter:
+            trained = [name for name, parameter in self.model.named_parameters()
+                       if parameter.requires_grad and "lora_B" in name and bool(parameter.detach().any())]
+            if trained:
+                logger.warning(
+                    "%s's reference is the model with its adapter disabled, and the adapter being trained already "
+                    "changes the model (%s is not zero): the reference is the base model without those changes. "
+                    "Where the adapter's current state should be the reference (an adapter fine-tuned before "
+                    "unlearning), pass reference_model=", args.unlearn_loss, trained[0],
+                )
+        if reads_reference and reference_model is None and not uses_adapter:
             logger.warning(
                 "%s needs a reference model and %s has no PEFT adapter: deep-copying the model as the reference "
                 "(twice the weight memory; wrap the model with a PEFT adapter to use the disabled adapter instead)",
