@@ -220,15 +220,32 @@ def assistant_turn(tokenizer) -> tuple[str, int | None]:
                            "directly and end with the tokenizer's eos", error)
             exchange = ""
         separator, end = "", None
-        continuation = exchange[len(prompt) :] if exchange.startswith(prompt) else ""
-        at = continuation.find(_PROBE_ANSWER)
-        if at >= 0 and not continuation[:at].strip():
-            separator = continuation[:at]
-            after = tokenizer(continuation[at + len(_PROBE_ANSWER) :], add_special_tokens=False)["input_ids"]
+        answered = exchange.rfind(_PROBE_ANSWER)
+        if answered >= 0:
+            # The turn's end is read after the answer even where the template writes the answer elsewhere than
+            # right after its generation prompt: falling back to the eos there scored and stopped answers at a
+            # token the chat model does not end its turns with.
+            after = tokenizer(exchange[answered + len(_PROBE_ANSWER) :], add_special_tokens=False)["input_ids"]
             special = set(tokenizer.all_special_ids) | {
                 index for index, token in tokenizer.added_tokens_decoder.items() if token.special
             }
             end = next((token for token in after if token in special), None)
+            if not exchange.startswith(prompt):
+                logger.warning("the chat template's answered exchange does not begin with its generation prompt "
+                               "(%r): answers are edited and scored directly after the generation prompt, where "
+                               "the template writes them otherwise", prompt[-40:])
+            else:
+                before = exchange[len(prompt) : answered]
+                if before.strip():
+                    # e.g. Qwen3's empty thinking block, which its generation prompt holds only with
+                    # enable_thinking=False
+                    logger.warning("the chat template writes %r between its generation prompt and an answer: answers "
+                                   "are edited and scored directly after the generation prompt, without it; to put "
+                                   "them where the template writes them, make the generation prompt end with it "
+                                   "(for Qwen3: tokenizer.chat_template = '{%%- set enable_thinking = false -%%}' + "
+                                   "tokenizer.chat_template)", before)
+                else:
+                    separator = before
         cache[template] = (separator, end)
     return cache[template]
 

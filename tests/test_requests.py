@@ -166,6 +166,43 @@ def test_chat_targets_are_the_tokens_the_template_writes_and_end_with_its_end_of
     assert ids[int(batch.target_end[0]) - 1] == tokenizer.convert_tokens_to_ids(end)
 
 
+# Qwen3's shape: an answer in the history follows an empty thinking block that the generation prompt holds only
+# with enable_thinking=False.
+THINKING = ("{%- for m in messages %}{%- if m.role == 'assistant' %}"
+            "{{- '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m.content + '<|im_end|>\n' }}"
+            "{%- else %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+            "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}"
+            "{%- endif %}{%- endif %}")
+
+
+def test_a_template_writing_text_before_its_answers_still_ends_them_with_its_end_of_turn(caplog):
+    """A template that writes text between its generation prompt and the answer (Qwen3's empty thinking block) gave
+    up on reading its end of turn: answers were scored, trained and stopped at the tokenizer's eos instead of
+    <|im_end|>, silently. The end of turn is read after the answer, and the text the edits leave out is named."""
+    from peft_unlearn.requests import answer_end_id
+
+    tokenizer = train_tokenizer(["Where is Rome? Rome is in Italy."] * 20, "byte_bpe", vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = THINKING
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end != tokenizer.eos_token_id
+    with caplog.at_level("WARNING", logger="peft_unlearn.requests"):
+        batch = tokenize_pairs(tokenizer, [("Where is Rome?", "Rome is in Italy.")], chat_template=True,
+                               append_eos=True)
+    assert int(batch.input_ids[0, int(batch.target_end[0]) - 1]) == end
+    assert answer_end_id(tokenizer, True) == end
+    assert "<think>" in caplog.text
+    # With the thinking block in the generation prompt the answer follows it directly, without a warning.
+    tokenizer.chat_template = "{%- set enable_thinking = false -%}" + THINKING
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peft_unlearn.requests"):
+        batch = tokenize_pairs(tokenizer, [("Where is Rome?", "Rome is in Italy.")], chat_template=True,
+                               append_eos=True)
+    assert tokenizer.decode(batch.input_ids[0]).endswith("</think>\n\nRome is in Italy.<|im_end|>")
+    assert not caplog.text
+
+
 @pytest.mark.parametrize("kind", [k for k in TOKENIZER_KINDS if k != "word"])  # the word decoder re-spaces text
 def test_a_prompt_ending_in_a_space_is_followed_by_its_target_without_a_second_space(kind):
     """"born? " + "I don't know." reads "born? I don't know.": no separator is added after trailing whitespace,
