@@ -80,8 +80,9 @@ def read_options(source: str | None) -> dict:
     return options
 
 
-def load_model(name: str):
-    """A causal LM and its tokenizer from a local folder or the Hub cache."""
+def load_model(name: str, chat_template: bool = False):
+    """A causal LM and its tokenizer from a local folder or the Hub cache; with ``chat_template`` the tokenizer
+    must have one (checked before the weights load and any work starts)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,6 +96,8 @@ def load_model(name: str):
         raise UsageError(f"cannot load model {name!r}: the folder holds no config.json: it holds {what}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise UsageError(f"--chat-template: the tokenizer of {name!r} has no chat template")
         model = AutoModelForCausalLM.from_pretrained(name)
     except SafetensorError as error:
         raise UsageError(f"cannot load model {name!r}: its weights file is truncated or corrupted ({error})") from None
@@ -285,7 +288,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     elif args.preserve:
         raise UsageError(f"--preserve is read by alphaedit, memit and rome only; {args.method} takes the prompts it "
                          "must leave alone from --config, as 'edit: {unrelated: [...]}'")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, chat_template=chat)
     if args.adapter:
         model = load_adapter(model, args.adapter)
         _check_method(model.peft_config[model.active_adapter], config, args.adapter, args.method)
@@ -338,7 +341,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from .unlearning.trainer import UnlearningArguments
 
     _check_option_types("unlearn", [UnlearningArguments, LoraConfig], options)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, chat_template=bool(options.get("chat_template", False)))
     with staged_output(args.output) as folder:
         model, summary = unlearn_with_lora(model, tokenizer, forget, retain, loss=args.method,
                                            uipe_alpha=args.uipe_alpha, output_dir=str(folder / "checkpoints"),
@@ -357,12 +360,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     forget = read_records(args.forget, "forget")
     retain = read_records(args.retain, "retain")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, chat_template=args.chat_template)
     if args.adapter:
         model = load_adapter(model, args.adapter)
     retain_model = retain_tokenizer = None
     if args.retain_model:
-        retain_model, retain_tokenizer = load_model(args.retain_model)
+        retain_model, retain_tokenizer = load_model(args.retain_model, chat_template=args.chat_template)
     with staged_output(args.output) as folder:
         report = pu.evaluate_unlearning(model, tokenizer, forget, retain, retain_model=retain_model,
                                         retain_tokenizer=retain_tokenizer, chat_template=args.chat_template)

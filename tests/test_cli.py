@@ -72,6 +72,27 @@ def test_help_documents_every_command(capsys):
         assert all(flag in out for flag in flags), (command, out)
 
 
+@pytest.mark.parametrize("command", ["edit", "unlearn", "eval"])
+def test_chat_template_without_one_is_refused_before_the_model_loads(tmp_path, model_dir, capsys, monkeypatch,
+                                                                     command):
+    """--chat-template on a tokenizer without a template was refused only once the model had loaded (and for
+    alphaedit once its statistics had started)."""
+    import transformers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    pairs = str(write_jsonl(tmp_path / "pairs.jsonl", [{"question": "a b", "answer": "c"}]))
+    requests = str(write_jsonl(tmp_path / "r.jsonl", [{"prompt": "a b", "target": "c"}]))
+    args = {"edit": ["--method", "alphaedit", "--requests", requests, "--preserve", pairs],
+            "unlearn": ["--method", "npo", "--forget", pairs],
+            "eval": ["--forget", pairs, "--retain", pairs]}[command]
+    code = main([command, "--model", str(model_dir), "--chat-template", *args, "--output", str(tmp_path / "out")])
+    assert code != 0 and "--chat-template: the tokenizer of" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "make_args, message",
     [
