@@ -383,3 +383,27 @@ def test_locality_against_the_adapter_free_model(world, trained_models):
     changed = locality(peft_model, tokenizer, unrelated)
     assert changed["teacher_forced"] < 0.9 and changed["generation"] < 0.9
     assert answer_scores(peft_model, tokenizer, unrelated).nll != answer_scores(model, tokenizer, unrelated).nll
+
+
+def test_locality_refuses_a_reference_that_carries_the_edit(world, trained_models):
+    """get_peft_model wraps the base model in place: passed as reference_model (the pre-edit model, as a user reads
+    it), that base model runs the adapter too, and locality read 1.0 however much the edit changed."""
+    model, tokenizer = trained_models("llama")
+    base = copy.deepcopy(model)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(target_modules=["down_proj"], r=4))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=20.0)
+    unrelated = [f.pair for f in world.retain_facts[:5]]
+    for reference in (base, peft_model):
+        with pytest.raises(ValueError, match="reference_model holds the evaluated model's adapter layers"):
+            locality(peft_model, tokenizer, unrelated, reference_model=reference)
+        with pytest.raises(ValueError, match="reference_model holds the evaluated model's adapter layers"):
+            evaluate_editing(peft_model, tokenizer, unrelated, unrelated=unrelated, reference_model=reference,
+                             progress=False)
+    # A separate copy of the pre-edit model, or none (the adapter disabled), measures the change.
+    separate = locality(peft_model, tokenizer, unrelated, reference_model=model)
+    assert separate == locality(peft_model, tokenizer, unrelated)
+    assert locality(peft_model, tokenizer, unrelated)["teacher_forced"] < 0.9

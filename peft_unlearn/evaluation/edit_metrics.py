@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..editing import check_tokenizer_matches
@@ -60,6 +61,21 @@ def edit_success(
     }
 
 
+def _check_reference(model: nn.Module, reference_model: nn.Module | None) -> None:
+    """Refuse a ``reference_model`` that runs the evaluated model's own enabled adapter layers: ``get_peft_model``
+    wraps the base model in place, so that base model is the edited model, and locality against it read 1.0
+    however much the edit changed (a model without adapters may be its own reference)."""
+    if reference_model is None:
+        return
+    edited = {id(m) for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters}
+    if any(id(m) in edited for m in reference_model.modules()):
+        raise ValueError(
+            "reference_model holds the evaluated model's adapter layers (get_peft_model wraps the base model in "
+            "place, so that base model is the edited model and locality would read 1.0): omit reference_model, and "
+            "the model with its adapter disabled is the pre-edit model, or pass a separately loaded copy"
+        )
+
+
 @contextlib.contextmanager
 def _pre_edit_model(model: nn.Module, reference_model: nn.Module | None) -> Iterator[nn.Module]:
     """The model before editing: ``reference_model`` if given, else the PeftModel ``model`` with its adapter
@@ -102,6 +118,7 @@ def locality(
     unchanged. The pre-edit model is ``reference_model`` or, for a PeftModel, the model with its adapter disabled."""
     if reference_model is None and not isinstance(model, PeftModel):
         raise ValueError("locality needs the pre-edit model: pass reference_model, or a PeftModel to disable")
+    _check_reference(model, reference_model)
     pairs = _pairs(unrelated)
     if max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(tokenizer, [answer for _, answer in pairs])
@@ -145,6 +162,8 @@ def evaluate_editing(
     check_tokenizer_matches(model, tokenizer)
     if reference_model is not None:
         check_tokenizer_matches(reference_model, tokenizer)
+    if unrelated is not None:
+        _check_reference(model, reference_model)  # before reliability and generalization are spent
     options = dict(batch_size=batch_size, chat_template=chat_template, max_new_tokens=max_new_tokens,
                    progress=progress)
     data: dict = {"reliability": edit_success(model, tokenizer, edits, **options)}
