@@ -446,3 +446,38 @@ def test_default_layers_form_an_early_middle_band():
     assert default_layers(12, "alphaedit") == [2, 3, 4, 5] and default_layers(16, "memit") == [2, 3, 4, 5]
     assert default_layers(8, "rome") == [2]
     assert default_layers(12, "rome") == [3]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_a_module_that_does_not_write_the_residual_stream_is_refused_when_wrapped(make):
+    """The solver fits the residual stream's change: an MLP up projection (wider than the 32-wide model) was
+    accepted by get_peft_model and failed at the first edit with a raw "Sizes of tensors must match"."""
+    base = make(layers=3)
+    wide = "model.layers.1.mlp.up_proj" if make is tiny_llama else "transformer.h.1.mlp.c_fc"
+    with pytest.raises(ValueError, match=r"writes (64|128) features.*residual stream \(32 features\)"):
+        get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig(target_modules=[wide]))
+    attention_out = "model.layers.1.self_attn.o_proj" if make is tiny_llama else "transformer.h.1.attn.c_proj"
+    get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig(target_modules=[attention_out]))  # writes the stream
+
+
+@pytest.mark.parametrize("save_projection", [False, True])
+def test_editing_a_reloaded_adapter_without_its_edited_keys_warns(word_tokenizer, tmp_path, caplog, save_projection):
+    """Saved without save_projection, a reloaded adapter keeps neither its earlier edits' keys nor (in memory only)
+    their requests: a further edit protected nothing of them (a fact model's earlier edits fell from 0.5 to 0.2
+    generation match) and said nothing."""
+    base = tiny_llama(vocab_size=len(word_tokenizer), layers=3)
+    config = pu.AlphaEditConfig(layers=[1], refine_steps=2, save_projection=save_projection)
+    model = get_peft_model(copy.deepcopy(base), config)
+    pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
+    with caplog.at_level("WARNING", logger="peft_unlearn.tuners.alphaedit.model"):
+        pu.edit(model, word_tokenizer, [pu.EditRequest("w1 w7 w3", "w1", subject="w7")], progress=False)
+        pu.edit(model, word_tokenizer, [pu.EditRequest("w2 w8 w4", "w5", subject="w8")], progress=False)
+    assert "earlier edits but not their keys" not in caplog.text  # in memory: their keys are kept
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    if not save_projection:
+        pu.collect_statistics(reloaded, word_tokenizer, TEXTS, progress=False)
+    with caplog.at_level("WARNING", logger="peft_unlearn.tuners.alphaedit.model"):
+        pu.edit(reloaded, word_tokenizer, [pu.EditRequest("w3 w9 w5", "w6", subject="w9")], progress=False)
+    warned = "adapter 'default' holds 2 earlier edits but not their keys" in caplog.text
+    assert warned == (not save_projection)

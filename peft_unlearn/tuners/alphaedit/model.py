@@ -67,6 +67,16 @@ def default_layers(n_layers: int, solver: str) -> list[int]:
     return list(range(first, last + 1))
 
 
+def residual_width(model: nn.Module) -> int | None:
+    """The width of the model's residual stream (its config's ``hidden_size``), or None if the config has none."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    width = getattr(text, "hidden_size", None)
+    return width if isinstance(width, int) else None
+
+
 class AlphaEditModel(EditingTuner):
     """Locate-then-edit adapter: a closed-form low-rank delta on MLP output projections (AlphaEdit/MEMIT/ROME)."""
 
@@ -97,8 +107,17 @@ class AlphaEditModel(EditingTuner):
             raise ValueError(f"the adapter would edit a module twice: {names}; name each layer once")
         if peft_config.solver == "rome" and len(names) != 1:
             raise ValueError(f"the rome solver edits exactly one layer, got {names}")
+        hidden = residual_width(self.model)
         for name in names:
-            linear_shape(self.model.get_submodule(name))  # nn.Linear or Conv1D only
+            _, out_features = linear_shape(self.model.get_submodule(name))  # nn.Linear or Conv1D only
+            if hidden is not None and out_features != hidden:
+                # The solver fits the residual stream's change at the decoder layer's output: a module of another
+                # output width (an MLP up/gate projection) failed at the first edit with a raw size mismatch.
+                raise ValueError(
+                    f"{name} writes {out_features} features, but {peft_config.solver} edits modules whose output is "
+                    f"added to the residual stream ({hidden} features): name MLP output projections (as the layer "
+                    "indices choose them) or attention output projections"
+                )
         peft_config.layers, peft_config.target_modules = layers, names
         return peft_config
 
@@ -229,6 +248,15 @@ class AlphaEditModel(EditingTuner):
                 f"adapter {adapter_name!r} has no preservation statistics for {unprepared}: call "
                 "peft_unlearn.collect_statistics(model, tokenizer, texts) first (or attach saved ones with "
                 "peft_unlearn.attach_statistics)"
+            )
+        if config.n_edits and not any(bool(layer.edited_cov(adapter_name).any()) for layer in layers.values()):
+            # Reloaded without save_projection: the earlier edits' keys were never saved and their requests are not
+            # rehearsed, so nothing in this call keeps them (a reloaded llama fact model's 10 earlier edits fell
+            # from 0.5 to 0.2 generation match after 10 more, where save_projection=True kept 0.5).
+            logger.warning(
+                "adapter %r holds %d earlier edits but not their keys (it was saved without save_projection=True), "
+                "so this call cannot keep them from changing; create the adapter with save_projection=True to "
+                "continue editing it after a reload", adapter_name, config.n_edits,
             )
         if config.solver == "alphaedit":  # a reloaded moment, or a threshold changed since, derives it here
             check_null_spaces({name: layer.null_basis(adapter_name, config.nullspace_threshold)
