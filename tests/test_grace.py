@@ -344,6 +344,11 @@ def test_bad_input_leaves_the_model_untouched(trained_models):
         pu.GraceConfig(target_modules=["a", "b"])
     with pytest.raises(ValueError, match="replacement"):
         pu.GraceConfig(replacement="everywhere")
+    # Its values are trained at every position, where training's narrowed logits hold the answer's only: the edit
+    # failed with an IndexError.
+    with pytest.raises(ValueError, match="GRACE cannot wrap the output embedding 'lm_head'"):
+        get_peft_model(model, pu.GraceConfig(target_modules=["lm_head"]))
+    assert not any(isinstance(m, GraceLayer) for m in model.modules())
     with pytest.raises(ValueError, match="eps_init"):
         pu.GraceConfig(eps_init=float("nan"))
     wrapped = get_peft_model(model, pu.GraceConfig())

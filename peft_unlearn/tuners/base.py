@@ -504,6 +504,9 @@ class SingleLayerTuner(EditingTuner):
 
     linear_cls: type
     default_depth: float
+    # Whether the method may wrap the output embedding (the vocabulary projection), whose output the narrowed
+    # logits of training hold at labelled positions only.
+    wraps_output_embedding: bool = True
 
     def __init__(self, model, peft_config, adapter_name, **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
@@ -513,7 +516,15 @@ class SingleLayerTuner(EditingTuner):
 
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         if peft_config.target_modules:
-            target_module(self.model, peft_config.target_modules[0])
+            module = target_module(self.model, peft_config.target_modules[0])
+            output_embedding = getattr(self.model, "get_output_embeddings", lambda: None)()
+            if not self.wraps_output_embedding and module is output_embedding:
+                raise ValueError(
+                    f"{peft_config.peft_type.value} cannot wrap the output embedding "
+                    f"{peft_config.target_modules[0]!r}: its values are trained at every position of a sequence, "
+                    "and training computes the vocabulary projection at the answer's positions only; name a decoder "
+                    "layer's module"
+                )
             if peft_config.layer is not None:  # a saved config holds both; they must name the same module
                 named = mlp_output_projection_name(self.model, peft_config.layer)
                 if named != peft_config.target_modules[0]:

@@ -248,6 +248,7 @@ class GraceModel(SingleLayerTuner):
     tuner_layer_cls = GraceLayer
     linear_cls = GraceLinear
     default_depth = 0.85
+    wraps_output_embedding = False
     recorded_sizes = ("codebook_size", "n_changes")
 
     @classmethod
