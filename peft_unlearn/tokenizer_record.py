@@ -27,8 +27,8 @@ class TokenizerRecord:
     )
 
 
-# Per tokenizer object: (its length when read, {size: fingerprint}); reading a vocabulary of 150k tokens takes about
-# a tenth of a second, and every edit and evaluation checks it.
+# Per tokenizer object: {(its length, size): fingerprint}; reading a vocabulary of 150k tokens takes about a tenth of
+# a second, and every edit and evaluation checks it. A token added later changes the length, so it is read again.
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -41,23 +41,17 @@ def tokenizer_fingerprint(tokenizer, size: int | None = None) -> str | None:
     length = len(tokenizer)
     size = length if size is None else size
     try:
-        known_length, known = _FINGERPRINTS.get(tokenizer, (None, {}))
+        known = _FINGERPRINTS.setdefault(tokenizer, {})
     except TypeError:  # an object that cannot be weakly referenced is read every time
-        known_length, known = None, {}
-    if known_length == length and size in known:
-        return known[size]
-    tokens: list[str | None] = [None] * size  # ids without a token stay null
-    for token, index in get_vocab().items():
-        if index < size:
-            tokens[index] = token
-    text = json.dumps(tokens, ensure_ascii=True)  # escapes make any token text hashable
-    digest = hashlib.sha256(text.encode("ascii")).hexdigest()[:16]
-    fingerprint = f"{size}:{digest}"
-    try:
-        _FINGERPRINTS[tokenizer] = (length, {**(known if known_length == length else {}), size: fingerprint})
-    except TypeError:
-        pass
-    return fingerprint
+        known = {}
+    if (length, size) not in known:
+        tokens: list[str | None] = [None] * size  # ids without a token stay null
+        for token, index in get_vocab().items():
+            if index < size:
+                tokens[index] = token
+        text = json.dumps(tokens, ensure_ascii=True)  # escapes make any token text hashable
+        known[(length, size)] = f"{size}:{hashlib.sha256(text.encode('ascii')).hexdigest()[:16]}"
+    return known[(length, size)]
 
 
 def _active_configs(model: nn.Module) -> dict[str, object]:
