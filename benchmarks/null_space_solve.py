@@ -33,29 +33,30 @@ def problem(width: int):
     earlier = torch.randn(EARLIER, width, generator=generator)
     keys = torch.randn(EDITS, width, generator=generator)
     residuals = torch.randn(EDITS, OUT, generator=generator)
-    return basis, earlier.T @ earlier, keys, residuals
+    return basis, earlier, keys, residuals
 
 
-def projector_form(basis, edited_cov, keys, l2: float):
+def projector_form(basis, earlier, keys, l2: float):
     import torch
 
     projector = (basis @ basis.T).double()
     K = keys.double().T
     ridge = l2 * (projector @ K).pow(2).sum(0).mean()
-    system = projector @ (edited_cov.double() + K @ K.T) + ridge * torch.eye(K.shape[0], dtype=torch.float64)
+    earlier = earlier.double()
+    system = projector @ (earlier.T @ earlier + K @ K.T) + ridge * torch.eye(K.shape[0], dtype=torch.float64)
     return torch.linalg.solve(system, projector @ K).T.float()
 
 
 def measure(width: int, form: str) -> dict:
     from peft_unlearn.tuners.alphaedit.solver import solve_delta
 
-    basis, edited_cov, keys, residuals = problem(width)
+    basis, earlier, keys, residuals = problem(width)
     before = peak_rss_mb()
     start = time.perf_counter()
     if form == "null-space basis":
-        _, A = solve_delta("alphaedit", keys, residuals, basis, edited_cov, l2=0.1, preservation_weight=1.0)
+        _, A = solve_delta("alphaedit", keys, residuals, basis, earlier, l2=0.1, preservation_weight=1.0)
     else:
-        A = projector_form(basis, edited_cov, keys, 0.1)
+        A = projector_form(basis, earlier, keys, 0.1)
     seconds = time.perf_counter() - start
     assert A.shape == (EDITS, width)
     return {"d_in": width, "form": form, "seconds": seconds, "added_peak_mb": peak_rss_mb() - before}

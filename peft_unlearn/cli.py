@@ -424,8 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write each prompt as a user turn of the tokenizer's chat template (as "
                       "edit(chat_template=True)); question/answer --preserve rows are then read as chat answers")
     edit.add_argument("--adapter", help="an adapter folder (or Hub repo id) of this method to continue: its earlier "
-                      "edits stay in it (alphaedit, memit and rome keep them from changing only when the adapter was "
-                      "made with save_projection: true) and the whole adapter is written to --output")
+                      "edits stay in it (alphaedit, memit and rome keep them from changing by their saved keys) and "
+                      "the whole adapter is written to --output")
     edit.add_argument("--output", required=True, help="output folder for the adapter")
     edit.add_argument("--push-to-hub", metavar="REPO", help="upload the adapter with a generated model card")
     edit.set_defaults(handler=cmd_edit)

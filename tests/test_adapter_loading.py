@@ -172,10 +172,12 @@ def test_loading_under_the_name_of_an_adapter_with_other_edits_names_the_adapter
 
 
 def test_alphaedit_loads_without_its_unsaved_moments_and_ignores_a_retired_projector(tmp_path):
-    """The preserved moment and edited keys are left out of the save unless save_projection=True (not missing);
-    adapters of earlier versions hold an alphaedit_projector, which this version ignores."""
+    """The preserved moment is left out of the save unless save_projection=True (not missing), the edited keys'
+    factor is saved either way; adapters of earlier versions hold an alphaedit_projector, which this version
+    ignores."""
     model, vocab_size = saved_adapter(tmp_path, EDIT_CONFIGS[2])
     assert not any("moment" in key for key in load_file(tmp_path / WEIGHTS))
+    assert any(key.endswith("alphaedit_edited_keys") for key in load_file(tmp_path / WEIGHTS))
     key = next(k for k in load_file(tmp_path / WEIGHTS) if k.endswith("alphaedit_A"))
     rewrite_weights(tmp_path, lambda state: state.update({key.replace("alphaedit_A", "alphaedit_projector"):
                                                           torch.eye(state[key].shape[1])}))

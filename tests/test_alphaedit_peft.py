@@ -1,6 +1,7 @@
 """AlphaEdit adapter mechanics: statistics, PEFT behaviour (merge, save/load, several adapters), bad input."""
 
 import copy
+import json
 import subprocess
 import sys
 import textwrap
@@ -346,7 +347,7 @@ def test_alphaedit_solve_in_the_null_space_basis_equals_the_projector_form():
     keys, residuals = torch.randn(n, d, generator=generator), torch.randn(n, 16, generator=generator)
     basis = null_space_basis(moment, energy=1e-3)
     assert 0 < basis.shape[1] < d
-    B, A = solve_delta("alphaedit", keys, residuals, basis, earlier.T @ earlier, l2=l2, preservation_weight=1.0)
+    B, A = solve_delta("alphaedit", keys, residuals, basis, earlier, l2=l2, preservation_weight=1.0)
 
     P = basis.double() @ basis.double().T
     K = keys.double().T
@@ -370,12 +371,13 @@ def test_refinement_penalty_is_the_whole_adapters_change_and_leaves_rehearsed_ed
         return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
     W, preserved, unrehearsed, rehearsed = random(d_out, d_in), random(20, d_in), random(3, d_in), random(4, d_in)
-    moment, edited = preserved.T @ preserved, unrehearsed.T @ unrehearsed + rehearsed.T @ rehearsed
+    moment = preserved.T @ preserved
 
     def energy(matrix, keys):  # ||M K^T||^2: output energy of M on the keys
         return float((keys @ matrix.T).pow(2).sum())
 
     A_new, every_key = random(2, d_in), torch.cat([unrehearsed, rehearsed])
+    edited = torch.linalg.qr(every_key, mode="r").R  # the layer's factor of the edited keys: R^T R = K^T K
     gram = preservation_gram(A_new, moment, energy(W, preserved), edited, energy(W, every_key), rehearsed, W)
     expected = (A_new @ moment @ A_new.T / energy(W, preserved)
                 + A_new @ unrehearsed.T @ unrehearsed @ A_new.T / energy(W, unrehearsed))
@@ -400,7 +402,8 @@ def test_refinement_penalty_is_the_whole_adapters_change_and_leaves_rehearsed_ed
 
 def test_output_energies_follow_the_moments_they_are_cached_for(word_tokenizer):
     """The refinement penalty's normalisers tr(W M W^T) are cached, and computed again whenever the moment or the
-    edited keys change (protected edits, a failed call's restore, new statistics)."""
+    edited keys change (protected edits, a failed call's restore, new statistics). The edited keys are kept as a
+    factor F of at most d_in rows with F^T F their second moment."""
     model = get_peft_model(tiny_llama(vocab_size=len(word_tokenizer), layers=2), pu.AlphaEditConfig(layers=[1]))
     pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
     layer = next(iter(model.base_model.edited_layers("default").values()))
@@ -412,12 +415,16 @@ def test_output_energies_follow_the_moments_they_are_cached_for(word_tokenizer):
     assert layer.output_energy("default", "edited") == 0.0
     assert layer.output_energy("default", "moment") == pytest.approx(direct(layer.moment("default")), rel=1e-5)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        keys = torch.randn(4, layer.in_features, generator=generator)
-        layer.set_edited_cov("default", layer.edited_cov("default") + keys.T @ keys)
-        assert layer.output_energy("default", "edited") == pytest.approx(direct(layer.edited_cov("default")),
-                                                                          rel=1e-5)
-    layer.set_edited_cov("default", torch.eye(layer.in_features))
+    every_key = torch.zeros(0, layer.in_features)
+    for _ in range(3):  # 24, 48, then 72 keys: past in_features (64) the factor stays square
+        keys = torch.randn(24, layer.in_features, generator=generator)
+        every_key = torch.cat([every_key, keys])
+        layer.add_edited_keys("default", keys, min(len(every_key), layer.in_features))
+        factor = layer.edited_keys("default")
+        assert factor.shape == (min(len(every_key), layer.in_features), layer.in_features)
+        torch.testing.assert_close(factor.T @ factor, every_key.T @ every_key, rtol=1e-5, atol=1e-5)
+        assert layer.output_energy("default", "edited") == pytest.approx(direct(every_key.T @ every_key), rel=1e-5)
+    layer.set_edited_keys("default", torch.eye(layer.in_features))
     assert layer.output_energy("default", "edited") == pytest.approx(direct(torch.eye(layer.in_features)), rel=1e-5)
     layer.set_preservation("default", 2 * torch.eye(layer.in_features))
     assert layer.output_energy("default", "moment") == pytest.approx(2 * direct(torch.eye(layer.in_features)),
@@ -460,12 +467,31 @@ def test_a_module_that_does_not_write_the_residual_stream_is_refused_when_wrappe
     get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig(target_modules=[attention_out]))  # writes the stream
 
 
-@pytest.mark.parametrize("save_projection", [False, True])
-def test_editing_a_reloaded_adapter_without_its_edited_keys_warns(word_tokenizer, tmp_path, caplog, save_projection):
-    """Saved without save_projection, a reloaded adapter keeps neither its earlier edits' keys nor (in memory only)
-    their requests: a further edit protected nothing of them (a fact model's earlier edits fell from 0.5 to 0.2
-    generation match) and said nothing."""
+def save_as_an_earlier_version(folder, with_moment: bool) -> None:
+    """Rewrite a saved adapter as versions before the edited-key factor saved it: no factor and no edited_key_rows,
+    and with save_projection=True the edited keys' second moment ``alphaedit_edited_cov`` instead."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "adapter_model.safetensors")
+    for key in [key for key in state if key.endswith(".alphaedit_edited_keys")]:
+        factor = state.pop(key)
+        if with_moment:
+            state[key.replace("edited_keys", "edited_cov")] = factor.T @ factor
+    save_file(state, folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    del config["edited_key_rows"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("saved", ["now", "now with save_projection", "earlier", "earlier with save_projection"])
+def test_a_reloaded_adapter_keeps_its_edited_keys_and_warns_only_without_them(word_tokenizer, tmp_path, caplog,
+                                                                              saved):
+    """Earlier edits' keys are saved with every adapter (before, only with save_projection=True: a reloaded adapter
+    kept nothing of its earlier edits, whose generation match on a fact model fell from 0.5 to 0.2 after 10 more).
+    Adapters of earlier versions still load: their saved second moment becomes a factor, and editing one saved
+    without it warns."""
     base = tiny_llama(vocab_size=len(word_tokenizer), layers=3)
+    save_projection = saved.endswith("save_projection")
     config = pu.AlphaEditConfig(layers=[1], refine_steps=2, save_projection=save_projection)
     model = get_peft_model(copy.deepcopy(base), config)
     pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
@@ -473,11 +499,43 @@ def test_editing_a_reloaded_adapter_without_its_edited_keys_warns(word_tokenizer
         pu.edit(model, word_tokenizer, [pu.EditRequest("w1 w7 w3", "w1", subject="w7")], progress=False)
         pu.edit(model, word_tokenizer, [pu.EditRequest("w2 w8 w4", "w5", subject="w8")], progress=False)
     assert "earlier edits but not their keys" not in caplog.text  # in memory: their keys are kept
+    layer = next(iter(model.base_model.edited_layers("default").values()))
+    edited = layer.edited_keys("default")
+    assert model.peft_config["default"].edited_key_rows == len(edited) > 0
     model.save_pretrained(tmp_path)
+    if saved.startswith("earlier"):
+        save_as_an_earlier_version(tmp_path, with_moment=save_projection)
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    reloaded_layer = next(iter(reloaded.base_model.edited_layers("default").values()))
+    factor = reloaded_layer.edited_keys("default")
+    if saved == "earlier":
+        assert factor.shape == (0, layer.in_features)
+    else:
+        assert reloaded.peft_config["default"].edited_key_rows == len(factor)
+        torch.testing.assert_close(factor.T @ factor, edited.T @ edited, rtol=1e-4, atol=1e-5)
     if not save_projection:
         pu.collect_statistics(reloaded, word_tokenizer, TEXTS, progress=False)
     with caplog.at_level("WARNING", logger="peft_unlearn.tuners.alphaedit.model"):
         pu.edit(reloaded, word_tokenizer, [pu.EditRequest("w3 w9 w5", "w6", subject="w9")], progress=False)
     warned = "adapter 'default' holds 2 earlier edits but not their keys" in caplog.text
-    assert warned == (not save_projection)
+    assert warned == (saved == "earlier")
+
+
+def test_edited_keys_of_layers_of_different_widths_share_one_recorded_size(word_tokenizer, tmp_path):
+    """An attention output (32 inputs) and an MLP output (64 inputs) both write the residual stream; past 32 edited
+    keys the narrower layer's factor is square, and is padded to the wider one's rows so a reload finds the recorded
+    size in both."""
+    base = tiny_llama(vocab_size=len(word_tokenizer), layers=3)
+    modules = ["model.layers.1.self_attn.o_proj", "model.layers.2.mlp.down_proj"]
+    model = get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig(target_modules=modules, refine_steps=2))
+    pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
+    requests = [pu.EditRequest(f"w{i} w{i + 1} w{i + 2}", f"w{i + 3} w{i + 4} w{i + 5} w{i + 6}", subject=f"w{i + 1}")
+                for i in range(10)]
+    pu.edit(model, word_tokenizer, requests, progress=False)
+    layers = model.base_model.edited_layers("default")
+    rows = model.peft_config["default"].edited_key_rows
+    assert rows > 32 and all(layer.edited_keys("default").shape[0] == rows for layer in layers.values())
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    for name, layer in reloaded.base_model.edited_layers("default").items():
+        torch.testing.assert_close(layer.edited_keys("default"), layers[name].edited_keys("default"), rtol=0, atol=0)

@@ -97,3 +97,16 @@ def test_greedy_generation_ignores_the_models_repetition_penalty_and_ngram_ban()
     model.generation_config.no_repeat_ngram_size = 1
     model.generation_config.num_beams = 2
     assert generate_continuations(model, tokenizer, prompts, max_new_tokens=12, batch_size=2) == plain
+
+
+def test_non_finite_logits_are_refused_not_turned_into_scores():
+    """A NaN NLL (an fp16 overflow, NaN weights) passed through: probabilities read NaN, and a retain-type truth
+    ratio read max(0, 1 - NaN) = 0, a model utility of 0 as if the facts were lost."""
+    tokenizer = _word_tokenizer()
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    pairs = [("w1 w2", "w3 w4"), ("w5 w6", "w7")]
+    assert len(answer_scores(model, tokenizer, pairs).nll) == 2
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"logits are not finite on 2 of 2 .*first: 'w1 w2'"):
+        answer_scores(model, tokenizer, pairs)

@@ -105,6 +105,15 @@ def answer_scores(
                          _extraction_strength(predicted, labels).tolist())
             for row, (row_nll, row_accuracy, row_strength) in zip(rows, values):
                 nll[row], accuracy[row], strength[row] = row_nll, row_accuracy, row_strength
+    broken = [row for row, value in enumerate(nll) if not math.isfinite(value)]
+    if broken:
+        # Refused rather than passed on: a NaN NLL gives NaN probabilities, and a retain-type truth ratio of
+        # max(0, 1 - NaN) reads 0, which would pull model utility to 0 as if the model had lost the facts.
+        raise ValueError(
+            f"the model's logits are not finite on {len(broken)} of {len(pairs)} (question, answer) pairs (first: "
+            f"{pairs[broken[0]][0][:80]!r}): an overflow in half precision, or NaN weights from a diverged run; "
+            "evaluate in float32 or bfloat16, or check the weights"
+        )
     return AnswerScores(nll, accuracy, strength)
 
 

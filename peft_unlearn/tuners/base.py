@@ -64,6 +64,11 @@ class EditingTuner(BaseTuner, EditableTuner):
         created = self.__dict__.get("_created_stamps", {}).get(adapter_name)
         return created is not None and created == tensor_stamp(self.model, adapter_name)
 
+    def resized_by_this_load(self, adapter_name: str) -> None:
+        """The load that created ``adapter_name`` replaced its tensors to fit the saved ones: it is still that load's
+        own adapter (a refusal after this removes it)."""
+        self.__dict__.setdefault("_created_stamps", {})[adapter_name] = tensor_stamp(self.model, adapter_name)
+
     def discard_if_unwritten(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` if the refused load created it: it would otherwise be left behind empty (and, as
         the only adapter, the base model's modules wrapped). An adapter that existed before the load, even one never

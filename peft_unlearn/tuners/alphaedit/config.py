@@ -23,8 +23,8 @@ class AlphaEditConfig(PeftConfig, TokenizerRecord):
     keys (Fang et al. 2025), ``"memit"`` weighs it by their covariance (Meng et al. 2023), ``"rome"`` edits one
     layer with an exact rank-one update per request (Meng et al. 2022).
 
-    ``rank`` and ``layers`` are filled in by the library (number of edited keys so far; resolved layer indices) so
-    that a saved adapter is rebuilt with the right shapes.
+    ``rank``, ``edited_key_rows`` and ``layers`` are filled in by the library (the delta's rank; rows of the
+    factor of earlier edits' keys; resolved layer indices) so that a saved adapter is rebuilt with the right shapes.
     """
 
     solver: Literal["alphaedit", "memit", "rome"] = field(
@@ -92,8 +92,8 @@ class AlphaEditConfig(PeftConfig, TokenizerRecord):
         default=64,
         metadata={"help": "Earlier requests of this session (the most recent, at most this many) whose targets "
                   "refinement keeps reaching while it fits a new batch. Held in memory only, never saved, so "
-                  "forget texts stay out of adapter files; after a reload earlier edits are kept by their keys "
-                  "alone, which are saved only with save_projection=True (0: off)."},
+                  "forget texts stay out of adapter files; after a reload earlier edits are kept by their saved "
+                  "keys alone (0: off)."},
     )
     v_steps: int = field(default=25, metadata={"help": "Adam steps of the target-value optimisation."})
     v_lr: float = field(
@@ -113,11 +113,16 @@ class AlphaEditConfig(PeftConfig, TokenizerRecord):
     )
     save_projection: bool = field(
         default=False,
-        metadata={"help": "Save the preserved second moment and the accumulated edited keys so editing can resume "
-                  "after a reload (d_in x d_in floats per layer, twice); the null space is derived again from the "
-                  "moment."},
+        metadata={"help": "Save the preserved keys' second moment (d_in x d_in floats per layer) so editing can "
+                  "resume after a reload without collecting statistics again; the null space is derived again from "
+                  "the moment. Earlier edits' keys are saved either way."},
     )
     rank: int = field(default=0, metadata={"help": "Rank of the delta so far (set by editing; do not change)."})
+    edited_key_rows: int = field(
+        default=0,
+        metadata={"help": "Rows of the saved factor of earlier edits' keys, at most d_in (set by editing; do not "
+                  "change)."},
+    )
     n_edits: int = field(default=0, metadata={"help": "Requests applied so far (set by editing)."})
 
     def __post_init__(self) -> None:
@@ -147,7 +152,8 @@ class AlphaEditConfig(PeftConfig, TokenizerRecord):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("refine_steps", "rehearse_edits", "v_steps", "n_context_templates", "rounds", "rank", "n_edits"):
+        for name in ("refine_steps", "rehearse_edits", "v_steps", "n_context_templates", "rounds", "rank", "n_edits",
+                     "edited_key_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -156,8 +162,8 @@ class AlphaEditConfig(PeftConfig, TokenizerRecord):
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.v_steps < 1 or self.n_context_templates < 1 or self.rounds < 1:
             raise ValueError("v_steps, rounds and n_context_templates must be at least 1")
-        if self.rank < 0 or self.n_edits < 0:
-            raise ValueError("rank and n_edits must not be negative")
+        if self.rank < 0 or self.n_edits < 0 or self.edited_key_rows < 0:
+            raise ValueError("rank, n_edits and edited_key_rows must not be negative")
 
 
 @dataclass

@@ -17,22 +17,24 @@ from .config import AlphaEditConfig
 
 
 class AlphaEditLayer(EditLayer):
-    """Per-adapter state: factors ``alphaedit_B`` [out, rank] and ``alphaedit_A`` [rank, in] with delta ``B @ A``,
-    plus the preserved keys' second moment and the accumulated second moment of keys edited so far, saved only
-    with ``save_projection=True``. The alphaedit solver's null-space basis is derived from the moment and cached,
-    never saved: the moment and ``nullspace_threshold`` determine it."""
+    """Per-adapter state: factors ``alphaedit_B`` [out, rank] and ``alphaedit_A`` [rank, in] with delta ``B @ A``;
+    ``alphaedit_edited_keys`` [rows, in], a factor ``F`` of the keys edited so far (``F^T F`` is their second
+    moment; at most ``in`` rows, each a mix of keys), saved with every adapter so that editing
+    after a reload keeps earlier edits; and the preserved keys' second moment, saved only with
+    ``save_projection=True``. The alphaedit solver's null-space basis is derived from the moment and cached, never
+    saved: the moment and ``nullspace_threshold`` determine it."""
 
     adapter_layer_names = ("alphaedit_A", "alphaedit_B")
-    other_param_names = ("alphaedit_moment", "alphaedit_edited_cov")
+    other_param_names = ("alphaedit_moment", "alphaedit_edited_keys")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.alphaedit_A = EditParameterDict({})
         self.alphaedit_B = EditParameterDict({})
-        # Allocated when statistics are attached; the model leaves them out of the saved adapter unless
-        # save_projection=True, in which case they are preallocated here so a reload finds their shapes.
+        # Allocated when statistics are attached; the model leaves it out of the saved adapter unless
+        # save_projection=True, in which case it is preallocated here so a reload finds its shape.
         self.alphaedit_moment = EditBufferDict({}, persistent=True)
-        self.alphaedit_edited_cov = EditBufferDict({}, persistent=True)
+        self.alphaedit_edited_keys = EditBufferDict({}, persistent=True)
         # Per adapter: (the moment and threshold it was derived from, null-space basis [in, k]).
         self._null_bases: dict[str, tuple[tuple, torch.Tensor]] = {}
         # Per (adapter, "moment" | "edited"): (the matrix and weight it was computed from, tr(W M W^T)).
@@ -43,7 +45,7 @@ class AlphaEditLayer(EditLayer):
         self.in_features, self.out_features = linear_shape(self.get_base_layer())
 
     def update_layer(self, adapter_name: str, config: AlphaEditConfig) -> None:
-        """Create adapter ``adapter_name`` with zero factors of the recorded rank (so a saved adapter reloads)."""
+        """Create adapter ``adapter_name`` with zero factors of the recorded sizes (so a saved adapter reloads)."""
         weight = self.get_base_layer().weight
         factory = {"device": weight.device, "dtype": torch.float32}
         self.alphaedit_A[adapter_name] = nn.Parameter(
@@ -52,10 +54,9 @@ class AlphaEditLayer(EditLayer):
         self.alphaedit_B[adapter_name] = nn.Parameter(
             torch.zeros(self.out_features, config.rank, **factory), requires_grad=False
         )
+        self.alphaedit_edited_keys[adapter_name] = torch.zeros(config.edited_key_rows, self.in_features, **factory)
         if config.save_projection:
-            square = torch.zeros(self.in_features, self.in_features, **factory)
-            self.alphaedit_moment[adapter_name] = square
-            self.alphaedit_edited_cov[adapter_name] = square.clone()
+            self.alphaedit_moment[adapter_name] = torch.zeros(self.in_features, self.in_features, **factory)
         self._null_bases.pop(adapter_name, None)
         for which in ("moment", "edited"):
             self._output_energies.pop((adapter_name, which), None)
@@ -84,11 +85,12 @@ class AlphaEditLayer(EditLayer):
             self._null_bases[adapter_name] = cached
         return cached[1]
 
-    def edited_cov(self, adapter_name: str) -> torch.Tensor:
-        """Second moment of the keys edited so far (zeros before the first edit)."""
-        if adapter_name in self.alphaedit_edited_cov:
-            return self.alphaedit_edited_cov[adapter_name].float()
-        return torch.zeros(self.in_features, self.in_features, device=self.get_base_layer().weight.device)
+    def edited_keys(self, adapter_name: str) -> torch.Tensor:
+        """The factor ``F`` [rows, in] of the keys edited so far: ``F^T F`` is their second moment (no rows
+        before the first edit)."""
+        if adapter_name in self.alphaedit_edited_keys:
+            return self.alphaedit_edited_keys[adapter_name].float()
+        return torch.zeros(0, self.in_features, device=self.get_base_layer().weight.device)
 
     def set_preservation(
         self, adapter_name: str, moment: torch.Tensor, null_basis: torch.Tensor | None = None, energy: float = 0.0
@@ -102,25 +104,38 @@ class AlphaEditLayer(EditLayer):
         if null_basis is not None:
             self._null_bases[adapter_name] = ((stored.data_ptr(), stored._version, energy), null_basis.to(device))
 
-    def set_edited_cov(self, adapter_name: str, matrix: torch.Tensor) -> None:
-        self.alphaedit_edited_cov[adapter_name] = matrix.to(self.get_base_layer().weight.device, torch.float32)
+    def set_edited_keys(self, adapter_name: str, factor: torch.Tensor) -> None:
+        self.alphaedit_edited_keys[adapter_name] = factor.to(self.get_base_layer().weight.device, torch.float32)
         self._output_energies.pop((adapter_name, "edited"), None)
 
+    def add_edited_keys(self, adapter_name: str, keys: torch.Tensor, rows: int) -> None:
+        """Fold ``keys`` [n, in] into the edited-key factor: the R of a QR of the stacked rows has the same
+        ``F^T F``, at most ``in`` rows, and mixes the keys (in float64: solves and penalties read ``F^T F``). Zero
+        rows pad it to ``rows``, so that layers of different input widths share one recorded size."""
+        factor = self.edited_keys(adapter_name)
+        stacked = torch.cat([factor.double(), keys.detach().to(factor.device, torch.float64)])
+        folded = torch.linalg.qr(stacked, mode="r").R
+        self.set_edited_keys(adapter_name, nn.functional.pad(folded, (0, 0, 0, rows - folded.shape[0])))
+
     def output_energy(self, adapter_name: str, which: str) -> float:
-        """``tr(W M W^T)``, the layer's output energy on the preserved keys (``which="moment"``) or on the keys
-        edited so far (``"edited"``), cached while M and the weight stay as they are. Always computed from M
-        itself (never grown as keys are added), so editing after a reload repeats the in-memory session exactly."""
+        """``tr(W M W^T)``, the layer's output energy on the preserved keys (``which="moment"``, M their second
+        moment) or on the keys edited so far (``"edited"``, M = F^T F: ``||F W^T||^2``), cached while M and the
+        weight stay as they are. Always computed from the stored M or F (never grown as keys are added), so editing
+        after a reload repeats the in-memory session exactly."""
         stamp = self._energy_stamp(adapter_name, which)
         cached_stamp, energy = self._output_energies.get((adapter_name, which), (None, None))
         if cached_stamp != stamp:
-            matrix = self.moment(adapter_name) if which == "moment" else self.edited_cov(adapter_name)
             weight = linear_weight(self).detach().float()
-            energy = float(((weight @ matrix) * weight).sum()) if matrix is not None else 0.0
+            if which == "moment":
+                moment = self.moment(adapter_name)
+                energy = float(((weight @ moment) * weight).sum()) if moment is not None else 0.0
+            else:
+                energy = float((self.edited_keys(adapter_name) @ weight.T).pow(2).sum())
             self._output_energies[(adapter_name, which)] = (stamp, energy)
         return energy
 
     def _energy_stamp(self, adapter_name: str, which: str) -> tuple:
-        store = self.alphaedit_moment if which == "moment" else self.alphaedit_edited_cov
+        store = self.alphaedit_moment if which == "moment" else self.alphaedit_edited_keys
         weight = self.get_base_layer().weight
         matrix = store[adapter_name] if adapter_name in store else None
         return (weight.data_ptr(), weight._version) + (

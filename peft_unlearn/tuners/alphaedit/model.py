@@ -21,7 +21,7 @@ from ...capture import (
 from ...editing import adapters_disabled
 from ...requests import EditRequest, chat_formatted, tokenize_pairs
 from ...statistics import SecondMoments, null_space_basis
-from ..base import EditingTuner, target_module
+from ..base import EditingTuner, target_module, tensor_name
 from .config import AlphaEditConfig
 from .layer import AlphaEditLayer, AlphaEditLinear
 from .solver import (
@@ -77,12 +77,44 @@ def residual_width(model: nn.Module) -> int | None:
     return width if isinstance(width, int) else None
 
 
+EDITED_KEYS = "alphaedit_edited_keys"
+EDITED_MOMENT = "alphaedit_edited_cov"  # what earlier versions saved, with save_projection=True only
+
+
+def edited_keys_of_earlier_versions(model: nn.Module, config: AlphaEditConfig, adapter_name: str,
+                                    state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The saved tensors with edited-key factors in place of what earlier versions saved: the second moment of the
+    edited keys (``save_projection=True``) becomes its eigen-factor of d_in rows, and an adapter saved without it
+    gets an empty factor (editing it warns that its earlier edits are unprotected). Loading a factor of d_in rows
+    into an adapter this load created sets its ``edited_key_rows`` to match."""
+    if config.edited_key_rows or any(tensor_name(key) == EDITED_KEYS for key in state_dict):
+        return state_dict
+    converted, rows = {}, set()
+    for key, tensor in state_dict.items():
+        module = key.removesuffix(tensor_name(key))
+        if tensor_name(key) == EDITED_MOMENT:
+            eigenvalues, vectors = torch.linalg.eigh(tensor.double())
+            converted[module + EDITED_KEYS] = (vectors * eigenvalues.clamp(min=0).sqrt()).T.float()
+            rows.add(tensor.shape[0])
+        else:
+            converted[key] = tensor
+            if tensor_name(key) == "alphaedit_A" and module + EDITED_KEYS not in converted:
+                converted[module + EDITED_KEYS] = torch.zeros(0, tensor.shape[1])
+    tuner = getattr(model, "base_model", None)
+    if len(rows) == 1 and isinstance(tuner, AlphaEditModel) and tuner.created_by_this_load(adapter_name):
+        config.edited_key_rows = rows.pop()
+        for layer in tuner.edited_layers(adapter_name).values():
+            layer.set_edited_keys(adapter_name, torch.zeros(config.edited_key_rows, layer.in_features))
+        tuner.resized_by_this_load(adapter_name)
+    return converted
+
+
 class AlphaEditModel(EditingTuner):
     """Locate-then-edit adapter: a closed-form low-rank delta on MLP output projections (AlphaEdit/MEMIT/ROME)."""
 
     prefix: str = "alphaedit_"
     tuner_layer_cls = AlphaEditLayer
-    recorded_sizes = ("rank",)
+    recorded_sizes = ("rank", "edited_key_rows")
     retired_tensors = ("alphaedit_projector",)  # saved until the null space was derived from the moment on load
 
     # --- PEFT plumbing ------------------------------------------------------------------------------------------
@@ -151,13 +183,16 @@ class AlphaEditModel(EditingTuner):
         self.__dict__.get("_rehearsed_keys", {}).pop(adapter_name, None)
 
     @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name: str, state_dict: dict) -> dict:
+        return super()._remap_adapter_state_dict_for_load(
+            model, config, adapter_name, edited_keys_of_earlier_versions(model, config, adapter_name, state_dict)
+        )
+
+    @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if not config.save_projection:
-            entries = {
-                k: v for k, v in entries.items()
-                if not any(f".alphaedit_{kind}." in k for kind in ("moment", "edited_cov"))
-            }
+            entries = {k: v for k, v in entries.items() if ".alphaedit_moment." not in k}
         return entries
 
     # --- edited layers ------------------------------------------------------------------------------------------
@@ -249,14 +284,14 @@ class AlphaEditModel(EditingTuner):
                 "peft_unlearn.collect_statistics(model, tokenizer, texts) first (or attach saved ones with "
                 "peft_unlearn.attach_statistics)"
             )
-        if config.n_edits and not any(bool(layer.edited_cov(adapter_name).any()) for layer in layers.values()):
-            # Reloaded without save_projection: the earlier edits' keys were never saved and their requests are not
-            # rehearsed, so nothing in this call keeps them (a reloaded llama fact model's 10 earlier edits fell
-            # from 0.5 to 0.2 generation match after 10 more, where save_projection=True kept 0.5).
+        if config.n_edits and not config.edited_key_rows:
+            # Saved by a version of this library that kept earlier edits' keys only with save_projection=True: their
+            # requests are not rehearsed either, so nothing in this call keeps them (a reloaded llama fact model's 10
+            # earlier edits fell to 0.1 generation match after 10 more, 0.6 with their keys).
             logger.warning(
-                "adapter %r holds %d earlier edits but not their keys (it was saved without save_projection=True), "
-                "so this call cannot keep them from changing; create the adapter with save_projection=True to "
-                "continue editing it after a reload", adapter_name, config.n_edits,
+                "adapter %r holds %d earlier edits but not their keys (it was saved by an earlier version of "
+                "peft_unlearn, without save_projection=True), so this call cannot keep them from changing",
+                adapter_name, config.n_edits,
             )
         if config.solver == "alphaedit":  # a reloaded moment, or a threshold changed since, derives it here
             check_null_spaces({name: layer.null_basis(adapter_name, config.nullspace_threshold)
@@ -267,7 +302,7 @@ class AlphaEditModel(EditingTuner):
         batch_size = batch_size or len(requests)
         snapshot = {
             name: (layer.alphaedit_B[adapter_name].data.clone(), layer.alphaedit_A[adapter_name].data.clone(),
-                   layer.edited_cov(adapter_name).clone())
+                   layer.edited_keys(adapter_name).clone())
             for name, layer in layers.items()
         }
         final_nll, n_keys = [], 0
@@ -305,11 +340,12 @@ class AlphaEditModel(EditingTuner):
             for name, layer in layers.items():
                 B, A, edited = snapshot[name]
                 layer.set_factors(adapter_name, B, A)
-                layer.set_edited_cov(adapter_name, edited)
+                layer.set_edited_keys(adapter_name, edited)
             raise
         self._rehearsal[adapter_name] = rehearsal
         self._rehearsed_keys[adapter_name] = rehearsed_keys
         config.rank = next(iter(layers.values())).rank(adapter_name)
+        config.edited_key_rows = next(iter(layers.values())).edited_keys(adapter_name).shape[0]
         first_id = config.n_edits
         config.n_edits += len(requests)
         nll = torch.cat(final_nll)
@@ -373,7 +409,7 @@ class AlphaEditModel(EditingTuner):
                 residuals,
                 layer.null_basis(adapter_name, config.nullspace_threshold) if config.solver == "alphaedit"
                 else layer.moment(adapter_name),
-                layer.edited_cov(adapter_name),
+                layer.edited_keys(adapter_name),
                 l2=config.l2,
                 preservation_weight=config.preservation_weight,
             )
@@ -412,7 +448,7 @@ class AlphaEditModel(EditingTuner):
                 layer.alphaedit_A[adapter_name][start:],
                 layer.moment(adapter_name),
                 layer.output_energy(adapter_name, "moment"),
-                layer.edited_cov(adapter_name),
+                layer.edited_keys(adapter_name),
                 layer.output_energy(adapter_name, "edited"),
                 torch.cat(covered) if covered else None,
                 linear_weight(layer).detach().float(),
@@ -440,7 +476,7 @@ class AlphaEditModel(EditingTuner):
 
     def _protect_edited_keys(self, rows, adapter_name: str) -> dict[str, torch.Tensor]:
         """Add the batch's keys (read after its whole update, on the bare prompts: the edits refinement fitted) to
-        the second moment later edits must keep; returns them per layer."""
+        the edited keys later edits must keep; returns them per layer."""
         layers = self.edited_layers(adapter_name)
         n = rows.n_requests
         bare = dataclasses.replace(
@@ -448,8 +484,10 @@ class AlphaEditModel(EditingTuner):
         )
         final_keys, _ = keys_and_outputs(self.model, bare, layers, None)
         edited = {name: rows.per_key(final_keys[name]) for name in layers}
+        stored = next(iter(layers.values())).edited_keys(adapter_name).shape[0]
+        factor_rows = min(stored + rows.n_keys, max(layer.in_features for layer in layers.values()))
         for name, layer in layers.items():
-            layer.set_edited_cov(adapter_name, layer.edited_cov(adapter_name) + edited[name].T @ edited[name])
+            layer.add_edited_keys(adapter_name, edited[name], factor_rows)
         return edited
 
     @staticmethod

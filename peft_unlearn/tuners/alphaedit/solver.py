@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 EARLY_STOP_NLL = 5e-2
 # Below this share of the earlier edits' output energy, what rehearsal does not cover is rounding.
 UNGUARDED_ENERGY = 1e-4
-SOLVE_ROWS = 1024  # rows of the edited keys' second moment projected at a time by the alphaedit solve
+SOLVE_ROWS = 1024  # rows of the edited-key factor projected at a time by the alphaedit solve
 OUTPUT_KEY = "__layer_output__"
 # Generation starters for context templates; the model continues them itself (as in ROME/MEMIT).
 TEMPLATE_STARTERS = ("The", "Therefore", "Because", "I", "You")
@@ -311,7 +311,7 @@ def solve_delta(
     keys: torch.Tensor,
     residuals: torch.Tensor,
     preservation: torch.Tensor,
-    edited_cov: torch.Tensor,
+    edited_keys: torch.Tensor,
     *,
     l2: float,
     preservation_weight: float,
@@ -319,7 +319,8 @@ def solve_delta(
     """Closed-form delta ``B @ A`` (B: [d_out, N], A: [N, d_in]) with ``delta @ keys[i] ~= residuals[i]``.
 
     ``preservation`` is the null-space basis U [d_in, k] for alphaedit, the preserved keys' second moment C0
-    [d_in, d_in] for memit and rome.
+    [d_in, d_in] for memit and rome. ``edited_keys`` is a factor F [r, d_in] of earlier edits' keys,
+    ``K_p = F^T F``.
 
     * alphaedit: ``A^T = (P (K_p + K K^T) + l2 I)^-1 P K`` with ``P = U U^T`` the null-space projector: the update
       lies in the null space of the preserved keys and keeps earlier edits' keys (K_p) fixed. Its solution lies in
@@ -336,15 +337,16 @@ def solve_delta(
         # The ridge is relative to the energy of the keys the update can act on, so one l2 fits any model's scale.
         ridge = l2 * projected.pow(2).sum(0).mean().clamp(min=1e-12)
         system = projected @ projected.T
-        for rows in torch.arange(edited_cov.shape[0], device=edited_cov.device).split(SOLVE_ROWS):
-            # U^T K_p U a block of K_p's rows at a time: no float64 copy of the d_in x d_in matrix.
-            system += basis[rows].T @ (edited_cov[rows].double() @ basis)
+        for rows in edited_keys.split(SOLVE_ROWS):
+            # U^T K_p U = (F U)^T (F U), a block of F's rows at a time: no float64 copy of a d_in x d_in factor.
+            earlier = rows.double() @ basis
+            system += earlier.T @ earlier
         system.diagonal().add_(ridge)
         A_T = basis @ torch.linalg.solve(system, projected)
         return residuals.T.float(), A_T.T.float()
     keys = keys.double()  # [N, d_in]
     preservation = preservation.double()
-    edited_cov = edited_cov.double()
+    edited_cov = edited_keys.double().T @ edited_keys.double()
     d_in = keys.shape[1]
     eye = torch.eye(d_in, dtype=keys.dtype, device=keys.device)
     K = keys.T  # [d_in, N]
@@ -385,15 +387,16 @@ def preservation_gram(
     new_keys: torch.Tensor,
     moment: torch.Tensor,
     moment_energy: float,
-    edited_cov: torch.Tensor,
+    edited_keys: torch.Tensor,
     edited_energy: float,
     rehearsed_keys: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``A (C0 / tr(W C0 W^T) + E / tr(W E W^T)) A^T`` for new key factors ``A`` [r, d_in], given the layer's
     output energies ``tr(W C0 W^T)`` and ``tr(W E W^T)``: with it the penalty measures the output change on the
-    preserved keys (second moment ``C0``) and on earlier edits' keys (``E``), each relative to the layer's own output
-    energy on them, so one weight fits every model and layer. Only [r, d_in] products are formed.
+    preserved keys (second moment ``C0``) and on earlier edits' keys (``E = F^T F``, ``edited_keys`` the factor F),
+    each relative to the layer's own output energy on them, so one weight fits every model and layer. Only
+    [r, d_in] products are formed.
 
     ``rehearsed_keys`` [m, d_in] (part of what ``E`` sums) are left out of ``E``, and its energy computed with the
     layer's ``weight`` [d_out, d_in]: earlier edits that refinement rehearses need no penalty. When they are all
@@ -401,7 +404,8 @@ def preservation_gram(
     gram = (new_keys @ moment @ new_keys.T) / max(moment_energy, 1e-12)
     if edited_energy <= 0:
         return gram
-    edited_gram = new_keys @ edited_cov @ new_keys.T
+    earlier = new_keys @ edited_keys.T  # [r, rows of F]
+    edited_gram = earlier @ earlier.T
     if rehearsed_keys is not None:
         projected = new_keys @ rehearsed_keys.T  # [r, m]
         edited_gram = edited_gram - projected @ projected.T
