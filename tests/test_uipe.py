@@ -23,7 +23,7 @@ from peft_unlearn.tokenizer_record import tokenizer_fingerprint
 from peft_unlearn.tuners.uipe import UIPELoraConfig, export_lora, extrapolate, select_alpha
 from peft_unlearn.unlearning import UnlearningArguments, UnlearningTrainer
 
-from .conftest import tiny_llama
+from .conftest import tiny_gpt2, tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -93,6 +93,50 @@ def test_extrapolation_scales_every_layer_update_by_one_plus_alpha(unlearned):
     extrapolate(model, 0.0)
     for layer, delta in zip(layers, before):
         torch.testing.assert_close(layer.get_delta_weight("default"), delta)
+
+
+def affine_map(layer: torch.nn.Module, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias a layer applies, read from its outputs (every LoRA variant here is affine in x)."""
+    with torch.no_grad():
+        offset = layer(torch.zeros(1, width))
+        return layer(torch.eye(width)) - offset, offset[0]
+
+
+@pytest.mark.parametrize("options", [{}, dict(use_rslora=True), dict(lora_bias=True),
+                                     dict(rank_pattern={"c_fc": 2}, alpha_pattern={"c_fc": 3})])
+def test_extrapolation_is_theta_init_plus_one_plus_alpha_times_every_trained_update(options):
+    """UIPE: theta_init + (1 + alpha) (theta_unlearned - theta_init), over everything the adapter trains, read from
+    the layers' outputs (not from get_delta_weight, which shows only what the factor scales)."""
+    original = tiny_gpt2()
+    model = get_peft_model(copy.deepcopy(original), UIPELoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                                   **options))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a "trained" adapter: every trainable parameter has moved
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    layers = {name.removeprefix("base_model.model."): layer for name, layer in model.named_modules()
+              if isinstance(layer, LoraLayer)}
+    assert len(layers) == 4
+    width = original.config.n_embd
+    trained = {name: affine_map(layer, width) for name, layer in layers.items()}
+    extrapolate(model, 0.5)
+    for name, layer in layers.items():
+        weight_init, bias_init = affine_map(original.get_submodule(name), width)
+        weight, bias = affine_map(layer, width)
+        assert (trained[name][0] - weight_init).abs().max() > 0.1
+        torch.testing.assert_close(weight, weight_init + 1.5 * (trained[name][0] - weight_init))
+        torch.testing.assert_close(bias, bias_init + 1.5 * (trained[name][1] - bias_init))
+
+
+@pytest.mark.parametrize("options, problem", [
+    (dict(use_dora=True), "use_dora"),  # a trained magnitude, and a renormalised direction
+    (dict(bias="all"), "bias='all'"),  # the base model's biases, trained in place
+    (dict(bias="lora_only"), "bias='lora_only'"),
+])
+def test_adapters_whose_update_the_factor_does_not_scale_are_refused(options, problem):
+    with pytest.raises(ValueError, match=problem):
+        UIPELoraConfig(r=4, target_modules=["c_attn"], **options)
 
 
 def test_save_and_reload_give_identical_logits(unlearned, tofu, inputs, tmp_path):

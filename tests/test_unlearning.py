@@ -26,6 +26,7 @@ from peft_unlearn.losses import labelled_logits, labelled_width, sequence_nll
 from peft_unlearn.metrics import answer_accuracy, eval_mode, generate_continuations
 from peft_unlearn.requests import tokenize_pairs
 from peft_unlearn.testing.tofu import tofu_pairs, train_tofu_models
+from peft_unlearn.testing.tokenizers import train_tokenizer
 from peft_unlearn.unlearning import (
     ForgetRetainCollator,
     ForgetRetainDataset,
@@ -43,6 +44,8 @@ from peft_unlearn.unlearning.losses import (
     retain_kl,
 )
 from peft_unlearn.unlearning.recipes import LOSS_DEFAULTS
+
+from .conftest import tiny_gpt2
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -603,6 +606,36 @@ def test_an_adapter_attached_through_transformers_is_the_reference_without_a_cop
     torch.testing.assert_close(outputs.reference_nll("forget", average=False), original_forget_nll(tofu, batch),
                                rtol=1e-5, atol=1e-5)
     assert not torch.allclose(outputs.logits["forget"], original_forget_logits(tofu, batch), atol=1e-2)
+
+
+def test_an_adapter_that_trains_the_base_biases_needs_an_explicit_reference(tmp_path):
+    """PEFT's bias='all'/'lora_only' trains the base model's biases in place and disabling the adapter keeps them, so
+    the disabled adapter drifts away from the original model as it trains: it cannot be the reference."""
+    pairs = [("who wrote the book", "the author is borges"), ("name a river", "the nile is long")]
+    tokenizer = train_tokenizer([" ".join(pair) for pair in pairs] * 10, kind="word", vocab_size=64)
+    original = tiny_gpt2(vocab_size=len(tokenizer))  # GPT-2's projections have biases
+    for bias in ("all", "lora_only"):
+        model = get_peft_model(copy.deepcopy(original), LoraConfig(r=4, target_modules=["c_attn"], bias=bias))
+        with pytest.raises(ValueError, match=f"bias='{bias}'.*pass reference_model="):
+            UnlearningTrainer(model, make_args(tmp_path, "npo"), forget_dataset=pairs, retain_dataset=pairs,
+                              processing_class=tokenizer)
+    # GA reads no reference.
+    UnlearningTrainer(model, make_args(tmp_path, "ga"), forget_dataset=pairs, processing_class=tokenizer)
+
+    trainer = UnlearningTrainer(model, make_args(tmp_path, "npo", learning_rate=1e-2), forget_dataset=pairs,
+                                retain_dataset=pairs, processing_class=tokenizer,
+                                reference_model=copy.deepcopy(original))
+    batch = first_batch(trainer)
+    trainer.train()
+    forget = {key: batch["forget"][key] for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        expected = sequence_nll(original(**forget).logits, batch["forget"]["labels"], average=False)
+        with model.disable_adapter():
+            disabled = sequence_nll(model(**forget).logits, batch["forget"]["labels"], average=False)
+    assert not torch.allclose(disabled, expected, atol=1e-3)  # what the reference would have been
+    model.train()
+    _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    torch.testing.assert_close(outputs.reference_nll("forget", average=False), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_the_reference_switches_off_modules_to_save_and_serves_parts_only_it_reads(tofu, tmp_path):

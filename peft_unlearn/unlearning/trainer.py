@@ -139,7 +139,8 @@ class UnlearningTrainer(Trainer):
     Rows are question/answer pairs in the TOFU schema (the loss is taken on the answer tokens) or raw ``text``.
     NPO, KL and IdkDPO compare against a reference: for a ``PeftModel`` it is the same model with its adapter
     disabled, so no second copy of the weights exists; a model without adapter is deep-copied once (logged).
-    ``reference_model`` replaces either with an explicit model (e.g. another checkpoint).
+    ``reference_model`` replaces either with an explicit model (e.g. another checkpoint); an adapter that trains the
+    base model's biases in place (PEFT's ``bias='all'``/``'lora_only'``) needs one, as disabling it keeps them.
     ``parameter_masks`` (bool tensors by parameter name, e.g. from :func:`~.localization.parameter_masks`) restricts
     training to the masked elements: other parameters are frozen and gradients outside the masks are zeroed until
     ``trainer.masked_gradients.remove()``.
@@ -226,6 +227,16 @@ class UnlearningTrainer(Trainer):
                 f"in eval mode), so {args.unlearn_loss} would compare a noisy model with a clean reference: leave it "
                 "unset, or use a loss that reads no reference"
             )
+        if reads_reference and reference_model is None:
+            trains_biases = _adapters_training_base_biases(model)
+            if trains_biases:
+                name, bias = trains_biases[0]
+                raise ValueError(
+                    f"{args.unlearn_loss} compares against a reference, which is the model with its adapter disabled, "
+                    f"but adapter {name!r} has bias={bias!r}: PEFT trains the base model's biases in place, and "
+                    "disabling the adapter does not restore them, so the reference would drift with training. Use "
+                    "bias='none', or pass reference_model= (a copy of the model before unlearning)"
+                )
         dataset = self._paired_dataset(tokenizer, args, forget_dataset, retain_dataset, refusals)
         longest = max(len(row.input_ids) for rows in dataset.parts() for row in rows)
         check_fits_context(model, longest, f"the longest tokenized row (max_length={args.max_length})")
@@ -453,6 +464,23 @@ class UnlearningTrainer(Trainer):
                 logs[name] = sum(values) / self._logged_steps
             self._logged_terms, self._logged_steps = {}, 0.0
         super().log(logs, start_time)
+
+
+def _adapters_training_base_biases(model: nn.Module) -> list[tuple[str, str]]:
+    """(adapter name, bias option) of the PEFT adapters whose ``bias`` option ('all', 'lora_only', ...) made bias
+    parameters of the base model trainable: those are trained in place, so disabling the adapter keeps the trained
+    values. The adapter's own parameters (``lora_bias``, modules_to_save copies) carry its name and are left out."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return []
+    adapters = [(name, config.bias) for name, config in configs.items()
+                if getattr(config, "bias", "none") not in (None, "none")]
+    if not adapters:
+        return []
+    names = [f".{name}." for name in configs]
+    trained = [name for name, parameter in model.named_parameters()
+               if parameter.requires_grad and name.endswith("bias") and not any(part in name for part in names)]
+    return adapters if trained else []
 
 
 def _shares_parameters(first: nn.Module, second: nn.Module) -> bool:

@@ -46,3 +46,15 @@ class UIPELoraConfig(LoraConfig, TokenizerRecord):
                 "UIPELoraConfig extrapolates LoRA updates only: modules_to_save and trainable_token_indices train "
                 "full copies whose update the factor would not reach; leave them unset"
             )
+        if self.bias != "none":
+            raise ValueError(
+                f"UIPELoraConfig extrapolates LoRA updates only: bias={self.bias!r} trains the base model's biases in "
+                "place, and the factor would not reach their update (theta_init + (1 + alpha) v would leave the "
+                "biases' part of v unscaled); use bias='none' (lora_bias=True gives the adapter a bias it scales)"
+            )
+        if self.use_dora:
+            raise ValueError(
+                "UIPELoraConfig does not support use_dora=True: DoRA's update is not linear in the LoRA scaling (its "
+                "magnitude vector is trained too, and the direction is renormalised), so scaling the adapter by "
+                "1 + alpha does not give theta_init + (1 + alpha) v; use plain LoRA"
+            )

@@ -1,9 +1,9 @@
 """Per-layer UIPE: the extrapolation factor lives in the scaling of PEFT's own LoRA layers.
 
-A UIPE adapter uses the stock LoRA layers (Linear, Embedding, Conv, DoRA, ...); only the factor ``1 + alpha`` on
+A UIPE adapter uses the stock LoRA layers (Linear, Embedding, Conv, ...); only the factor ``1 + alpha`` on
 each layer's scaling is added, through LoRA's ``set_scale`` so that ``r``, ``lora_alpha``, rank/alpha patterns and
-rsLoRA keep their meaning. Everything that reads the scaling (forward, merge, DoRA norms) then sees the
-extrapolated update.
+rsLoRA keep their meaning. Everything that reads the scaling (forward, merge) then sees the extrapolated update.
+DoRA is refused by the config: its weight is not linear in the scaling.
 """
 
 from __future__ import annotations

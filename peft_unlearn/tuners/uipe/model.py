@@ -175,8 +175,8 @@ def export_lora(model: PeftModel, path: str | Path, adapter_name: str | None = N
     """Write the UIPE adapter as a plain LoRA adapter with the factor folded into ``lora_B``.
 
     The result loads with stock PEFT (``PeftModel.from_pretrained``) with this library not installed, and gives the
-    extrapolated model's outputs: the update is linear in ``lora_B`` (and DoRA reads it only through the same
-    product), so ``scaling * (1 + alpha) * B A == scaling * ((1 + alpha) B) A``. ``path`` must be a new or empty
+    extrapolated model's outputs: the update is linear in ``lora_B`` (weight and ``lora_bias``), so
+    ``scaling * (1 + alpha) * B A == scaling * ((1 + alpha) B) A``. ``path`` must be a new or empty
     folder, or an earlier export (which is replaced): another adapter's files there are never overwritten.
     """
     adapter_name, config = uipe_adapter(model, adapter_name)
