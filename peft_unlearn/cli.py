@@ -51,6 +51,10 @@ def read_records(source: str, what: str) -> list[dict]:
             return read_record_file(path, what)
         except ValueError as error:
             raise UsageError(str(error)) from None
+    if path.is_dir():  # else a relative "a/b" went to the datasets library, which reads every file in it as one set
+        files = sorted(p.name for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+        raise UsageError(f"{what} {source} is a folder, not a file: name one JSON/JSONL file in it (it holds "
+                         f"{files})")
     if "/" in source and not path.suffix and not source.startswith((".", "/")):
         import datasets
 
@@ -272,7 +276,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if not requests:
         raise UsageError(f"request file {args.requests} holds no requests")
     options = read_options(args.config)
-    edit_options = options.pop("edit", {})
+    edit_options = options.pop("edit", None) or {}
+    if not isinstance(edit_options, dict):
+        raise UsageError(f"config file {args.config}: 'edit' must hold a mapping of edit() options, got "
+                         f"{edit_options!r}")
     if args.chat_template:
         edit_options["chat_template"] = True
     chat = bool(edit_options.get("chat_template", False))
@@ -314,8 +321,11 @@ def _read_texts(source: str, pairs: bool = False) -> list[str] | list[tuple[str,
     """Preservation texts; with ``pairs`` (chat format), question/answer rows stay (question, answer) pairs, which
     the statistics read as chat answers, as the edits are written (texts joined from them would be plain text)."""
     path = Path(source)
-    if path.is_file() and path.suffix == ".txt":
-        return [line for line in _read_text(path, "preservation texts").splitlines() if line.strip()]
+    if path.is_file() and path.suffix.lower() == ".txt":
+        lines = [line for line in _read_text(path, "preservation texts").splitlines() if line.strip()]
+        if not lines:  # else the statistics refuse "texts", a name the user never gave
+            raise UsageError(f"preservation texts file {source} holds no texts (one per line)")
+        return lines
     rows = read_records(source, "preservation texts")
     if pairs and rows and all("question" in r and "answer" in r for r in rows):
         return [(str(r["question"]), str(r["answer"])) for r in rows]
@@ -341,6 +351,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from .unlearning.trainer import UnlearningArguments
 
     _check_option_types("unlearn", [UnlearningArguments, LoraConfig], options)
+    _check_unlearn_option_names(args.config, options)
     model, tokenizer = load_model(args.model, chat_template=bool(options.get("chat_template", False)))
     with staged_output(args.output) as folder:
         model, summary = unlearn_with_lora(model, tokenizer, forget, retain, loss=args.method,
@@ -353,6 +364,31 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     _push(args, Path(args.output) / "adapter", forget_texts)
     print(f"unlearned {len(forget)} rows with {args.method}; adapter written to {args.output}/adapter")
     return 0
+
+
+# unlearn_with_lora's own arguments that the command sets from its flags.
+_UNLEARN_FLAGS = {"loss": "--method", "uipe_alpha": "--uipe-alpha", "output_dir": "--output"}
+
+
+def _check_unlearn_option_names(config: str | None, options: dict) -> None:
+    """Refuse, before the model loads, --config options that unlearn_with_lora cannot take: a flag's option given
+    again failed with "got multiple values for keyword argument", an unknown name only after loading the model,
+    and ``resume_from_checkpoint: true`` looked for checkpoints in the run's new staging folder."""
+    from .unlearning.recipes import LORA_FIELDS
+    from .unlearning.trainer import UnlearningArguments
+
+    for name, flag in _UNLEARN_FLAGS.items():
+        if name in options:
+            raise UsageError(f"config file {config} sets {name!r}, which the command sets from {flag}; remove it")
+    known = {f.name for f in dataclasses.fields(UnlearningArguments)} | set(LORA_FIELDS)
+    known |= {"utility_floor", "progress"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UsageError(f"config file {config}: unknown options {unknown} for unlearn (UnlearningArguments fields, "
+                         f"LoRA's {list(LORA_FIELDS)}, utility_floor or progress)")
+    if options.get("resume_from_checkpoint") is True:
+        raise UsageError(f"config file {config}: resume_from_checkpoint: true finds no checkpoint, since every run "
+                         "writes into a new folder; give the checkpoint folder's path")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -103,6 +103,11 @@ def run_demo(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown demo method(s) {unknown}; choose from {list(METHODS)}")
+    if not methods:  # else it writes a report of the untouched model alone and says adapters were written
+        raise ValueError(f"no demo methods given; choose from {list(METHODS)}")
+    repeated = sorted({m for m in methods if list(methods).count(m) > 1})
+    if repeated:  # the report keys results by method: a repeat would show in the table but not in report.json
+        raise ValueError(f"demo method(s) {repeated} given more than once")
     world = fact_world()
     if not 1 <= n_subjects <= world.n_forget_subjects:
         raise ValueError(f"n_subjects must be between 1 and {world.n_forget_subjects}")

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import peft_unlearn as pu
-from peft_unlearn.cli import _read_texts, build_parser, main, read_records
+from peft_unlearn.cli import UsageError, _read_texts, build_parser, main, read_records
 from peft_unlearn.hub import find_leaks, model_card
 from peft_unlearn.outputs import OUTPUT_MARKER
 from peft_unlearn.testing.hub_cache import install_in_hub_cache
@@ -148,6 +148,34 @@ def test_chat_template_without_one_is_refused_before_the_model_loads(tmp_path, m
                        str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
                        str(write_text(d / "c.yaml", "bias: 1")), "--output", str(d / "out")],
          "option 'bias' of unlearn must be a string, got 1"),
+        # A flag's option in --config failed with "got multiple values for keyword argument"; an unknown name was
+        # reported only once the model had loaded; resume: true looked in the run's new staging folder.
+        (lambda d, m: ["unlearn", "--model", str(m), "--method", "npo", "--forget",
+                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
+                       str(write_text(d / "c.yaml", "uipe_alpha: 0.5")), "--output", str(d / "out")],
+         "sets 'uipe_alpha', which the command sets from --uipe-alpha; remove it"),
+        (lambda d, m: ["unlearn", "--model", str(m), "--method", "npo", "--forget",
+                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
+                       str(write_text(d / "c.yaml", "max_step: 2")), "--output", str(d / "out")],
+         "unknown options ['max_step'] for unlearn"),
+        (lambda d, m: ["unlearn", "--model", str(m), "--method", "npo", "--forget",
+                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
+                       str(write_text(d / "c.yaml", "resume_from_checkpoint: true")), "--output", str(d / "out")],
+         "resume_from_checkpoint: true finds no checkpoint"),
+        # A non-mapping 'edit' key ended with AttributeError's traceback; an empty .txt was refused as "texts".
+        (lambda d, m: ["edit", "--model", str(m), "--method", "grace", "--requests",
+                       str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--config",
+                       str(write_text(d / "c.yaml", "edit: 5")), "--output", str(d / "out")],
+         "'edit' must hold a mapping of edit() options, got 5"),
+        (lambda d, m: ["edit", "--model", str(m), "--method", "alphaedit", "--requests",
+                       str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--preserve",
+                       str(write_text(d / "keep.txt", "\n\n")), "--output", str(d / "out")],
+         "keep.txt holds no texts (one per line)"),
+        # The demo wrote a report of the untouched model alone (and said adapters were written), or a table with a
+        # method twice that report.json held once.
+        (lambda d, m: ["demo", "--methods", ",", "--output", str(d / "out")], "no demo methods given"),
+        (lambda d, m: ["demo", "--methods", "grace,grace", "--output", str(d / "out")],
+         "demo method(s) ['grace'] given more than once"),
     ],
 )
 def test_bad_input_ends_with_one_line_and_no_output(tmp_path, model_dir, capsys, make_args, message):
@@ -174,6 +202,23 @@ def test_files_from_windows_editors_are_read(tmp_path):
         assert read_records(str(tmp_path / name), "requests") == rows, name
     (tmp_path / "keep.txt").write_bytes("\ufeffAnaïs Nin wrote diaries.\r\nA second text.\r\n".encode("utf-8"))
     assert _read_texts(str(tmp_path / "keep.txt")) == ["Anaïs Nin wrote diaries.", "A second text."]
+
+
+def test_a_folder_given_as_an_input_file_is_refused(tmp_path, monkeypatch):
+    """A relative folder path went to the datasets library as a Hub name, which read every file in the folder as
+    one set: --forget data/qa silently trained on forget.jsonl and retain.jsonl together; other folder paths were
+    'not found'."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data" / "qa"
+    folder.mkdir(parents=True)
+    write_jsonl(folder / "forget.jsonl", [{"question": "a b", "answer": "c"}])
+    write_jsonl(folder / "retain.jsonl", [{"question": "d e", "answer": "f"}])
+    for source in ("data/qa", "data/qa/", str(folder)):
+        with pytest.raises(UsageError, match=r"is a folder, not a file: name one JSON/JSONL file in it \(it holds "
+                                             r"\['forget.jsonl', 'retain.jsonl'\]\)"):
+            read_records(source, "forget")
+    (tmp_path / "KEEP.TXT").write_text("A kept text.\n")  # a .txt file whatever the case of its suffix
+    assert _read_texts("KEEP.TXT") == ["A kept text."]
 
 
 def test_output_never_deletes_an_input_kept_inside_it(tmp_path, model_dir, world, capsys):

@@ -54,6 +54,39 @@ def test_load_tofu_reads_a_download_of_the_hub_dataset(tofu_dir, tmp_path):
         load_tofu("world_facts", data_dir=tmp_path)
 
 
+def test_load_tofu_keeps_every_column_and_names_rows_without_answers(tmp_path):
+    """``Dataset.from_list`` keeps the first row's keys only: a first row without ``answer`` dropped the answer of
+    every row, and one without ``paraphrased_answer`` dropped that column from the rest, silently."""
+    rows = [{"question": "q1", "answer": "a1"},
+            {"question": "q2", "answer": "a2", "paraphrased_answer": "b2"}]
+    (tmp_path / "retain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_tofu("retain", data_dir=tmp_path)["paraphrased_answer"] == [None, "b2"]
+    (tmp_path / "forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"question": "q0"}, *rows]))
+    with pytest.raises(ValueError, match=r"rows \[0\] of .*forget.jsonl lack a column of the TOFU schema "
+                                         r"\['question', 'answer'\]; row 0 lacks \['answer'\] and has \['question'\]"):
+        load_tofu("forget10", data_dir=tmp_path)
+    (tmp_path / "world_facts.json").write_text(json.dumps([{"prompt": "q", "response": "a"}]))
+    with pytest.raises(ValueError, match=r"lacks \['question', 'answer'\] and has \['prompt', 'response'\]"):
+        load_tofu("world_facts", data_dir=tmp_path)
+
+
+def test_load_tofu_reads_parquet_as_the_hub_converts_it(tofu_dir, tmp_path):
+    """The Hub's parquet conversion of locuslab/TOFU (forget10/train/0000.parquet) and flat {split}.parquet files
+    load like the JSON ones; they were 'not found', with an empty list of what the folder held."""
+    import datasets
+
+    forget = load_tofu("forget", data_dir=tofu_dir)
+    (tmp_path / "forget10" / "train").mkdir(parents=True)
+    forget.select(range(150)).to_parquet(str(tmp_path / "forget10" / "train" / "0000.parquet"))
+    forget.select(range(150, 300)).to_parquet(str(tmp_path / "forget10" / "train" / "0001.parquet"))
+    assert load_tofu("forget10", data_dir=tmp_path).to_list() == forget.to_list()
+    row = {"question": "q", "answer": "a", "paraphrased_answer": "b", "perturbed_answer": ["c", "d"]}
+    datasets.Dataset.from_list([row]).to_parquet(str(tmp_path / "retain_perturbed.parquet"))
+    assert load_tofu("retain_perturbed", data_dir=tmp_path).to_list() == [row]
+    with pytest.raises(FileNotFoundError, match=r"found \['forget10/', 'retain_perturbed.parquet'\]"):
+        load_tofu("world_facts", data_dir=tmp_path)
+
+
 def test_fictitious_facts_are_deterministic_and_well_formed():
     facts = fictitious_facts(20, seed=3)
     assert facts == fictitious_facts(20, seed=3)

@@ -24,40 +24,85 @@ _LOCAL_ALIASES = (
 )
 
 
-def _local_file(data_dir: Path, split: str) -> tuple[Path, bool]:
-    """The file holding ``split`` and whether it was found under an alias (a file standing for several splits)."""
-    stems = [split] + [stem for pattern, stem in _LOCAL_ALIASES if pattern.match(split)]
+def _parquet_files(data_dir: Path, stem: str) -> list[Path]:
+    """``{stem}.parquet``, or the parquet files under a ``{stem}/`` folder (the Hub's parquet conversion writes
+    ``forget10/train/0000.parquet``)."""
+    single = data_dir / f"{stem}.parquet"
+    if single.is_file():
+        return [single]
+    folder = data_dir / stem
+    return sorted(folder.rglob("*.parquet")) if folder.is_dir() else []
+
+
+def _local_file(data_dir: Path, split: str) -> tuple[list[Path], bool]:
+    """The file(s) holding ``split`` and whether they were found under an alias (a file standing for several
+    splits)."""
+    stems = list(dict.fromkeys([split] + [stem for pattern, stem in _LOCAL_ALIASES if pattern.match(split)]))
     for stem in stems:
         for suffix in (".jsonl", ".json"):
             candidate = data_dir / f"{stem}{suffix}"
             if candidate.is_file():
-                return candidate, stem != split
-    available = sorted(p.name for p in data_dir.glob("*.json*"))
-    raise FileNotFoundError(f"no file for TOFU split {split!r} in {data_dir} (tried {stems}); found {available}")
+                return [candidate], stem != split
+        parquet = _parquet_files(data_dir, stem)
+        if parquet:
+            return parquet, stem != split
+    available = sorted([p.name for pattern in ("*.json*", "*.parquet") for p in data_dir.glob(pattern)]
+                       + [f"{p.name}/" for p in data_dir.iterdir() if p.is_dir()])
+    raise FileNotFoundError(f"no file for TOFU split {split!r} in {data_dir} (tried {stems} as .jsonl, .json, "
+                            f".parquet or a folder of parquet files); found {available}")
+
+
+def _read_rows(paths: list[Path]) -> list[dict]:
+    """The rows of one JSON/JSONL file or of parquet files read in order (pyarrow, so nothing is cached)."""
+    if paths[0].suffix != ".parquet":
+        return read_records(paths[0], "TOFU")
+    import pyarrow.parquet as pq
+
+    return [row for path in paths for row in pq.read_table(path).to_pylist()]
+
+
+def _as_dataset(rows: list[dict], source: str, split: str) -> datasets.Dataset:
+    """The rows as a Dataset with every column any row has: ``Dataset.from_list`` keeps only the first row's keys,
+    so one row without ``answer`` silently dropped the column from all of them."""
+    required = ("text",) if split == "idontknow" else ("question", "answer")
+    lacking = [i for i, row in enumerate(rows) if any(row.get(name) is None for name in required)]
+    if lacking:
+        first = rows[lacking[0]]
+        missing = [name for name in required if first.get(name) is None]
+        raise ValueError(f"TOFU split {split!r}: rows {lacking[:10]} of {source} lack a column of the TOFU schema "
+                         f"{list(required)}; row {lacking[0]} lacks {missing} and has {sorted(first)}")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return datasets.Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
 
 
 def load_tofu(split: str, data_dir: str | Path | None = None) -> datasets.Dataset:
     """Load one TOFU split as a ``datasets.Dataset`` with the TOFU schema (question, answer, ...).
 
-    With ``data_dir`` the split is read from ``{split}.jsonl``/``.json`` there; Hub names such as ``forget10`` map to
-    ``forget.jsonl`` (with a warning: one local file stands for every forgetNN split), and ``*_perturbed`` splits
-    must have ``perturbed_answer``. Without ``data_dir`` it is the configuration ``split`` of the Hub dataset
-    ``locuslab/TOFU``.
+    With ``data_dir`` the split is read from ``{split}.jsonl``/``.json``/``.parquet`` there, or from the parquet
+    files of a ``{split}/`` folder; Hub names such as ``forget10`` map to ``forget.jsonl`` (with a warning: one
+    local file stands for every forgetNN split), and ``*_perturbed`` splits must have ``perturbed_answer``. Every
+    row must have question and answer (``idontknow``: text). Without ``data_dir`` it is the configuration ``split``
+    of the Hub dataset ``locuslab/TOFU``.
     """
     if data_dir is None:
         logger.info("loading TOFU split %s from the Hub dataset %s", split, TOFU_HUB_ID)
-        return datasets.load_dataset(TOFU_HUB_ID, split, split="train")
-    data_dir = Path(data_dir)
+        try:
+            return datasets.load_dataset(TOFU_HUB_ID, split, split="train")
+        except ConnectionError as error:  # offline: say how to load it without the Hub
+            raise ConnectionError(f"{error}; offline, pass data_dir=, a folder holding {split}.json (a download "
+                                  f"of {TOFU_HUB_ID})") from None
+    data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         problem = "is a file, not a folder" if data_dir.exists() else "does not exist"
         raise FileNotFoundError(f"TOFU data_dir {data_dir} {problem}")
-    path, aliased = _local_file(data_dir, split)
-    rows = read_records(path, "TOFU")
+    paths, aliased = _local_file(data_dir, split)
+    source = str(paths[0]) if len(paths) == 1 else f"the parquet files under {paths[0].parent}"
+    rows = _read_rows(paths)
     if not rows:
-        raise ValueError(f"{path} is empty")
+        raise ValueError(f"{source} is empty")
     if aliased:
         logger.warning("TOFU split %r read from %s (%d rows): in a local folder one file stands for every split of "
-                       "its kind", split, path.name, len(rows))
-    if split.endswith("_perturbed") and not all("perturbed_answer" in row for row in rows):
-        raise ValueError(f"TOFU split {split!r}: {path} has no perturbed_answer column, which that split needs")
-    return datasets.Dataset.from_list(rows)
+                       "its kind", split, paths[0].name if len(paths) == 1 else source, len(rows))
+    if split.endswith("_perturbed") and not all(row.get("perturbed_answer") is not None for row in rows):
+        raise ValueError(f"TOFU split {split!r}: {source} has no perturbed_answer column, which that split needs")
+    return _as_dataset(rows, source, split)
