@@ -39,6 +39,20 @@ def write_jsonl(path, rows):
     return path
 
 
+def edit_args(folder, model_dir, method, config):
+    """An edit command line with one request and the --config file holding ``config``."""
+    return ["edit", "--model", str(model_dir), "--method", method, "--requests",
+            str(write_jsonl(folder / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--config",
+            str(write_text(folder / "c.yaml", config)), "--output", str(folder / "out")]
+
+
+def unlearn_args(folder, model_dir, config):
+    """An NPO unlearn command line with one forget row and the --config file holding ``config``."""
+    return ["unlearn", "--model", str(model_dir), "--method", "npo", "--forget",
+            str(write_jsonl(folder / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
+            str(write_text(folder / "c.yaml", config)), "--output", str(folder / "out")]
+
+
 def truncated_copy(model_dir, folder):
     """A copy of the model folder whose weights file was cut short (an interrupted download or copy)."""
     shutil.copytree(model_dir, folder)
@@ -107,13 +121,9 @@ def test_chat_template_without_one_is_refused_before_the_model_loads(tmp_path, m
         (lambda d, m: ["edit", "--model", str(m), "--method", "grace", "--requests",
                        str((d / "broken.json")), "--output", str(d / "out")], "not valid JSON"),
         (lambda d, m: ["demo", "--methods", "magic", "--output", str(d / "out")], "unknown demo method"),
-        (lambda d, m: ["edit", "--model", str(m), "--method", "grace", "--requests",
-                       str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--config",
-                       str(write_text(d / "c.yaml", "target_modules: model.layers.0.mlp.nonexistent")), "--output",
-                       str(d / "out")], "bad target_modules for grace"),
-        (lambda d, m: ["edit", "--model", str(m), "--method", "wise", "--requests",
-                       str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--config",
-                       str(write_text(d / "c.yaml", "n_iter: abc")), "--output", str(d / "out")],
+        (lambda d, m: edit_args(d, m, "grace", "target_modules: model.layers.0.mlp.nonexistent"),
+         "bad target_modules for grace"),
+        (lambda d, m: edit_args(d, m, "wise", "n_iter: abc"),
          "option 'n_iter' of wise must be an integer"),
         (lambda d, m: ["edit", "--model", str(m), "--method", "grace", "--requests",
                        str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--preserve",
@@ -136,36 +146,22 @@ def test_chat_template_without_one_is_refused_before_the_model_loads(tmp_path, m
                        str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": None}])), "--retain",
                        str(d / "f.jsonl"), "--output", str(d / "out")], "answer must be a non-empty string"),
         # The Trainer failed on a comparison ("'>' not supported ...") that named no option.
-        (lambda d, m: ["unlearn", "--model", str(m), "--method", "npo", "--forget",
-                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
-                       str(write_text(d / "c.yaml", "max_steps: two")), "--output", str(d / "out")],
+        (lambda d, m: unlearn_args(d, m, "max_steps: two"),
          "option 'max_steps' of unlearn must be an integer, got 'two'"),
-        (lambda d, m: ["unlearn", "--model", str(m), "--method", "npo", "--forget",
-                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
-                       str(write_text(d / "c.yaml", "learning_rate: 1e-4")), "--output", str(d / "out")],
+        (lambda d, m: unlearn_args(d, m, "learning_rate: 1e-4"),
          "option 'learning_rate' of unlearn must be a number, got '1e-4' (YAML reads 1e-4 as text"),
-        (lambda d, m: ["unlearn", "--model", str(m), "--method", "npo", "--forget",
-                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
-                       str(write_text(d / "c.yaml", "bias: 1")), "--output", str(d / "out")],
+        (lambda d, m: unlearn_args(d, m, "bias: 1"),
          "option 'bias' of unlearn must be a string, got 1"),
         # A flag's option in --config failed with "got multiple values for keyword argument"; an unknown name was
         # reported only once the model had loaded; resume: true looked in the run's new staging folder.
-        (lambda d, m: ["unlearn", "--model", str(m), "--method", "npo", "--forget",
-                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
-                       str(write_text(d / "c.yaml", "uipe_alpha: 0.5")), "--output", str(d / "out")],
+        (lambda d, m: unlearn_args(d, m, "uipe_alpha: 0.5"),
          "sets 'uipe_alpha', which the command sets from --uipe-alpha; remove it"),
-        (lambda d, m: ["unlearn", "--model", str(m), "--method", "npo", "--forget",
-                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
-                       str(write_text(d / "c.yaml", "max_step: 2")), "--output", str(d / "out")],
+        (lambda d, m: unlearn_args(d, m, "max_step: 2"),
          "unknown options ['max_step'] for unlearn"),
-        (lambda d, m: ["unlearn", "--model", str(m), "--method", "npo", "--forget",
-                       str(write_jsonl(d / "f.jsonl", [{"question": "a b", "answer": "c"}])), "--config",
-                       str(write_text(d / "c.yaml", "resume_from_checkpoint: true")), "--output", str(d / "out")],
+        (lambda d, m: unlearn_args(d, m, "resume_from_checkpoint: true"),
          "resume_from_checkpoint: true finds no checkpoint"),
         # A non-mapping 'edit' key ended with AttributeError's traceback; an empty .txt was refused as "texts".
-        (lambda d, m: ["edit", "--model", str(m), "--method", "grace", "--requests",
-                       str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--config",
-                       str(write_text(d / "c.yaml", "edit: 5")), "--output", str(d / "out")],
+        (lambda d, m: edit_args(d, m, "grace", "edit: 5"),
          "'edit' must hold a mapping of edit() options, got 5"),
         (lambda d, m: ["edit", "--model", str(m), "--method", "alphaedit", "--requests",
                        str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--preserve",
