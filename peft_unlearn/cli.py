@@ -312,8 +312,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
             {"method": result.method, "n_requests": result.n_requests, "seconds": result.seconds,
              "edit_ids": result.edit_ids, "reached": result.reached}, indent=2))
     _push(args, Path(args.output), [r.prompt for r in requests])
-    print(f"{result.n_requests} edits with {args.method} in {result.seconds:.1f}s, {sum(result.reached)} giving their "
-          f"targets (teacher-forced); adapter written to {args.output}")
+    edits = f"{result.n_requests} edit{'' if result.n_requests == 1 else 's'}"
+    print(f"{edits} with {args.method} in {result.seconds:.1f}s, {sum(result.reached)} giving their targets "
+          f"(teacher-forced); adapter written to {args.output}")
     return 0
 
 
@@ -352,6 +353,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
     _check_option_types("unlearn", [UnlearningArguments, LoraConfig], options)
     _check_unlearn_option_names(args.config, options)
+    if retain is None and _reads_retain_set(args.method, options):  # else refused after the model loaded
+        raise UsageError(f"--method {args.method} has a retain term: give --retain (or retain_weight: 0 in --config)")
     model, tokenizer = load_model(args.model, chat_template=bool(options.get("chat_template", False)))
     with staged_output(args.output) as folder:
         model, summary = unlearn_with_lora(model, tokenizer, forget, retain, loss=args.method,
@@ -368,6 +371,17 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 # unlearn_with_lora's own arguments that the command sets from its flags.
 _UNLEARN_FLAGS = {"loss": "--method", "uipe_alpha": "--uipe-alpha", "output_dir": "--output"}
+
+
+def _reads_retain_set(loss: str, options: dict) -> bool:
+    """Whether unlearning with ``loss`` and these ``--config`` options trains on a retain set."""
+    from .unlearning.losses import get_unlearning_loss
+    from .unlearning.recipes import LOSS_DEFAULTS
+    from .unlearning.trainer import UnlearningArguments
+
+    weight = UnlearningArguments.__dataclass_fields__["retain_weight"].default
+    weight = options.get("retain_weight", LOSS_DEFAULTS[loss].get("retain_weight", weight))
+    return get_unlearning_loss(loss).uses_retain and weight > 0
 
 
 def _check_unlearn_option_names(config: str | None, options: dict) -> None:

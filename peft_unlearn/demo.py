@@ -110,7 +110,7 @@ def run_demo(
         raise ValueError(f"demo method(s) {repeated} given more than once")
     world = fact_world()
     if not 1 <= n_subjects <= world.n_forget_subjects:
-        raise ValueError(f"n_subjects must be between 1 and {world.n_forget_subjects}")
+        raise ValueError(f"n_subjects (the command's --subjects) must be between 1 and {world.n_forget_subjects}")
     check_replaceable(output)  # before the work, not after it
     base, tokenizer = world.train_model(arch, progress=progress)
     forget_subjects = set(world.forget_subjects[:n_subjects])

@@ -100,7 +100,7 @@ def test_chat_template_without_one_is_refused_before_the_model_loads(tmp_path, m
     pairs = str(write_jsonl(tmp_path / "pairs.jsonl", [{"question": "a b", "answer": "c"}]))
     requests = str(write_jsonl(tmp_path / "r.jsonl", [{"prompt": "a b", "target": "c"}]))
     args = {"edit": ["--method", "alphaedit", "--requests", requests, "--preserve", pairs],
-            "unlearn": ["--method", "npo", "--forget", pairs],
+            "unlearn": ["--method", "npo", "--forget", pairs, "--retain", pairs],
             "eval": ["--forget", pairs, "--retain", pairs]}[command]
     code = main([command, "--model", str(model_dir), "--chat-template", *args, "--output", str(tmp_path / "out")])
     assert code != 0 and "--chat-template: the tokenizer of" in capsys.readouterr().err
@@ -160,6 +160,8 @@ def test_chat_template_without_one_is_refused_before_the_model_loads(tmp_path, m
          "unknown options ['max_step'] for unlearn"),
         (lambda d, m: unlearn_args(d, m, "resume_from_checkpoint: true"),
          "resume_from_checkpoint: true finds no checkpoint"),
+        (lambda d, m: unlearn_args(d, m, "max_steps: 2"),  # was "pass retain_dataset", after loading the model
+         "--method npo has a retain term: give --retain (or retain_weight: 0 in --config)"),
         # A non-mapping 'edit' key ended with AttributeError's traceback; an empty .txt was refused as "texts".
         (lambda d, m: edit_args(d, m, "grace", "edit: 5"),
          "'edit' must hold a mapping of edit() options, got 5"),
