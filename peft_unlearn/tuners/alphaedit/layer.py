@@ -19,10 +19,10 @@ from .config import AlphaEditConfig
 class AlphaEditLayer(EditLayer):
     """Per-adapter state: factors ``alphaedit_B`` [out, rank] and ``alphaedit_A`` [rank, in] with delta ``B @ A``;
     ``alphaedit_edited_keys`` [rows, in], a factor ``F`` of the keys edited so far (``F^T F`` is their second
-    moment; at most ``in`` rows, each a mix of keys), saved with every adapter so that editing
-    after a reload keeps earlier edits; and the preserved keys' second moment, saved only with
-    ``save_projection=True``. The alphaedit solver's null-space basis is derived from the moment and cached, never
-    saved: the moment and ``nullspace_threshold`` determine it."""
+    moment; at most ``in`` rows, each a mix of keys), saved with every adapter so that editing after a reload keeps
+    earlier edits; and the preserved keys' second moment, saved only with ``save_projection=True``. The alphaedit
+    solver's null-space basis is derived from the moment and cached, never saved: the moment and
+    ``nullspace_threshold`` determine it."""
 
     adapter_layer_names = ("alphaedit_A", "alphaedit_B")
     other_param_names = ("alphaedit_moment", "alphaedit_edited_keys")
