@@ -199,6 +199,13 @@ def _config_for(method: str, options: dict):
     configs = {"alphaedit": pu.AlphaEditConfig, "memit": pu.MemitConfig, "rome": pu.RomeConfig,
                "grace": pu.GraceConfig, "wise": pu.WiseConfig}
     _check_option_types(method, [configs[method]], options)
+    fields = {f.name for f in dataclasses.fields(configs[method]) if f.init}
+    unknown = sorted(set(options) - fields)
+    if unknown:  # else the config class's TypeError named one of them, without the names it takes
+        from peft.config import PeftConfig
+
+        own = sorted(fields - {f.name for f in dataclasses.fields(PeftConfig)})
+        raise UsageError(f"unknown options {unknown} for {method}; its options are {own}")
     try:
         return configs[method](**options)
     except TypeError as error:
@@ -429,6 +436,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     print(f"peft_unlearn {__version__}")
     print("editing adapters registered with PEFT: " + ", ".join(editing_method_names()))
+    print("edit --method: " + ", ".join(EDIT_METHODS) + " (memit and rome are AlphaEdit's other solvers)")
+    print("unlearn --method: " + ", ".join(UNLEARN_LOSSES))
     return 0
 
 

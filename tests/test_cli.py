@@ -125,6 +125,8 @@ def test_chat_template_without_one_is_refused_before_the_model_loads(tmp_path, m
          "bad target_modules for grace"),
         (lambda d, m: edit_args(d, m, "wise", "n_iter: abc"),
          "option 'n_iter' of wise must be an integer"),
+        (lambda d, m: edit_args(d, m, "grace", "codebok_size: 4"),  # was the config class's TypeError, no names
+         "unknown options ['codebok_size'] for grace; its options are ['codebook_size', 'distance', "),
         (lambda d, m: ["edit", "--model", str(m), "--method", "grace", "--requests",
                        str(write_jsonl(d / "r.jsonl", [{"prompt": "a b", "target": "c"}])), "--preserve",
                        str(write_text(d / "keep.txt", "a b c")), "--output", str(d / "out")],
@@ -552,3 +554,11 @@ def test_chat_template_flag_evaluates_and_edits_in_chat_format(tmp_path, chat_mo
     assert edited[0]["chat_template"] is True
     texts, options = collected[0]
     assert texts == [("w8 w9", "w10 w11"), ("w12", "w13 w14")] and options["chat_template"] is True
+
+
+def test_info_names_every_method_the_commands_take(capsys):
+    """info listed the registered adapter types only: memit and rome, which edit --method takes, were missing."""
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "edit --method: alphaedit, memit, rome, grace, wise" in out
+    assert "unlearn --method: ga, grad_diff, kl, npo, simnpo, idk_dpo, refusal" in out
