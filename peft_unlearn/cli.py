@@ -240,6 +240,17 @@ def _finish(model, folder: Path, method: str, base_model: str, n_edits, metrics,
         raise UsageError(f"forget texts leaked into {leaks}; nothing was written")
 
 
+def hub_repo_id(value: str) -> str:
+    """``--push-to-hub``'s repository id, checked when the command line is read rather than after the work."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as error:
+        raise argparse.ArgumentTypeError(str(error).split(". Use `repo_type`")[0]) from None
+    return value
+
+
 def _push(args, folder: Path, forget_texts) -> None:
     """Upload the adapter once its output folder is in place: a failed upload keeps the finished work."""
     if not args.push_to_hub:
@@ -486,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "edits stay in it (alphaedit, memit and rome keep them from changing by their saved keys) and "
                       "the whole adapter is written to --output")
     edit.add_argument("--output", required=True, help="output folder for the adapter")
-    edit.add_argument("--push-to-hub", metavar="REPO", help="upload the adapter with a generated model card")
+    edit.add_argument("--push-to-hub", metavar="REPO", type=hub_repo_id,
+                      help="upload the adapter with a generated model card")
     edit.set_defaults(handler=cmd_edit)
 
     unlearn = commands.add_parser(
@@ -505,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="train and measure question/answer rows in the tokenizer's chat template "
                          "(UnlearningArguments.chat_template)")
     unlearn.add_argument("--output", required=True, help="output folder")
-    unlearn.add_argument("--push-to-hub", metavar="REPO", help="upload the adapter with a generated model card")
+    unlearn.add_argument("--push-to-hub", metavar="REPO", type=hub_repo_id,
+                      help="upload the adapter with a generated model card")
     unlearn.set_defaults(handler=cmd_unlearn)
 
     evaluate = commands.add_parser(

@@ -562,3 +562,12 @@ def test_info_names_every_method_the_commands_take(capsys):
     out = capsys.readouterr().out
     assert "edit --method: alphaedit, memit, rome, grace, wise" in out
     assert "unlearn --method: ga, grad_diff, kl, npo, simnpo, idk_dpo, refusal" in out
+
+
+@pytest.mark.parametrize("repo", ["bad name", "org/team/name"])
+def test_a_malformed_hub_repository_is_refused_before_any_work(repo, capsys):
+    """--push-to-hub's repository id was checked by the upload only, after the whole edit or unlearning run."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["edit", "--model", "m", "--method", "grace", "--requests", "r.jsonl", "--output", "out",
+              "--push-to-hub", repo])
+    assert exit_info.value.code == 2 and "--push-to-hub: Repo id must" in capsys.readouterr().err
