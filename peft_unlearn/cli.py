@@ -539,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="show the version and the registered methods")
     info.set_defaults(handler=cmd_info)
+    for command in commands.choices.values():  # -v after the command too ("edit -v" was an unknown argument)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log progress details")
     return parser
 
 

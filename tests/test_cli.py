@@ -571,3 +571,9 @@ def test_a_malformed_hub_repository_is_refused_before_any_work(repo, capsys):
         main(["edit", "--model", "m", "--method", "grace", "--requests", "r.jsonl", "--output", "out",
               "--push-to-hub", repo])
     assert exit_info.value.code == 2 and "--push-to-hub: Repo id must" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["-v", "info"], ["info", "-v"]])
+def test_verbose_is_taken_before_or_after_the_command(argv):
+    assert build_parser().parse_args(argv).verbose
+    assert not build_parser().parse_args(["info"]).verbose
