@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(UnlearningArguments.chat_template)")
     unlearn.add_argument("--output", required=True, help="output folder")
     unlearn.add_argument("--push-to-hub", metavar="REPO", type=hub_repo_id,
-                      help="upload the adapter with a generated model card")
+                         help="upload the adapter with a generated model card")
     unlearn.set_defaults(handler=cmd_unlearn)
 
     evaluate = commands.add_parser(
