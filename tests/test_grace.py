@@ -288,14 +288,14 @@ def test_codebook_rules_add_expand_split_and_take_over():
     book = draft.book()
     assert book["eps"].tolist() == [0.75, 0.75]
     assert book["labels"].tolist() == [label_of("A"), label_of("B")]  # labels in the order of keys
-    # (changing edit, owner edit, entry index: apply_edits turns it into the owner's ordinal at the end)
-    assert book["change_ids"].tolist() == [[1, 0, 0], [2, 0, 0]] and book["change_eps"].tolist() == [1.0, 1.5]
+    # (changing edit, owner edit, entry index: apply_edits turns it into the owner's ordinal at the end, widened)
+    assert book["change_ids"].tolist() == [[1, 0, 0, 1], [2, 0, 0, 0]] and book["change_eps"].tolist() == [1.0, 1.5]
     # The same key with another label (a prompt edited again): a new entry takes over the old one's radius,
     # the old one rests at radius 0 and no lookup reaches it.
     assert draft.place(other + 1e-6, label_of("C"), 3, 1.0) == 2
     book = draft.book()
     assert book["eps"].tolist() == [0.75, 0.0, 0.75]
-    assert book["change_ids"].tolist()[-1] == [3, 2, 1] and book["change_eps"].tolist()[-1] == 0.75
+    assert book["change_ids"].tolist()[-1] == [3, 2, 1, 0] and book["change_eps"].tolist()[-1] == 0.75
     layer.set_codebook("default", **book)
     nearest, inside = layer.lookup("default", other[None])
     assert nearest.tolist() == [2] and inside.tolist() == [True]
@@ -308,7 +308,7 @@ def test_a_prompt_edited_again_is_recognised_in_a_large_codebook():
     keys = torch.randn(600, 2048, generator=generator) * 3 + 5
     book = {"keys": keys, "values": torch.zeros(600, 8), "eps": torch.full((600,), 1.0),
             "labels": torch.arange(600), "edit_ids": torch.arange(600),
-            "change_ids": torch.zeros(0, 3, dtype=torch.long), "change_eps": torch.zeros(0)}
+            "change_ids": torch.zeros(0, 4, dtype=torch.long), "change_eps": torch.zeros(0)}
     draft = CodebookDraft(book, "euclidean", room=8)
     taken = [draft.place(keys[i].clone(), 1000 + i, 600 + i, 0.05) for i in range(0, 600, 75)]
     eps = draft.book()["eps"]
@@ -456,3 +456,38 @@ def test_value_training_in_row_chunks_writes_the_same_edit(world, trained_models
     whole, chunked = values.values()
     assert whole.shape == chunked.shape
     assert float((chunked - whole).norm() / whole.norm()) < 1e-3
+
+
+def test_removing_an_edit_keeps_the_entries_a_kept_edit_widened_for_itself(world, trained_models, tmp_path, caplog):
+    """A repeated request, or the same prompt edited again with a target of the same first token, widens the earlier
+    edit's entry instead of adding its own: removing the earlier edit must leave the kept one holding (the entry
+    passes to it; it was dropped), and removing the kept one then restores the model's answer."""
+    base, tokenizer = trained_models("llama")
+    fact = world.forget_facts[0]
+    first = pu.EditRequest(fact.question, "I have no idea.")
+    again = pu.EditRequest(fact.question, "I do not know.")
+    for calls in ([[first, first]], [[first], [first]], [[first], [again]]):
+        model = get_peft_model(copy.deepcopy(base), pu.GraceConfig())
+        for requests in calls:
+            pu.edit(model, tokenizer, requests, progress=False)
+        kept = calls[-1][-1]
+        pu.remove_edits(model, [0])
+        assert generation_match(model, tokenizer, [(kept.prompt, kept.target)]) == 1.0
+        pu.remove_edits(model, [1])
+        assert model.peft_config["default"].codebook_size == 0
+        assert generation_match(model, tokenizer, [fact.pair]) == 1.0
+    # A change log saved by an earlier version (three columns) loads; its changes are of unknown kind, so removing
+    # an edit whose entry a kept edit changed says that the kept edit may no longer hold.
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig())
+    pu.edit(model, tokenizer, [first, first], progress=False)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+    path = tmp_path / "adapter_model.safetensors"
+    state = load_file(path)
+    key = next(k for k in state if "grace_change_ids" in k)
+    state[key] = state[key][:, :3].contiguous()
+    save_file(state, path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with caplog.at_level("WARNING", logger="peft_unlearn.tuners.grace.model"):
+        pu.remove_edits(reloaded, [0])
+    assert "kept edits [1]" in caplog.text

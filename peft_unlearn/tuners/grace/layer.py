@@ -12,6 +12,8 @@ from ..base import BatchAwareLayer, EditBufferDict, EditLayer, EditParameterDict
 from .config import GraceConfig
 
 NO_MATCH = -1
+# Columns of the change log: changing edit, owner edit, owner's ordinal, widened (see GraceLayer).
+CHANGE_COLUMNS = 4
 # A radius set to reach a key exactly is compared with this relative slack, so float rounding of the distance
 # (recomputed at lookup) cannot leave that key uncovered.
 RADIUS_SLACK = 1e-4
@@ -99,7 +101,8 @@ class GraceLayer(EditLayer, BatchAwareLayer):
         self.grace_eps = EditBufferDict({}, persistent=True)
         self.grace_labels = EditBufferDict({}, persistent=True)
         self.grace_edit_ids = EditBufferDict({}, persistent=True)
-        # [C, 3]: (changing edit id, entry's edit id, entry's ordinal among that edit's entries)
+        # [C, 4]: (changing edit id, entry's edit id, entry's ordinal among that edit's entries, 1 if the change
+        # widened the entry to cover the changing edit's key (same label: that edit relies on it) else 0)
         self.grace_change_ids = EditBufferDict({}, persistent=True)
         self.grace_change_eps = EditBufferDict({}, persistent=True)  # [C]: the entry's radius before the change
         self.grace_distance: dict[str, str] = {}
@@ -127,7 +130,7 @@ class GraceLayer(EditLayer, BatchAwareLayer):
         self.grace_eps[adapter_name] = torch.zeros(n, device=device)
         self.grace_labels[adapter_name] = torch.zeros(n, dtype=torch.long, device=device)
         self.grace_edit_ids[adapter_name] = torch.zeros(n, dtype=torch.long, device=device)
-        self.grace_change_ids[adapter_name] = torch.zeros(c, 3, dtype=torch.long, device=device)
+        self.grace_change_ids[adapter_name] = torch.zeros(c, CHANGE_COLUMNS, dtype=torch.long, device=device)
         self.grace_change_eps[adapter_name] = torch.zeros(c, device=device)
         self.grace_distance[adapter_name] = config.distance
         self.grace_replacement[adapter_name] = config.replacement

@@ -18,7 +18,7 @@ from ...metrics import batches
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
 from .config import GraceConfig
-from .layer import RADIUS_SLACK, GraceLayer, GraceLinear, key_distances, nearest_by_exact_distance
+from .layer import CHANGE_COLUMNS, RADIUS_SLACK, GraceLayer, GraceLinear, key_distances, nearest_by_exact_distance
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ UNRELATED_BATCH = 64
 # The codebook's per-entry tensors, and with them the change log: what editing and rollback read and write.
 ENTRY_FIELDS = ("keys", "values", "eps", "labels", "edit_ids")
 BOOK_FIELDS = ENTRY_FIELDS + ("change_ids", "change_eps")
+# The last change-log column: the change widened the entry to cover the changing edit's key; it split or took
+# it over; unknown (a log saved by an earlier version, with three columns).
+WIDENED, SPLIT, UNKNOWN_CHANGE = 1, 0, -1
 # Keys whose distances to the codebook (or to unrelated keys) are read in one pass while a call places them.
 PLACEMENT_CHUNK = 256
 
@@ -80,11 +83,13 @@ class CodebookDraft:
         self.size += 1
         return index
 
-    def _log_change(self, edit_id: int, entry: int) -> None:
-        """Record that ``edit_id`` changed ``entry``'s radius (the index becomes the owner's ordinal at the end)."""
+    def _log_change(self, edit_id: int, entry: int, widened: bool) -> None:
+        """Record that ``edit_id`` changed ``entry``'s radius (the index becomes the owner's ordinal at the end);
+        ``widened``: to cover a key of ``edit_id`` with the same label, which then relies on the entry."""
         log = self.change_ids[0]
         owner = int(self.tensors["edit_ids"][entry])
-        self.change_ids.append(torch.tensor([[edit_id, owner, entry]], dtype=log.dtype, device=log.device))
+        row = [[edit_id, owner, entry, WIDENED if widened else SPLIT]]
+        self.change_ids.append(torch.tensor(row, dtype=log.dtype, device=log.device))
         self.change_eps.append(self.eps[entry : entry + 1].to(self.change_eps[0]).clone())
 
     def _chunks(self, queries: torch.Tensor):
@@ -133,8 +138,9 @@ class CodebookDraft:
         d, j = self._nearest(query, distances, start)
         eps = self.eps
         if j >= 0 and d <= radius + float(eps[j]):
-            self._log_change(edit_id, j)
-            if int(self.tensors["labels"][j]) == label:
+            widened = int(self.tensors["labels"][j]) == label
+            self._log_change(edit_id, j, widened)
+            if widened:
                 eps[j] = max(float(eps[j]), d)  # expand the coverage
                 return j
             if d <= same_key:
@@ -240,6 +246,20 @@ def label_of(target: str) -> int:
     return int.from_bytes(hashlib.sha256(target.encode("utf-8")).digest()[:8], "little") >> 1
 
 
+def warn_orphaned_edits(change_ids: torch.Tensor, removed: set[int]) -> None:
+    """Warn when kept edits changed entries of removed edits in a change log saved by an earlier version, which
+    does not say whether a change widened the entry (the kept edit relies on it and keeps it) or split it: such an
+    entry is dropped, and a kept edit that relied on it no longer holds."""
+    kept = sorted({changer for changer, owner, _, kind in change_ids.tolist()
+                   if kind == UNKNOWN_CHANGE and changer not in removed and owner in removed})
+    if kept:
+        logger.warning(
+            "grace: removing edits %s drops codebook entries that kept edits %s changed (logged by an earlier "
+            "version, which did not record widenings); a kept edit whose key such an entry covered no longer "
+            "holds: edit it again", sorted(removed)[:10], kept[:10],
+        )
+
+
 class GraceModel(SingleLayerTuner):
     """GRACE (Hartvigsen et al. 2023): a codebook adaptor at one layer, grown by edits, rolled back by edit id.
     By default it wraps a late layer (the reference wraps Llama-2-7B layer 27 of 32)."""
@@ -250,6 +270,15 @@ class GraceModel(SingleLayerTuner):
     default_depth = 0.85
     wraps_output_embedding = False
     recorded_sizes = ("codebook_size", "n_changes")
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name: str, state_dict: dict) -> dict:
+        """A change log saved by an earlier version (three columns) gets the widening column, as unknown."""
+        state_dict = dict(state_dict)
+        for key, tensor in state_dict.items():
+            if key.endswith(".grace_change_ids") and tensor.dim() == 2 and tensor.shape[1] == CHANGE_COLUMNS - 1:
+                state_dict[key] = torch.cat([tensor, torch.full_like(tensor[:, :1], UNKNOWN_CHANGE)], dim=1)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     @classmethod
     def check_saved_layout(cls, saved: dict[str, torch.Tensor]) -> None:
@@ -416,11 +445,13 @@ class GraceModel(SingleLayerTuner):
         return (start + offset * scale).detach()
 
     def remove_edits(self, edit_ids: Sequence[int], adapter_name: str) -> int:
-        """Roll back edits: drop the entries they created and undo the radius changes they made.
+        """Roll back edits: drop the entries they created and undo the radius changes they made. An entry of a
+        removed edit that a kept edit widened to cover its own key (same label: a repeated request, the same prompt
+        edited again with a target whose first token is the same in 'answer' mode) passes to that edit, which
+        relies on it, rather than being dropped. Returns the number of entries dropped.
 
-        Exact when edits are removed newest first, and whenever no later edit widened or split the removed edits'
-        entries (none does at the default ``eps_init`` on the fact models). Otherwise a kept edit that relied on a
-        widened entry of a removed edit loses that coverage: remove such edits newest first."""
+        Exact when edits are removed newest first; otherwise a kept edit whose key lay inside a removed edit's
+        widening of one of its entries (not its own widening) loses that coverage: remove such edits newest first."""
         config: GraceConfig = self.peft_config[adapter_name]
         _, layer = self.grace_layer(adapter_name)
         removed = set(int(i) for i in edit_ids)
@@ -428,22 +459,36 @@ class GraceModel(SingleLayerTuner):
         if unknown:
             raise ValueError(f"unknown edit ids {unknown[:10]}: this adapter has edits 0..{config.n_edits - 1}")
         book = {k: getattr(layer, f"grace_{k}")[adapter_name].detach().clone() for k in BOOK_FIELDS}
-        undo = torch.tensor([int(c) in removed for c in book["change_ids"][:, 0]], dtype=torch.bool)
-        for position in reversed(undo.nonzero().flatten().tolist()):  # newest change first
-            owner, ordinal = int(book["change_ids"][position, 1]), int(book["change_ids"][position, 2])
-            match = (book["edit_ids"] == owner).nonzero().flatten()
-            if ordinal < len(match):
-                book["eps"][match[ordinal]] = book["change_eps"][position].to(book["eps"])
-        keep = torch.tensor([int(i) not in removed for i in book["edit_ids"]], dtype=torch.bool)
+        log, owners = book["change_ids"].cpu(), book["edit_ids"].cpu().clone()
+        warn_orphaned_edits(log, removed)
+        # Each logged change's entry by index: rows name it by owner and ordinal, which this removal renumbers.
+        where = {key: i for i, key in enumerate(zip(owners.tolist(), ordinals_within_edits(owners).tolist()))}
+        entry_of = [where.get((owner, ordinal), -1) for owner, ordinal in log[:, 1:3].tolist()]
+        changers, kinds = log[:, 0].tolist(), log[:, 3].tolist()
+        undo = [changer in removed for changer in changers]
+        for position in reversed(range(len(changers))):  # newest change first
+            if undo[position] and entry_of[position] >= 0:
+                book["eps"][entry_of[position]] = book["change_eps"][position].to(book["eps"])
+        for position, (changer, kind) in enumerate(zip(changers, kinds)):  # oldest widening first
+            entry = entry_of[position]
+            if kind == WIDENED and changer not in removed and entry >= 0 and int(owners[entry]) in removed:
+                owners[entry] = changer
+        book["edit_ids"] = owners.to(book["edit_ids"])
+        keep = torch.tensor([int(i) not in removed for i in owners], dtype=torch.bool)
         n_removed = int((~keep).sum())
         for name in ENTRY_FIELDS:
             book[name] = book[name][keep.to(book[name].device)]
-        # Changes recorded against removed entries no longer apply either.
-        alive = torch.tensor([int(o) not in removed for o in book["change_ids"][:, 1]], dtype=torch.bool) & ~undo
-        book["change_ids"] = book["change_ids"][alive.to(book["change_ids"].device)]
+        # Changes that removed edits made, or that apply to dropped entries, go; the rest name their entry anew.
+        alive = [not undo[p] and entry_of[p] >= 0 and bool(keep[entry_of[p]]) for p in range(len(changers))]
+        alive = torch.tensor(alive, dtype=torch.bool)
+        new_index = torch.cumsum(keep.long(), 0) - 1
+        entries = new_index[torch.tensor(entry_of, dtype=torch.long)[alive]]
+        rows = log[alive].clone()
+        rows[:, 1] = book["edit_ids"].cpu()[entries]
+        rows[:, 2] = ordinals_within_edits(book["edit_ids"].cpu())[entries]
+        book["change_ids"] = rows.to(book["change_ids"])
         book["change_eps"] = book["change_eps"][alive.to(book["change_eps"].device)]
         layer.set_codebook(adapter_name, **book)
         config.codebook_size = book["keys"].shape[0]
         config.n_changes = book["change_ids"].shape[0]
         return n_removed
-
