@@ -58,7 +58,10 @@ class EditableTuner:
         raise NotImplementedError
 
     def remove_edits(self, edit_ids: Sequence[int], adapter_name: str) -> int:
-        raise NotImplementedError(f"{type(self).__name__} cannot remove individual edits")
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot remove individual edits: its edits share weights. Keep the adapter saved "
+            "before them and redo the edits to keep, or use GRACE (GraceConfig), whose edits are removed by id"
+        )
 
 
 # Neutral prompts used as unrelated inputs when the model cannot write its own.
