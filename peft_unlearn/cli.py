@@ -398,26 +398,30 @@ def _reads_retain_set(loss: str, options: dict) -> bool:
     from .unlearning.trainer import UnlearningArguments
 
     weight = UnlearningArguments.__dataclass_fields__["retain_weight"].default
-    weight = options.get("retain_weight", LOSS_DEFAULTS[loss].get("retain_weight", weight))
-    return get_unlearning_loss(loss).uses_retain and weight > 0
+    return get_unlearning_loss(loss).reads_retain_set(
+        options.get("retain_weight", LOSS_DEFAULTS[loss].get("retain_weight", weight))
+    )
 
 
 def _check_unlearn_option_names(config: str | None, options: dict) -> None:
     """Refuse, before the model loads, --config options that unlearn_with_lora cannot take: a flag's option given
     again failed with "got multiple values for keyword argument", an unknown name only after loading the model,
     and ``resume_from_checkpoint: true`` looked for checkpoints in the run's new staging folder."""
-    from .unlearning.recipes import LORA_FIELDS
+    import inspect
+
+    from .unlearning.recipes import LORA_FIELDS, unlearn_with_lora
     from .unlearning.trainer import UnlearningArguments
 
     for name, flag in _UNLEARN_FLAGS.items():
         if name in options:
             raise UsageError(f"config file {config} sets {name!r}, which the command sets from {flag}; remove it")
-    known = {f.name for f in dataclasses.fields(UnlearningArguments)} | set(LORA_FIELDS)
-    known |= {"utility_floor", "progress"}
+    recipe = [name for name, parameter in inspect.signature(unlearn_with_lora).parameters.items()
+              if parameter.kind is parameter.KEYWORD_ONLY and name not in _UNLEARN_FLAGS]
+    known = {f.name for f in dataclasses.fields(UnlearningArguments)} | set(LORA_FIELDS) | set(recipe)
     unknown = sorted(set(options) - known)
     if unknown:
         raise UsageError(f"config file {config}: unknown options {unknown} for unlearn (UnlearningArguments fields, "
-                         f"LoRA's {list(LORA_FIELDS)}, utility_floor or progress)")
+                         f"LoRA's {list(LORA_FIELDS)}, or {recipe})")
     if options.get("resume_from_checkpoint") is True:
         raise UsageError(f"config file {config}: resume_from_checkpoint: true finds no checkpoint, since every run "
                          "writes into a new folder; give the checkpoint folder's path")

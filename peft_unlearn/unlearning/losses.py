@@ -182,6 +182,10 @@ class UnlearningLoss:
     def uses_retain(self) -> bool:
         return self.retain is not None
 
+    def reads_retain_set(self, retain_weight: float) -> bool:
+        """Whether training with this objective at ``retain_weight`` needs a retain set (0 skips the term)."""
+        return self.uses_retain and retain_weight > 0
+
     @property
     def uses_refusals(self) -> bool:
         return any(FORGET_REFUSAL in term.parts for term in self.terms(True))

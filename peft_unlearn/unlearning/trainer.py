@@ -219,7 +219,7 @@ class UnlearningTrainer(Trainer):
             except ValueError as error:
                 raise ValueError(f"reference_model: {error}") from None
         self.unlearning_loss = get_unlearning_loss(args.unlearn_loss)
-        self.with_retain = self.unlearning_loss.uses_retain and args.retain_weight > 0
+        self.with_retain = self.unlearning_loss.reads_retain_set(args.retain_weight)
         reads_reference = bool(self.unlearning_loss.reference_parts(self.with_retain))
         if args.neftune_noise_alpha and reads_reference:
             raise ValueError(
