@@ -14,7 +14,7 @@ from torch import nn
 from .capture import context_length
 from .metrics import answer_accuracy, evaluating
 from .refusal_targets import self_improved_requests
-from .requests import EditRequest, as_edit_requests, chat_formatted, tokenize_requests
+from .requests import EditRequest, TokenizedBatch, as_edit_requests, chat_formatted, tokenize_requests
 from .tokenizer_record import check_recorded_tokenizer, record_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -189,12 +189,12 @@ def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
     check_recorded_tokenizer(model, tokenizer)
 
 
-def check_requests_fit(model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> None:
-    """Refuse requests whose prompt and target together exceed the model's context."""
+def check_requests_fit(model: nn.Module, batch: TokenizedBatch) -> None:
+    """Refuse requests (tokenized in ``batch``) whose prompt and target together exceed the model's context."""
     limit = context_length(model)
     if limit is None:
         return
-    lengths = tokenize_requests(tokenizer, requests).attention_mask.sum(dim=1).tolist()
+    lengths = batch.attention_mask.sum(dim=1).tolist()
     too_long = [i for i, length in enumerate(lengths) if length > limit]
     if too_long:
         raise ValueError(
@@ -203,14 +203,14 @@ def check_requests_fit(model: nn.Module, tokenizer, requests: Sequence[EditReque
         )
 
 
-def check_targets_representable(tokenizer, requests: Sequence[EditRequest]) -> None:
+def check_targets_representable(tokenizer, requests: Sequence[EditRequest], batch: TokenizedBatch) -> None:
     """Refuse targets the tokenizer can only write as its unknown token (characters or words outside a vocabulary
     without byte fallback): the edit would teach the model to answer <unk>, which decodes to nothing, yet count as
     reached by teacher forcing."""
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None:
         return
-    labels = tokenize_requests(tokenizer, requests).labels
+    labels = batch.labels
     unknown = [i for i, request in enumerate(requests)
                if bool((labels[i] == unk).any()) and tokenizer.unk_token not in request.target]
     if unknown:
@@ -221,15 +221,23 @@ def check_targets_representable(tokenizer, requests: Sequence[EditRequest]) -> N
         )
 
 
-def check_consistent_targets(requests: Sequence[EditRequest]) -> None:
-    """Refuse one call that asks for two different targets for the same prompt (a later call may re-edit it)."""
-    first: dict[str, int] = {}
-    for index, request in enumerate(requests):
-        earlier = first.setdefault(request.prompt, index)
-        if requests[earlier].target != request.target:
+def check_consistent_targets(requests: Sequence[EditRequest], batch: TokenizedBatch) -> None:
+    """Refuse one call that asks for two different targets for the same prompt (a later call may re-edit it).
+    Prompts and targets are compared as the model reads them, token by token: ``q`` and ``" " + q`` are one prompt
+    to most tokenizers, and comparing strings let the later target silently win."""
+    first: dict[tuple[int, ...], int] = {}
+    targets: list[tuple[int, ...]] = []
+    for index in range(len(requests)):
+        ids, used, labels = batch.input_ids[index], batch.attention_mask[index].bool(), batch.labels[index]
+        prompt = ids[used & (labels == -100)].tolist()
+        targets.append(tuple(labels[labels != -100].tolist()))
+        earlier = first.setdefault(tuple(prompt), index)
+        if targets[earlier] != targets[index]:
+            same = "the same prompt" if requests[earlier].prompt == requests[index].prompt else (
+                f"prompts that tokenize the same ({requests[earlier].prompt!r}, {requests[index].prompt!r})")
             raise ValueError(
-                f"requests {earlier} and {index} give the same prompt two targets ({requests[earlier].target!r}, "
-                f"{request.target!r}); keep one (a later call may edit the prompt again)"
+                f"requests {earlier} and {index} give {same} two targets ({requests[earlier].target!r}, "
+                f"{requests[index].target!r}); keep one (a later call may edit the prompt again)"
             )
 
 
@@ -321,14 +329,15 @@ def edit(
     check_not_merged(model, adapter_name)
     check_adapters_enabled(model)
     check_edited_layers_resident(model, adapter_name)
-    check_consistent_targets(requests)
     config = model.peft_config[adapter_name]
     method = getattr(config, "solver", None) or config.peft_type.value.lower()  # MEMIT and ROME are AlphaEdit's
     start = time.perf_counter()
     extra: dict[str, Any] = {}
     with evaluating(model), chat_formatted(chat_template):
-        check_requests_fit(model, tokenizer, requests)
-        check_targets_representable(tokenizer, requests)
+        batch = tokenize_requests(tokenizer, requests)
+        check_requests_fit(model, batch)
+        check_targets_representable(tokenizer, requests, batch)
+        check_consistent_targets(requests, batch)
         if self_improve:
             requests, own = self_improved_requests(model, tokenizer, requests, chat_template=chat_template)
             extra = {"targets": [r.target for r in requests], "self_improved": sum(own)}

@@ -249,6 +249,23 @@ def test_a_target_the_tokenizer_can_only_write_as_unknown_tokens_is_refused():
 
 
 @pytest.mark.parametrize("make_config", EDIT_CONFIGS)
+def test_prompts_that_tokenize_the_same_with_two_targets_are_refused(make_config):
+    """Two spellings of one prompt (a leading or doubled space) are one prompt to the model: with two targets in one
+    call the later silently won, as the check compared strings. The same prompt and target spelled two ways is one
+    request, and is edited."""
+    model, tokenizer = word_model(make_config)
+    assert tokenizer("w1 w2 w3").input_ids == tokenizer(" w1  w2 w3").input_ids
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match=r"requests 0 and 2 give prompts that tokenize the same .* two targets"):
+        edit(model, tokenizer, [EditRequest("w1 w2 w3", "w5", "w2"), EditRequest("w2 w4", "w6", "w2"),
+                                EditRequest(" w1  w2 w3", "w7", "w2")], progress=False)
+    assert_unchanged(before, model)
+    result = edit(model, tokenizer, [EditRequest("w1 w2 w3", "w5 w6", "w2"), EditRequest(" w1  w2 w3", " w5 w6", "w2")],
+                  progress=False)
+    assert result.edit_ids == [0, 1]
+
+
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS)
 def test_an_adapter_refuses_a_tokenizer_of_the_same_size_other_than_its_own(make_config, tmp_path):
     """Only a tokenizer larger than the embedding was refused: another tokenizer of the same size edited and evaluated
     the adapter with different token ids, silently. The adapter now records its tokenizer (kept when saved)."""

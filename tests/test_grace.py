@@ -299,6 +299,18 @@ def test_codebook_rules_add_expand_split_and_take_over():
     layer.set_codebook("default", **book)
     nearest, inside = layer.lookup("default", other[None])
     assert nearest.tolist() == [2] and inside.tolist() == [True]
+    # A split never grows a radius: entry 0 (radius 0.75) conflicts with a key 2.0 away, whose own radius would
+    # reach it. GRACE's plain d/2 set entry 0 to 1.0; it keeps 0.75, and the new entry gets half the distance.
+    far = origin.clone()
+    far[2] = 2.0
+    assert draft.place(far, label_of("D"), 4, 1.0) == 3
+    assert draft.book()["eps"].tolist() == [0.75, 0.0, 0.75, 1.0]
+    # Nor does it give the new entry more than its initial radius (here 0.1 of the key's norm, 0.34; d/2 gave it 1.6).
+    wide = CodebookDraft({**book, "eps": torch.tensor([3.0, 0.0, 0.0])}, "euclidean", room=1)
+    away = origin.clone()
+    away[3] = 3.2
+    assert wide.place(away, label_of("E"), 5, 0.1) == 3
+    assert wide.book()["eps"].tolist() == pytest.approx([1.6, 0.0, 0.0, 0.1 * float(away.norm())])
 
 
 def test_a_prompt_edited_again_is_recognised_in_a_large_codebook():

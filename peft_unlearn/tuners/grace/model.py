@@ -149,8 +149,11 @@ class CodebookDraft:
                 radius = float(eps[j])
                 eps[j] = 0.0
             else:
-                eps[j] = d / 2  # split: both entries shrink to half the distance
-                radius = d / 2
+                # Split: both entries shrink to at most half the distance, so neither reaches the other's key. A
+                # radius already smaller stays as it is (GRACE's plain d/2 would grow it, or the new entry past its
+                # initial radius, towards inputs neither edit asked for).
+                eps[j] = min(float(eps[j]), d / 2)
+                radius = min(radius, d / 2)
         return self.append(query, radius, label, edit_id)
 
     def keep_clear_of(self, old_eps: torch.Tensor, negatives: torch.Tensor) -> None:
