@@ -18,6 +18,7 @@ import transformers as tf
 from peft import PeftModel, get_peft_model
 
 import peft_unlearn as pu
+from peft_unlearn.capture import FrozenLayers, capture_at_positions, mlp_output_projection_name
 from peft_unlearn.evaluation.scores import answer_scores
 from peft_unlearn.testing import train_tokenizer
 
@@ -154,3 +155,41 @@ def test_uipe_all_linear_leaves_the_routers_alone_and_names_the_fused_experts(ar
     with torch.no_grad():
         adapted = last_logits(model, tokenizer, [REQUEST.prompt])  # a router wrapped by LoRA fails here
     torch.testing.assert_close(adapted, last_logits(base, tokenizer, [REQUEST.prompt]))  # LoRA starts at B = 0
+
+
+@pytest.mark.parametrize("first_edited", [1, LAYERS - 1])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_frozen_layers_and_early_stopping_capture_match_the_full_forward(arch, first_edited, tokenizer):
+    """The optimisations replay the decoder layers below the first edited one and stop forwards at the layer they
+    read: on every architecture the replayed logits, their gradient and a row subset trimmed to its width equal
+    the full forward's, and a stopped capture reads what the full forward computes (a layer that keeps state across
+    layers, such as interleaved sliding windows or short convolutions, would show here, not only as weaker edits)."""
+    model = tiny_model(arch, tokenizer)
+    ids = tokenizer(["w1 w2 w3 w4 w5 w6", "w5 w6 w7", "w2 w4 w6 w8 w1"], return_tensors="pt", padding=True,
+                    padding_side="right")
+    inputs = {"input_ids": ids.input_ids, "attention_mask": ids.attention_mask}
+    later = model.get_submodule(mlp_output_projection_name(model, LAYERS - 1))
+    weight = later.weight
+    weight.requires_grad_(True)
+    try:
+        full = model(**inputs).logits
+        (reference,) = torch.autograd.grad(full.square().mean(), [weight])
+        frozen = FrozenLayers(model, first_edited, inputs)
+        with frozen.replayed():
+            replayed = model(**inputs).logits
+            (grad,) = torch.autograd.grad(replayed.square().mean(), [weight])
+        torch.testing.assert_close(replayed, full)
+        torch.testing.assert_close(grad, reference)
+        rows, width = torch.tensor([1, 2]), int(ids.attention_mask[[1, 2]].sum(1).max())
+        subset = {k: v[rows, :width] for k, v in inputs.items()}
+        with torch.no_grad():
+            expected = model(**subset).logits
+            with frozen.replayed(rows, width):
+                torch.testing.assert_close(model(**subset).logits, expected)
+    finally:
+        weight.requires_grad_(False)
+    seen = {"x": model.get_submodule(mlp_output_projection_name(model, first_edited))}
+    with torch.no_grad():
+        whole = capture_at_positions(model, seen, inputs, None, capture={"x": "input"})
+        stopped = capture_at_positions(model, seen, inputs, None, capture={"x": "input"}, stop_early=True)
+    torch.testing.assert_close(stopped["x"], whole["x"], rtol=0, atol=0)
