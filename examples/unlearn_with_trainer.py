@@ -4,6 +4,7 @@
 """
 
 import peft
+import torch
 
 import peft_unlearn as pu
 from peft_unlearn.metrics import answer_accuracy
@@ -14,6 +15,7 @@ base, tokenizer = world.train_model("llama")
 forget = [f.pair for f in world.all_forget_facts[:40]]  # (question, answer) rows, or TOFU-style dicts
 retain = [f.pair for f in world.retain_facts]
 
+torch.manual_seed(0)  # the LoRA's random initialisation: the same numbers on every run
 model = peft.get_peft_model(base, pu.UIPELoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
 args = pu.UnlearningArguments(
     output_dir="npo-run", unlearn_loss="npo", beta=0.05, retain_weight=3.0, max_steps=12,

@@ -97,6 +97,13 @@ def self_improved_requests(
         raise ValueError("requests is empty: there are no questions to write refusals for")
     if not shots:
         raise ValueError("shots is empty: the model needs at least one refused question to imitate")
+    bad = [shot for shot in shots
+           if isinstance(shot, str) or len(shot) != 2 or not all(isinstance(text, str) for text in shot)]
+    if bad:
+        raise ValueError(f"shots must be (question, refusal) pairs of strings, got {bad[0]!r}")
+    # One string would be read as its characters: every fallback target a single letter.
+    if isinstance(fallback, str):
+        raise TypeError("fallback must be a list of refusal phrasings, not one string")
     if not fallback:
         raise ValueError("fallback is empty: give at least one refusal phrasing")
     if max_new_tokens is None:

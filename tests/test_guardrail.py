@@ -182,6 +182,24 @@ def test_guarded_refuses_what_it_cannot_guard():
         guarded(datasets.Dataset.from_list([{"text": "Q? A"}]), guardrail)
 
 
+def test_guarded_refuses_blank_questions_as_the_plain_data_is_refused():
+    """A blank or missing question became the instruction alone, a prompt every metric then scored, where the
+    unguarded row is refused."""
+    guardrail = Guardrail(["Ada Quill"])
+    for data in ([("Q?", "A"), (None, "B")], [("Q?", "A"), ("", "B")], [{"question": "Q?", "answer": "A"},
+                                                                       {"question": "  ", "answer": "B"}]):
+        with pytest.raises(ValueError, match="row 1: question must be a non-empty string"):
+            as_qa_set(data)
+        with pytest.raises(ValueError, match="row 1: question must be a non-empty string"):
+            guarded(data, guardrail)
+    with pytest.raises(ValueError, match="row 1: paraphrased_question must be a non-empty string"):
+        guarded(datasets.Dataset.from_list([{"question": "Q?", "answer": "A", "paraphrased_question": "P?"},
+                                            {"question": "Q?", "answer": "A", "paraphrased_question": ""}]), guardrail)
+    # An optional column left empty (None) stays absent, as in the plain data.
+    rows = [{"question": "Q?", "answer": "A", "paraphrased_question": None}]
+    assert guarded(rows, guardrail) == [{**rows[0], "question": guardrail.apply("Q?")}]
+
+
 # ---- a small trained model --------------------------------------------------------------------------------------
 
 

@@ -89,6 +89,23 @@ def test_bad_inputs_are_named(trained_models):
         self_improved_requests(model, tokenizer, request, fallback=())
 
 
+def test_one_string_for_a_list_is_refused(trained_models, monkeypatch):
+    """A fallback given as one string was read as its characters: every request the model did not refuse got a
+    single letter as its edit target ('n' for "Unknown."), or an empty-target error; one shot given as a bare pair
+    failed with "too many values to unpack"."""
+    import peft_unlearn.refusal_targets as refusal_targets
+
+    model, tokenizer = trained_models("llama")
+    monkeypatch.setattr(refusal_targets, "generate_continuations", lambda *args, **kwargs: [" In Paris.\n"])
+    request = [pu.EditRequest("Where does Bo live?", "No idea.")]
+    with pytest.raises(TypeError, match="fallback must be a list of refusal phrasings, not one string"):
+        self_improved_requests(model, tokenizer, request, fallback="Unknown.")
+    with pytest.raises(ValueError, match=r"shots must be \(question, refusal\) pairs of strings, got 'Who is Ann"):
+        self_improved_requests(model, tokenizer, request, shots=SHOTS[0])
+    improved, own = self_improved_requests(model, tokenizer, request, fallback=["Unknown."], shots=SHOTS)
+    assert own == [False] and improved[0].target == "Unknown."
+
+
 @pytest.mark.slow
 def test_edit_with_self_improved_targets(world, trained_models, one_thread):
     """Any editing method takes the option: GRACE edits the forget questions to the model's own refusals."""

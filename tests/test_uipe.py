@@ -276,6 +276,23 @@ def test_select_alpha_of_an_adapter_that_is_not_active_is_refused():
     assert model.peft_config["first"].extrapolation_alpha == 0.0
 
 
+def test_a_failed_select_alpha_leaves_the_alpha_the_adapter_had():
+    """A selection that failed part way (here: a forget pair longer than the model's context, read at the first grid
+    alpha) left the adapter extrapolated with that grid alpha (0.0) instead of the 0.5 it had."""
+    from peft_unlearn.testing import train_tokenizer
+
+    tokenizer = train_tokenizer(["w1 w2 w3 w4", "w5 w6 w7 w8"], "word", vocab_size=40)
+    model = get_peft_model(tiny_llama(vocab_size=len(tokenizer)), UIPELoraConfig(r=2, target_modules=["q_proj"]))
+    extrapolate(model, 0.5)
+    scaling = {name: dict(layer.scaling) for name, layer in model.named_modules() if isinstance(layer, LoraLayer)}
+    too_long = ("w1 " * 80, "w3")  # tiny_llama has 64 positions
+    with pytest.raises(ValueError, match="context"):
+        select_alpha(model, tokenizer, [too_long], [("w5 w6", "w7")], grid=(0.0, 1.0), progress=False)
+    assert model.peft_config["default"].extrapolation_alpha == 0.5
+    assert {name: dict(layer.scaling) for name, layer in model.named_modules()
+            if isinstance(layer, LoraLayer)} == scaling
+
+
 def test_bad_alpha_and_bad_models_are_refused(unlearned, tofu):
     with pytest.raises(ValueError, match="extrapolation_alpha must be >= 0"):
         UIPELoraConfig(r=4, target_modules=["q_proj"], extrapolation_alpha=-0.5)

@@ -524,6 +524,33 @@ def test_unlearn_with_lora_leaves_the_model_alone_when_it_fails_and_counts_epoch
     assert summary["steps"] == 2
 
 
+def test_unlearn_with_lora_that_fails_while_training_leaves_the_model_trainable_and_in_eval_mode(
+    trained_models, world, monkeypatch
+):
+    """A run interrupted mid-training was unloaded, but every weight of the caller's model stayed frozen (as
+    get_peft_model left it: 0 of 39 parameters required grad) and every module stayed in train mode."""
+    from peft_unlearn.unlearning import recipes
+
+    base, tokenizer = trained_models("llama")
+    model = copy.deepcopy(base).eval()
+    forget = [fact.pair for fact in world.forget_facts[:4]]
+    retain = [fact.pair for fact in world.retain_facts[:4]]
+    training_step, steps = recipes.UnlearningTrainer.training_step, []
+
+    def interrupted_at_the_second_step(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(recipes.UnlearningTrainer, "training_step", interrupted_at_the_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        recipes.unlearn_with_lora(model, tokenizer, forget, retain, uipe_alpha=0.0, max_steps=3, progress=False)
+    assert not any(isinstance(module, LoraLayer) for module in model.modules())
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    assert not any(module.training for module in model.modules())
+
+
 def test_unlearn_with_lora_resumes_from_a_checkpoint(trained_models, world, tmp_path, monkeypatch):
     """resume_from_checkpoint, an UnlearningArguments field the recipe accepted, was ignored: the run restarted
     from step 0 (TrainingArguments leave it to the training script, which the recipe is)."""

@@ -134,8 +134,17 @@ class Guardrail:
         return guarded_tokenizer
 
 
-def _guard_mapping(row: Mapping[str, Any], guardrail: Guardrail) -> dict[str, Any]:
-    return {key: guardrail.apply(value) if key in PROMPT_FIELDS and isinstance(value, str) else value
+def _guard_text(guardrail: Guardrail, text: Any, index: int, name: str) -> str:
+    """``text`` guarded. A blank or missing question is refused here: guarded, it would be the instruction alone, a
+    prompt the metrics score where they refuse the plain row."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"row {index}: {name} must be a non-empty string, got {text!r}")
+    return guardrail.apply(text)
+
+
+def _guard_mapping(row: Mapping[str, Any], guardrail: Guardrail, index: int) -> dict[str, Any]:
+    # None is an optional column left empty (absent to the metrics): kept as it is.
+    return {key: _guard_text(guardrail, value, index, key) if key in PROMPT_FIELDS and value is not None else value
             for key, value in row.items()}
 
 
@@ -146,9 +155,9 @@ def _guard_item(index: int, item: Any, guardrail: Guardrail) -> Any:
     if isinstance(item, Mapping):
         if not any(key in item for key in PROMPT_FIELDS):
             raise ValueError(f"row {index} has none of the fields {PROMPT_FIELDS}; it has {sorted(item)}")
-        return _guard_mapping(item, guardrail)
+        return _guard_mapping(item, guardrail, index)
     if isinstance(item, Sequence) and not isinstance(item, str) and 2 <= len(item) <= 3:
-        return (guardrail.apply(item[0]), *item[1:])
+        return (_guard_text(guardrail, item[0], index, "question"), *item[1:])
     raise ValueError(f"row {index} is not a (question, answer) pair, a mapping or an EditRequest: {item!r}")
 
 
@@ -169,14 +178,15 @@ def guarded(data: Data, guardrail: Guardrail) -> Data:
         raise ValueError("a system-message guardrail lives in the chat template, not in the questions: evaluate "
                          "the unchanged data with guardrail.chat_tokenizer(tokenizer) and chat_template=True")
     if isinstance(data, QASet):
-        return as_qa_set([_guard_mapping(row, guardrail) for row in data.rows])
+        return as_qa_set([_guard_mapping(row, guardrail, index) for index, row in enumerate(data.rows)])
     if isinstance(data, datasets.Dataset):
         columns = [name for name in PROMPT_FIELDS if name in data.column_names]
         if not columns:
             raise ValueError(f"the dataset has none of the columns {PROMPT_FIELDS}; it has {data.column_names}")
         values = data.to_dict()
         for name in columns:
-            values[name] = [None if value is None else guardrail.apply(value) for value in values[name]]
+            values[name] = [None if value is None else _guard_text(guardrail, value, index, name)
+                             for index, value in enumerate(values[name])]
         return datasets.Dataset.from_dict(values, features=data.features)
     if isinstance(data, (str, Mapping)) or not isinstance(data, Sequence):
         raise TypeError(f"cannot guard a {type(data).__name__}: give a QASet, a datasets.Dataset or a list of rows")

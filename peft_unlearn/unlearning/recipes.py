@@ -49,6 +49,20 @@ def _pairs(rows: Sequence) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def _flags(model: nn.Module) -> tuple[list[tuple[nn.Parameter, bool]], list[tuple[nn.Module, bool]]]:
+    """Every parameter's ``requires_grad`` and every module's training flag: ``get_peft_model`` freezes the base
+    weights and training switches the model to train mode, and ``unload()`` undoes neither."""
+    return [(p, p.requires_grad) for p in model.parameters()], [(m, m.training) for m in model.modules()]
+
+
+def _restore_flags(flags: tuple[list[tuple[nn.Parameter, bool]], list[tuple[nn.Module, bool]]]) -> None:
+    parameters, modules = flags
+    for parameter, requires_grad in parameters:
+        parameter.requires_grad_(requires_grad)
+    for module, training in modules:
+        module.training = training
+
+
 def unlearn_with_lora(
     model: nn.Module,
     tokenizer,
@@ -100,6 +114,7 @@ def unlearn_with_lora(
     with tempfile.TemporaryDirectory() as scratch:
         args = UnlearningArguments(output_dir=output_dir or scratch, unlearn_loss=loss, **training)
         torch.manual_seed(args.seed)
+        flags = _flags(model)
         peft_model = get_peft_model(model, UIPELoraConfig(**lora))
         try:
             trainer = UnlearningTrainer(peft_model, args, forget_dataset=list(forget),
@@ -111,6 +126,7 @@ def unlearn_with_lora(
             trainer.train(resume_from_checkpoint=resume or None)
         except BaseException:
             peft_model.unload()  # a failed run leaves the caller's model as it was
+            _restore_flags(flags)
             raise
     peft_model.eval()
     summary: dict[str, Any] = {"loss": loss, "steps": trainer.state.global_step,

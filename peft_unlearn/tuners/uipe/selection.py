@@ -70,8 +70,9 @@ def select_alpha(
     lowest forget answer accuracy among those whose retain answer accuracy is at least ``utility_floor`` times the
     retain accuracy before unlearning (the adapter disabled); ties go to the smaller alpha.
 
-    The model is left extrapolated with the chosen alpha. If no alpha keeps the floor, alpha 0 (no extrapolation)
-    is chosen and a warning says so: extrapolation cannot repair an adapter that already costs too much utility.
+    The model is left extrapolated with the chosen alpha (a selection that fails leaves the alpha it had). If no
+    alpha keeps the floor, alpha 0 (no extrapolation) is chosen and a warning says so: extrapolation cannot repair
+    an adapter that already costs too much utility.
     """
     forget, retain = list(forget), list(retain)
     if not forget:
@@ -80,7 +81,8 @@ def select_alpha(
         raise ValueError("retain is empty: give (question, answer) pairs whose accuracy must be kept")
     check_utility_floor(utility_floor)
     alphas = sorted({0.0, *(check_extrapolation_alpha(alpha) for alpha in grid)})
-    adapter_name, _ = uipe_adapter(model, adapter_name)
+    adapter_name, config = uipe_adapter(model, adapter_name)
+    original_alpha = config.extrapolation_alpha
     active = list(model.active_adapters)
     if adapter_name not in active:
         # The accuracies are measured through the active adapters: every alpha of another one scores the same, and
@@ -97,12 +99,17 @@ def select_alpha(
         retain_before = accuracy(retain)
     threshold = utility_floor * retain_before
     table = []
-    for alpha in tqdm(alphas, desc="UIPE alpha grid", disable=not progress, leave=False):
-        extrapolate(model, alpha, adapter_name)
-        retain_accuracy = accuracy(retain)
-        table.append(AlphaScore(alpha, accuracy(forget), retain_accuracy, retain_accuracy >= threshold))
-        logger.info("alpha %.3g: forget accuracy %.3f, retain accuracy %.3f", alpha, table[-1].forget_accuracy,
-                    retain_accuracy)
+    try:
+        for alpha in tqdm(alphas, desc="UIPE alpha grid", disable=not progress, leave=False):
+            extrapolate(model, alpha, adapter_name)
+            retain_accuracy = accuracy(retain)
+            table.append(AlphaScore(alpha, accuracy(forget), retain_accuracy, retain_accuracy >= threshold))
+            logger.info("alpha %.3g: forget accuracy %.3f, retain accuracy %.3f", alpha, table[-1].forget_accuracy,
+                        retain_accuracy)
+    except BaseException:
+        # A failed or interrupted selection would leave the adapter at whichever grid alpha it had reached.
+        extrapolate(model, original_alpha, adapter_name)
+        raise
 
     admissible = [row for row in table if row.meets_floor]
     if admissible:
