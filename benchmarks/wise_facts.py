@@ -3,6 +3,7 @@
     python benchmarks/wise_facts.py            # the fact models of the tests
     python benchmarks/wise_facts.py --wider    # the learned-router probe on a wider, deeper llama fact model
     python benchmarks/wise_facts.py --phrasings  # the probes on a llama fact model that learned five phrasings
+    python benchmarks/wise_facts.py --one-by-one  # the 50 edits one per call, with and without rehearsal
 
 For llama and gpt2 fact models: 50 refusal edits (one per forgotten person) with the default unrelated prompts (the
 model's own text), with subject-swapped neighbours of the edit prompts, with questions about 12 of the kept
@@ -192,6 +193,30 @@ def sequential(arch: str, world, base, tokenizer, retrieve: bool) -> dict:
     }
 
 
+def one_edit_per_call(arch: str, world, base, tokenizer, rehearse_edits: int) -> dict:
+    """The 50 refusal edits one request per call (the lifelong-editing protocol), with the unfinished shard's
+    earlier requests rehearsed (WISE's default) or not (``rehearse_edits=0``)."""
+    from peft import get_peft_model
+
+    import peft_unlearn as pu
+    from peft_unlearn.evaluation import refusal_rate
+    from peft_unlearn.metrics import answer_accuracy, generation_match
+
+    requests, targets, paraphrases = refusal_edits(world)
+    kept = [f.pair for f in world.retain_facts]
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig(rehearse_edits=rehearse_edits))
+    seconds = sum(pu.edit(model, tokenizer, [request], progress=False).seconds for request in requests)
+    return {
+        "arch": arch, "setting": f"50 edits one per call, rehearse_edits={rehearse_edits}",
+        "edits_per_second": len(requests) / seconds,
+        "gen_edited": generation_match(model, tokenizer, targets),
+        "gen_first_10": generation_match(model, tokenizer, targets[:10]),
+        "gen_paraphrase": generation_match(model, tokenizer, paraphrases),
+        "refusal_paraphrase": refusal_rate(model, tokenizer, paraphrases),
+        "kept_after": answer_accuracy(model, tokenizer, kept),
+    }
+
+
 def oracle_key_routing(arch: str, world, base, tokenizer) -> list[dict]:
     """Paraphrases an oracle-thresholded nearest-key router sends to the side memory when it routes <= 2% of the
     kept-fact questions, per layer and key position."""
@@ -375,6 +400,15 @@ def main() -> None:
         return
     if "--phrasings" in sys.argv:
         more_phrasings_model()
+        return
+    if "--one-by-one" in sys.argv:
+        rows, world = [], fact_world()
+        for arch in ("llama", "gpt2"):
+            base, tokenizer = world.train_model(arch, progress=False)
+            for rehearse_edits in (0, 50):
+                rows.append(one_edit_per_call(arch, world, base, tokenizer, rehearse_edits))
+                print(table(rows[-1:], list(rows[-1])), flush=True)
+        print("written to", write_json("wise_facts_one_by_one", {"rows": rows}))
         return
     world = fact_world()
     rows, probe, learned, bound = [], [], [], []

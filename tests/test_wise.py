@@ -236,3 +236,43 @@ def test_routing_thresholds_follow_the_main_memory():
     with torch.no_grad():
         layer.get_base_layer().weight.mul_(0.5)
     torch.testing.assert_close(layer.thresholds("default"), 2 * before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_editing_one_request_at_a_time_keeps_the_earlier_edits(world, trained_models, arch, tmp_path):
+    """Each call trains the unfinished shard's memory again on the shard's earlier requests of this session: edited
+    one per call, 8 refusals held 0.5 (llama) / 0.125 (gpt2) of their targets without it, 1.0 with it. The texts
+    stay in memory: a reloaded adapter rehearses nothing, a finished shard starts afresh, and the keys of the
+    rehearsed edits follow the memory."""
+    base, tokenizer = trained_models(arch)
+    requests = refusals(world.forget_facts[:8])
+    targets = [(r.prompt, r.target) for r in requests]
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig(shard_size=9))
+    for request in requests:
+        pu.edit(model, tokenizer, [request], progress=False)
+    assert generation_match(model, tokenizer, targets) >= 0.875
+    layer = model.base_model.wise_layer("default")
+    assert layer.wise_keys["default"].shape[0] == 8 and bool((layer.wise_key_memory["default"] == -1).all())
+    held_keys = layer.wise_keys["default"].clone()
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    # The ninth edit finishes the shard: the session's model trained all nine together, the reloaded one only
+    # the new request (its keys of the first eight stay as saved); both then start the next shard without any.
+    ninth = refusals(world.forget_facts[8:9])
+    trained = {}
+    for name, wrapped in (("session", model), ("reloaded", reloaded)):
+        calls = []
+        original = wrapped.base_model._train_shard
+        wrapped.base_model._train_shard = lambda *a, **k: calls.append(len(a[-1])) or original(*a, **k)
+        pu.edit(wrapped, tokenizer, ninth, progress=False)
+        pu.edit(wrapped, tokenizer, refusals(world.forget_facts[9:10]), progress=False)
+        trained[name] = calls
+    assert trained == {"session": [8, 0], "reloaded": [0, 0]}
+    assert not torch.equal(layer.wise_keys["default"][:8], held_keys)
+    torch.testing.assert_close(reloaded.base_model.wise_layer("default").wise_keys["default"][:8], held_keys)
+    off = get_peft_model(copy.deepcopy(base), pu.WiseConfig(shard_size=9, rehearse_edits=0))
+    for request in requests:
+        pu.edit(off, tokenizer, [request], progress=False)
+    assert generation_match(off, tokenizer, targets) <= 0.5
+    with pytest.raises(ValueError, match="rehearse_edits"):
+        pu.WiseConfig(rehearse_edits=-1)

@@ -56,6 +56,13 @@ class WiseConfig(PeftConfig, TokenizerRecord):
         default=False,
         metadata={"help": "Keep every finished shard as its own side memory and route to the most activated one."},
     )
+    rehearse_edits: int = field(
+        default=50,
+        metadata={"help": "Each call trains the side memory again on up to this many of the unfinished shard's "
+                  "earlier requests edited in this session (their texts stay in memory, never in saved files): "
+                  "one edit per call otherwise overwrites the earlier ones (50 refusal edits one per call on the "
+                  "llama fact model: 0.06 held, 0.66 with rehearsal, at a quarter of the speed). 0 turns it off."},
+    )
     norm_constraint: float = field(
         default=1.0, metadata={"help": "Side-memory entries stay within +/- this of the original weights."}
     )
@@ -85,6 +92,8 @@ class WiseConfig(PeftConfig, TokenizerRecord):
         if not all(0 <= margin < math.inf for margin in (self.alpha, self.beta, self.gamma)):
             raise ValueError(f"the margins alpha, beta, gamma must be finite and >= 0, got "
                              f"{self.alpha}, {self.beta}, {self.gamma}")
+        if isinstance(self.rehearse_edits, bool) or not isinstance(self.rehearse_edits, int) or self.rehearse_edits < 0:
+            raise ValueError(f"rehearse_edits must be a non-negative integer, got {self.rehearse_edits!r}")
         if min(self.n_memories, self.n_edits, self.shard_edits) < 0:
             raise ValueError("n_memories, n_edits and shard_edits must not be negative")
         if self.shard_edits >= self.shard_size:

@@ -49,7 +49,8 @@ class WiseModel(SingleLayerTuner):
         **options: Any,
     ) -> dict[str, Any]:
         """Train the side memory on ``requests``; ``unrelated`` prompts (default: the model's own text) teach the
-        router what must stay on the main memory."""
+        router what must stay on the main memory. The unfinished shard's earlier requests of this session (up to
+        ``rehearse_edits``) are trained again with them, so editing one request at a time keeps the earlier ones."""
         if options:
             raise TypeError(f"unknown options for wise: {sorted(options)}")
         config: WiseConfig = self.peft_config[adapter_name]
@@ -57,17 +58,21 @@ class WiseModel(SingleLayerTuner):
         unrelated = unrelated_prompts(self, tokenizer, requests, unrelated, seed=config.seed + config.n_edits)
         first_id = config.n_edits
         snapshot = self._snapshot(adapter_name, layer)
+        session = self._session_requests(adapter_name, layer)
         start = 0
         bar = tqdm(total=len(requests), desc="WISE edits", disable=not progress, leave=False)
         try:
             while start < len(requests):
                 room = config.shard_size - config.shard_edits
                 chunk = requests[start : start + room]
-                self._train_shard(tokenizer, chunk, unrelated, adapter_name, layer)
+                rehearsed = session[len(session) - min(config.rehearse_edits, len(session)) :]
+                self._train_shard(tokenizer, chunk, unrelated, adapter_name, layer, rehearsed)
+                session = session + chunk
                 config.shard_edits += len(chunk)
                 config.n_edits += len(chunk)
                 if config.shard_edits == config.shard_size:
                     self._finish_shard(adapter_name, layer)
+                    session = []
                 start += len(chunk)
                 bar.update(len(chunk))
         except BaseException:
@@ -76,7 +81,22 @@ class WiseModel(SingleLayerTuner):
         finally:
             bar.close()
             layer.invalidate(adapter_name)
+        working = layer.wise_working[adapter_name]
+        self.__dict__.setdefault("_rehearsal", {})[adapter_name] = (session, working, working._version)
         return {"edit_ids": list(range(first_id, config.n_edits)), "n_memories": config.n_memories}
+
+    def _session_requests(self, adapter_name: str, layer: WiseLayer) -> list[EditRequest]:
+        """The unfinished shard's requests edited in this session, oldest first; none once anything else (a load
+        into the adapter, a finished shard) has replaced or changed the unfinished shard's memory since."""
+        session, working, version = self.__dict__.get("_rehearsal", {}).get(adapter_name, ([], None, None))
+        current = layer.wise_working[adapter_name]
+        if working is not current or version != current._version:
+            return []
+        return session
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.__dict__.get("_rehearsal", {}).pop(adapter_name, None)
 
     _STATE = ("wise_working", "wise_memories", "wise_keys", "wise_key_memory")
     _COUNTERS = ("n_memories", "n_edits", "shard_edits")
@@ -98,8 +118,12 @@ class WiseModel(SingleLayerTuner):
         mask = torch.rand(layer.out_features, layer.in_features, generator=generator) < config.mask_ratio
         return mask.to(layer.main_weight().device)
 
-    def _train_shard(self, tokenizer, requests, unrelated, adapter_name: str, layer: WiseLayer) -> None:
+    def _train_shard(self, tokenizer, new_requests, unrelated, adapter_name: str, layer: WiseLayer,
+                     rehearsed: list[EditRequest]) -> None:
+        """Train the unfinished shard's memory on ``new_requests`` and the ``rehearsed`` earlier ones (the last of
+        its edits so far), then record the new edits' keys and refresh the rehearsed edits' keys."""
         config: WiseConfig = self.peft_config[adapter_name]
+        requests = [*rehearsed, *new_requests]
         device = layer.main_weight().device
         edits = tokenize_requests(tokenizer, requests).to(device)
         others = tokenize_prompts(tokenizer, unrelated, padding_side="right").to(device)
@@ -158,8 +182,12 @@ class WiseModel(SingleLayerTuner):
             best = token_scores.argmax(dim=1)
             keys = edit_io["x"][torch.arange(len(requests), device=device), best].float()
         layer.wise_working[adapter_name] = nn.Parameter(working.detach(), requires_grad=False)
-        layer.wise_keys[adapter_name] = torch.cat([layer.wise_keys[adapter_name], keys])
-        owners = torch.full((len(requests),), WORKING, dtype=torch.long, device=device)
+        earlier_keys = layer.wise_keys[adapter_name].clone()
+        if rehearsed:  # the shard's last edits: their keys move with the memory, as thresholds read them
+            rows = (layer.wise_key_memory[adapter_name] == WORKING).nonzero()[:, 0][-len(rehearsed) :]
+            earlier_keys[rows] = keys[: len(rehearsed)].to(earlier_keys)
+        layer.wise_keys[adapter_name] = torch.cat([earlier_keys, keys[len(rehearsed) :]])
+        owners = torch.full((len(new_requests),), WORKING, dtype=torch.long, device=device)
         layer.wise_key_memory[adapter_name] = torch.cat([layer.wise_key_memory[adapter_name], owners])
         layer.invalidate(adapter_name)
 
