@@ -216,6 +216,19 @@ def test_restrict_to_masks_zeroes_gradients_outside_until_removed(tofu, masks):
     backward()
     assert parameter.grad[~mask].abs().max() > 0
     assert model.model.embed_tokens.weight.grad is not None
+    # Masks on a model that still trains under others are refused (the two sets of hooks trained only the elements
+    # both select, silently); once the first are removed, the second apply.
+    first = restrict_to_masks(model, masks["random"])
+    other = {name: ~mask for name, mask in masks["random"].items()}
+    with pytest.raises(ValueError, match="already train under parameter masks"):
+        restrict_to_masks(model, other)
+    with pytest.raises(ValueError, match="already train under parameter masks"):
+        restrict_to_masks(model, {"model.embed_tokens.weight": torch.ones_like(model.model.embed_tokens.weight,
+                                                                                dtype=torch.bool)})
+    first.remove()
+    with restrict_to_masks(model, other):
+        backward()
+        assert parameter.grad[mask].abs().max() == 0 and parameter.grad[~mask].abs().max() > 0
 
 
 def test_unrestricted_masks_cover_every_candidate_weight(tofu, masks):

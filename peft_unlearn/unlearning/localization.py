@@ -189,6 +189,10 @@ def _zero_outside(grad: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
     return grad.masked_fill(outside, 0)
 
 
+# Set on the parameters a MaskedGradients hooks or freezes, while it is on.
+_HELD_BY_MASKS = "_peft_unlearn_held_by_masks"
+
+
 class MaskedGradients:
     """Gradient hooks that keep training inside the masks; ``remove()`` (or leaving a ``with`` block) undoes them.
 
@@ -200,6 +204,15 @@ class MaskedGradients:
 
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         parameters = dict(model.named_parameters())
+        held = [name for name, parameter in parameters.items() if getattr(parameter, _HELD_BY_MASKS, False)]
+        if held:
+            # A second set of hooks on top of the first trained only the elements both select, silently (and a
+            # mask on a parameter the first froze failed with "does not require grad").
+            raise ValueError(
+                f"parameters of this model already train under parameter masks ({held[0]!r}, {len(held)} in all): "
+                "an earlier restrict_to_masks or UnlearningTrainer(parameter_masks=...) is still on; call its "
+                "remove() first (trainer.masked_gradients.remove())"
+            )
         if not masks:
             raise ValueError("parameter_masks is empty: it would freeze every parameter and train nothing; give at "
                              "least one mask, or no parameter_masks to train the whole adapter")
@@ -225,6 +238,9 @@ class MaskedGradients:
         for name, mask in masks.items():
             outside = ~mask.to(parameters[name].device)
             self._handles.append(parameters[name].register_hook(functools.partial(_zero_outside, outside=outside)))
+        self._held = [parameters[name] for name in masks] + self._frozen
+        for parameter in self._held:
+            setattr(parameter, _HELD_BY_MASKS, True)
         trainable = sum(int(mask.sum()) for mask in masks.values())
         logger.info("training %d masked elements in %d tensors; froze %d other parameters",
                     trainable, len(masks), len(self._frozen))
@@ -235,7 +251,9 @@ class MaskedGradients:
             handle.remove()
         for parameter in self._frozen:
             parameter.requires_grad_(True)
-        self._handles, self._frozen = [], []
+        for parameter in self._held:
+            setattr(parameter, _HELD_BY_MASKS, False)
+        self._handles, self._frozen, self._held = [], [], []
 
     def __enter__(self) -> Self:
         return self
