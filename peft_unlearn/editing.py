@@ -189,6 +189,15 @@ def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
     check_recorded_tokenizer(model, tokenizer)
 
 
+def check_requests(model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> None:
+    """The checks every call's requests pass, on one tokenization: they fit the context, the tokenizer can write
+    their targets, and no prompt gets two targets."""
+    batch = tokenize_requests(tokenizer, requests)
+    check_requests_fit(model, batch)
+    check_targets_representable(tokenizer, requests, batch)
+    check_consistent_targets(requests, batch)
+
+
 def check_requests_fit(model: nn.Module, batch: TokenizedBatch) -> None:
     """Refuse requests (tokenized in ``batch``) whose prompt and target together exceed the model's context."""
     limit = context_length(model)
@@ -334,13 +343,11 @@ def edit(
     start = time.perf_counter()
     extra: dict[str, Any] = {}
     with evaluating(model), chat_formatted(chat_template):
-        batch = tokenize_requests(tokenizer, requests)
-        check_requests_fit(model, batch)
-        check_targets_representable(tokenizer, requests, batch)
-        check_consistent_targets(requests, batch)
+        check_requests(model, tokenizer, requests)
         if self_improve:
             requests, own = self_improved_requests(model, tokenizer, requests, chat_template=chat_template)
             extra = {"targets": [r.target for r in requests], "self_improved": sum(own)}
+            check_requests(model, tokenizer, requests)  # the model's own targets, checked as given ones are
         # Methods fit their edits by gradients, also when called under torch.no_grad() or inference_mode().
         with torch.inference_mode(False), torch.enable_grad():
             outcome = tuner.apply_edits(tokenizer, requests, adapter_name, **options)

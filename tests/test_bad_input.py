@@ -248,6 +248,19 @@ def test_a_target_the_tokenizer_can_only_write_as_unknown_tokens_is_refused():
     assert_unchanged(before, model)
 
 
+def test_targets_the_model_wrote_itself_are_checked_as_given_ones_are(monkeypatch):
+    """edit(self_improve=True) checked the given targets only: a self-written one the tokenizer can only write as
+    <unk> (or one past the context) reached the method."""
+    model, tokenizer = word_model(lambda: peft_unlearn.GraceConfig(layer=1, n_iter=5))
+    before = adapter_state(model)
+    monkeypatch.setattr(peft_unlearn.editing, "self_improved_requests",
+                        lambda model, tokenizer, requests, **kw: ([EditRequest(r.prompt, "w3 Zoë") for r in requests],
+                                                                  [True] * len(requests)))
+    with pytest.raises(ValueError, match="unknown token"):
+        edit(model, tokenizer, [EditRequest("w1 w2", "w3")], self_improve=True, progress=False)
+    assert_unchanged(before, model)
+
+
 @pytest.mark.parametrize("make_config", EDIT_CONFIGS)
 def test_prompts_that_tokenize_the_same_with_two_targets_are_refused(make_config):
     """Two spellings of one prompt (a leading or doubled space) are one prompt to the model: with two targets in one
