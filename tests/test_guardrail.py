@@ -83,6 +83,8 @@ def test_invalid_guardrails_are_refused():
         Guardrail("Ada Quill")
     with pytest.raises(ValueError, match="non-empty strings"):
         Guardrail(["Ada Quill", " "])
+    with pytest.raises(ValueError, match="non-empty strings"):  # failed as "unhashable type: 'list'"
+        Guardrail([["Ada Quill"]])
     with pytest.raises(ValueError, match=r"placeholder \{subjects\}"):
         Guardrail(["Ada Quill"], instruction="Do not answer about these people.")
 

@@ -265,8 +265,8 @@ def test_bad_inputs_are_refused_with_the_problem_named_and_the_model_untouched(t
     tokenizer, forget = tofu.tokenizer, tofu.forget
     with pytest.raises(ValueError, match=r"unknown localization rule 'saliency'.*'activation', 'gradient', 'random'"):
         parameter_masks(model, tokenizer, forget, "saliency")
-    for fraction in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+    for fraction in (0.0, -0.1, 1.5, True, "0.1"):  # True was read as 1: every element
+        with pytest.raises(ValueError, match=r"fraction must be a number in \(0, 1\]"):
             parameter_masks(model, tokenizer, forget, "gradient", fraction=fraction)
     with pytest.raises(ValueError, match="forget is empty"):
         parameter_masks(model, tokenizer, [], "activation")

@@ -302,8 +302,9 @@ def test_bad_alpha_and_bad_models_are_refused(unlearned, tofu):
         select_alpha(copy.deepcopy(unlearned), tofu.tokenizer, tofu.forget, tofu.retain, grid=(0.0, -0.5))
     with pytest.raises(ValueError, match="forget is empty"):
         select_alpha(copy.deepcopy(unlearned), tofu.tokenizer, [], tofu.retain)
-    with pytest.raises(ValueError, match="utility_floor"):
-        select_alpha(copy.deepcopy(unlearned), tofu.tokenizer, tofu.forget, tofu.retain, utility_floor=1.5)
+    for floor in (1.5, True):  # True was read as 1
+        with pytest.raises(ValueError, match="utility_floor"):
+            select_alpha(copy.deepcopy(unlearned), tofu.tokenizer, tofu.forget, tofu.retain, utility_floor=floor)
     with pytest.raises(TypeError, match="UIPELoraConfig"):
         extrapolate(get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])), 0.5)
     with pytest.raises(TypeError, match="PeftModel"):

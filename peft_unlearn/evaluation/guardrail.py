@@ -72,12 +72,12 @@ class Guardrail:
     def __post_init__(self) -> None:
         if isinstance(self.subjects, str):
             raise TypeError("subjects must be a list of subjects, not one string")
+        bad = [s for s in self.subjects if not isinstance(s, str) or not s.strip()]
+        if bad:  # before removing duplicates, which needs hashable subjects (a nested list failed as "unhashable")
+            raise ValueError(f"subjects must be non-empty strings, got {bad!r}")
         subjects = tuple(dict.fromkeys(self.subjects))
         if not subjects:
             raise ValueError("subjects is empty: a guardrail needs at least one subject to refuse")
-        bad = [s for s in subjects if not isinstance(s, str) or not s.strip()]
-        if bad:
-            raise ValueError(f"subjects must be non-empty strings, got {bad!r}")
         if not isinstance(self.instruction, str) or PLACEHOLDER not in self.instruction:
             raise ValueError(f"instruction must contain the placeholder {PLACEHOLDER} (where the subjects go), "
                              f"got {self.instruction!r}")

@@ -156,8 +156,8 @@ def parameter_masks(
     """
     if rule not in RULES:
         raise ValueError(f"unknown localization rule {rule!r}; choose one of {list(RULES)}")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     data = _forget_batches(tokenizer, forget, batch_size, max_length, append_eos, chat_template)

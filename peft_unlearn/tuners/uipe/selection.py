@@ -48,8 +48,8 @@ class AlphaSelection:
 
 def check_utility_floor(utility_floor: float) -> float:
     """The share of the retain accuracy an extrapolation must keep: in (0, 1]."""
-    if not 0 < utility_floor <= 1:
-        raise ValueError(f"utility_floor must be in (0, 1], got {utility_floor}")
+    if isinstance(utility_floor, bool) or not isinstance(utility_floor, (int, float)) or not 0 < utility_floor <= 1:
+        raise ValueError(f"utility_floor must be a number in (0, 1], got {utility_floor!r}")
     return utility_floor
 
 
