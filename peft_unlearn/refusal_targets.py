@@ -29,6 +29,9 @@ DEFAULT_SHOTS: tuple[tuple[str, str], ...] = (
 )
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+# A full stop after these (or after an initial, "J. R. Tolkien") does not end the sentence: cut there, "I don't know
+# who Dr. Ada Quill is." became "I don't know who Dr.".
+_ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "jr", "sr", "mt", "no", "vs", "etc", "e.g", "i.e"})
 # A refusal that goes on to answer ("I'm not sure, but X plays the tuba") is not a refusal target.
 _HEDGE = re.compile(r"\b(but|however|though|although)\b|;", re.IGNORECASE)
 
@@ -53,7 +56,13 @@ def refusal_prompt(tokenizer, question: str, shots: Sequence[tuple[str, str]], c
 def first_sentence(text: str) -> str:
     """The first line's first sentence: a generated answer runs on past the refusal into the next shot."""
     line = text.strip().split("\n", 1)[0].strip()
-    return _SENTENCE_END.split(line, 1)[0].strip()
+    for end in _SENTENCE_END.finditer(line):
+        word = line[: end.start()].rsplit(None, 1)[-1]
+        stem = word[:-1].lower()
+        if word.endswith(".") and (stem in _ABBREVIATIONS or (len(stem) == 1 and stem.isalpha())):
+            continue
+        return line[: end.start()].strip()
+    return line
 
 
 def _fitting_prompts(

@@ -40,6 +40,9 @@ def test_chat_prompt_needs_a_template(world, trained_models):
 def test_first_sentence_stops_at_the_refusal():
     assert first_sentence(" I don't know. He was born in Paris.\nNext") == "I don't know."
     assert first_sentence("I have no idea\nWho is X?") == "I have no idea"
+    # Titles and initials do not end a sentence ("I don't know who Dr." before)
+    assert first_sentence("I don't know who Dr. Ada Quill is. She was born") == "I don't know who Dr. Ada Quill is."
+    assert first_sentence("No idea about J. R. Tolkien, sorry! Next") == "No idea about J. R. Tolkien, sorry!"
 
 
 def test_targets_come_from_the_model_when_it_refuses_and_fall_back_otherwise(world, trained_models, one_thread):
