@@ -41,14 +41,16 @@ def check_replaceable(output: str | Path, inputs: Iterable[str | Path | None] = 
 def staged_output(output: str | Path) -> Iterator[Path]:
     """A temporary folder next to ``output`` that replaces it only if the block succeeds; on failure it is removed
     and ``output`` is left as it was."""
-    target = Path(output)
-    check_replaceable(target)
+    check_replaceable(output)
+    # The folder a link names is the one checked and replaced: removing the link itself failed after the work
+    # ("Cannot call rmtree on a symbolic link"), and the finished output was lost with the staging folder.
+    target = Path(output).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         yield staging
         (staging / OUTPUT_MARKER).write_text("written by peft_unlearn; the next run may replace this folder\n")
-        check_replaceable(target)  # nothing appeared there while the work ran
+        check_replaceable(output)  # nothing appeared there while the work ran
         if target.exists():
             shutil.rmtree(target)
         staging.chmod(0o755)

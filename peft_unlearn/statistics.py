@@ -113,7 +113,10 @@ def _token_rows(
     the chat template under ``chat_template`` (as ``edit(chat_template=True)`` writes its requests)."""
     if all(isinstance(item, str) for item in items):
         encoded = tokenizer(items, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        return {k: v.to(device) for k, v in encoded.items()}, encoded["attention_mask"].bool().to(device)
+        # Only the inputs edits read keys with: a tokenizer that also returns token_type_ids (a BERT tokenizer on
+        # GPT-2) added a token-type embedding to every position, so the moments measured other keys than edits see.
+        inputs = {k: encoded[k].to(device) for k in ("input_ids", "attention_mask")}
+        return inputs, inputs["attention_mask"].bool()
     if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
         raise ValueError("statistics texts must be strings or (prompt, answer) pairs, not a mixture")
     batch = tokenize_pairs(tokenizer, [tuple(item) for item in items], max_length=max_length,
@@ -212,6 +215,13 @@ def second_moments(
         count = int(total_count.item())
     if count == 0:
         raise ValueError("texts is empty (or blank): no tokens to collect statistics from")
+    # collect_statistics attaches what this returns without attach_statistics' check: MEMIT took the NaN moments of
+    # an overflowing model and AlphaEdit blamed nullspace_threshold for them.
+    non_finite = [name for name, s in sums.items() if not bool(torch.isfinite(s).all())]
+    if non_finite:
+        raise ValueError(f"the inputs of {non_finite} hold non-finite values (NaN or inf) on these texts: the model's "
+                         "activations overflow there (a float16 model?) or its weights hold NaN; no statistics were "
+                         "collected")
     logger.info("collected second moments of %d modules over %d tokens", len(sums), count)
     return SecondMoments({name: (s / count).cpu() for name, s in sums.items()}, {name: count for name in sums})
 
@@ -272,6 +282,12 @@ def collect_statistics(
                 "give module_names, or pass a PeftModel whose active adapter is an AlphaEdit/MEMIT/ROME adapter"
             )
         module_names = list(tuner.edited_layers(adapter_name))
+    elif tuner is not None:
+        # Checked before the pass: attaching found the gap only after it, and the statistics were lost with it.
+        missing = [name for name in tuner.edited_layers(adapter_name) if name not in module_names]
+        if missing:
+            raise ValueError(f"module_names {list(module_names)} leave out {missing}, which adapter {adapter_name!r} "
+                             "edits; name every edited layer (or leave module_names out)")
     # The original model's keys are what must be preserved: measure with the adapter disabled.
     with model.disable_adapter() if tuner is not None else contextlib.nullcontext():
         statistics = second_moments(

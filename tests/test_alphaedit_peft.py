@@ -119,6 +119,42 @@ def test_statistics_are_one_streaming_pass_equal_to_a_hand_sum(word_tokenizer, t
         assert layer.null_basis("default", other.peft_config["default"].nullspace_threshold).shape[1] > 0
 
 
+def test_text_statistics_read_the_inputs_edits_read(word_tokenizer):
+    """Texts were passed to the model with every input the tokenizer returned: a tokenizer that also returns
+    token_type_ids (a BERT tokenizer on GPT-2) added a token-type embedding to every position, so the moments
+    measured other keys than edits read (which pass input_ids and attention_mask only); on a tiny GPT-2 they
+    differed by 0.009 where the largest entry is 0.011."""
+    from transformers import PreTrainedTokenizerFast
+
+    with_types = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer.backend_tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+    assert "token_type_ids" in with_types("w1 w2")
+    base = tiny_gpt2(vocab_size=len(word_tokenizer), layers=3)
+    name = mlp_output_projection_name(base, 1)
+    expected = second_moments(base, word_tokenizer, TEXTS, [name], progress=False).moments[name]
+    found = second_moments(base, with_types, TEXTS, [name], progress=False).moments[name]
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_module_names_that_leave_out_an_edited_layer_are_refused_before_the_pass(word_tokenizer):
+    """collect_statistics(module_names=...) on an AlphaEdit adapter found the layers they leave out only when
+    attaching, after the whole pass, and the statistics were lost with the error."""
+    base = tiny_llama(vocab_size=len(word_tokenizer), layers=3)
+    model = get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig(layers=[1, 2]))
+    calls = []
+    handle = model.get_base_model().model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"leave out \['model.layers.2.mlp.down_proj'\]"):
+        pu.collect_statistics(model, word_tokenizer, TEXTS, module_names=[mlp_output_projection_name(base, 1)],
+                              progress=False)
+    assert calls == []  # no forward ran
+    names = [mlp_output_projection_name(base, layer) for layer in (0, 1, 2)]
+    stats = pu.collect_statistics(model, word_tokenizer, TEXTS, module_names=names, progress=False)  # more: fine
+    handle.remove()
+    assert stats.module_names == names
+
+
 def test_chat_statistics_count_the_keys_of_the_chat_answers(word_tokenizer):
     """collect_statistics(chat_template=True) reads (prompt, answer) pairs as edit(chat_template=True) writes them
     (a user turn answered by the answer): a chat model's answers have other keys than the same pair as plain text,

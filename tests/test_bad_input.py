@@ -116,6 +116,24 @@ def test_statistics_refuse_non_finite_moments_a_mismatched_tokenizer_and_long_te
     peft_unlearn.collect_statistics(model, tokenizer, [" ".join(["w1"] * 100)], progress=False)  # cut to 64
 
 
+@pytest.mark.parametrize("make_config", [lambda: peft_unlearn.MemitConfig(layers=[1], v_steps=2),
+                                         lambda: peft_unlearn.AlphaEditConfig(layers=[1], v_steps=2)])
+def test_statistics_of_a_model_with_non_finite_activations_are_refused_not_attached(make_config):
+    """collect_statistics attached its moments without attach_statistics' finiteness check: a model whose
+    activations overflow (a float16 model) or hold NaN gave MEMIT NaN moments silently, and AlphaEdit an error that
+    blamed nullspace_threshold."""
+    model, tokenizer = word_model(make_config)  # statistics of the sound model attached
+    name = next(iter(model.base_model.edited_layers("default")))
+    moments = {k: v for k, v in adapter_state(model).items() if "alphaedit_moment" in k}
+    assert moments
+    with torch.no_grad():
+        model.get_base_model().transformer.h[0].mlp.c_fc.weight[0, 0] = math.nan  # a diverged model
+    with pytest.raises(ValueError, match=rf"the inputs of \['{name}'\] hold non-finite values"):
+        peft_unlearn.collect_statistics(model, tokenizer, ["w1 w2 w3", "w4 w5"], progress=False)
+    after = adapter_state(model)
+    assert all(torch.equal(after[k], v) for k, v in moments.items())  # the sound model's moments stay
+
+
 def test_unlearning_refuses_non_finite_coefficients_and_a_refusal_string(tmp_path):
     """delta=nan (SimNPO) and beta=inf (NPO) trained NaN into the adapter; refusals="..." made each refusal one
     character, and an empty refusal left only the eos to learn."""

@@ -360,6 +360,27 @@ def test_output_never_replaces_files_it_did_not_write(tmp_path, model_dir, world
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "inputs"]  # no staging folder left
 
 
+def test_an_output_given_as_a_link_replaces_the_folder_it_names(tmp_path):
+    """An output path that is a link to an earlier output (``latest -> run1``) passed the checks, then failed after
+    the work ("Cannot call rmtree on a symbolic link"), and the finished output was deleted with its staging."""
+    from peft_unlearn.outputs import staged_output
+
+    run1 = tmp_path / "run1"
+    with staged_output(run1) as folder:
+        (folder / "first.txt").write_text("1")
+    (tmp_path / "latest").symlink_to(run1, target_is_directory=True)
+    with staged_output(tmp_path / "latest") as folder:
+        (folder / "second.txt").write_text("2")
+    assert (tmp_path / "latest").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "latest").iterdir()) == [OUTPUT_MARKER, "second.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run1"]  # no staging folder left
+    (run1 / "mine.txt").write_text("the user's")
+    (run1 / OUTPUT_MARKER).unlink()
+    with pytest.raises(ValueError, match="already holds files"), staged_output(tmp_path / "latest"):
+        pass  # a link to the user's own folder is refused
+    assert (run1 / "mine.txt").read_text() == "the user's"
+
+
 def test_push_uploads_exactly_the_checked_folder_and_refuses_leaks(tmp_path, monkeypatch, trained_models, world):
     import huggingface_hub
 
