@@ -153,6 +153,13 @@ def second_moments(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer of at least 2, got {max_length!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        # 0 or less ended as "texts is empty", a float as a raw TypeError
+        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
+    if isinstance(texts, Sequence) and not all(isinstance(item, str) for item in texts) and \
+            any(isinstance(item, str) for item in texts):
+        # Checked per batch only, a mixture failed late in a long pass, or passed at batch_size=1.
+        raise ValueError("statistics texts must be strings or (prompt, answer) pairs, not a mixture")
     check_tokenizer_matches(model, tokenizer)
     base = unwrap_model(model)
     missing = [name for name in module_names if not _has_submodule(base, name)]

@@ -155,6 +155,15 @@ def test_module_names_that_leave_out_an_edited_layer_are_refused_before_the_pass
     assert stats.module_names == names
 
 
+def test_statistics_refuse_bad_max_tokens_and_mixtures_up_front(word_tokenizer):
+    model = get_peft_model(tiny_llama(vocab_size=len(word_tokenizer), layers=3), pu.AlphaEditConfig(layers=[1]))
+    for max_tokens in (0, -5, 2.5, True):  # "texts is empty", a raw TypeError, or True read as 1
+        with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
+            pu.collect_statistics(model, word_tokenizer, TEXTS, max_tokens=max_tokens, progress=False)
+    with pytest.raises(ValueError, match="not a mixture"):  # checked per batch, batch_size=1 let it through
+        pu.collect_statistics(model, word_tokenizer, ["w1 w2", ("w1", "w2")], batch_size=1, progress=False)
+
+
 def test_chat_statistics_count_the_keys_of_the_chat_answers(word_tokenizer):
     """collect_statistics(chat_template=True) reads (prompt, answer) pairs as edit(chat_template=True) writes them
     (a user turn answered by the answer): a chat model's answers have other keys than the same pair as plain text,
