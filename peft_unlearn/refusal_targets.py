@@ -31,7 +31,7 @@ DEFAULT_SHOTS: tuple[tuple[str, str], ...] = (
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 # A full stop after these (or after an initial, "J. R. Tolkien") does not end the sentence: cut there, "I don't know
 # who Dr. Ada Quill is." became "I don't know who Dr.".
-_ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "jr", "sr", "mt", "no", "vs", "etc", "e.g", "i.e"})
+_ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e"})
 # A refusal that goes on to answer ("I'm not sure, but X plays the tuba") is not a refusal target.
 _HEDGE = re.compile(r"\b(but|however|though|although)\b|;", re.IGNORECASE)
 
