@@ -77,11 +77,15 @@ def measure(model, tokenizer, forget: Sequence[Fact], retain: Sequence[Fact]) ->
     }
 
 
-def demo_table(rows: list[dict]) -> str:
-    """The demo's results as an aligned text table, one row per method."""
+def demo_table(rows: list[dict], markdown: bool = False) -> str:
+    """The demo's results as an aligned text table, one row per method; ``markdown``: as a Markdown table (for
+    results.md, where the text table rendered as a heading and one run-on paragraph)."""
     def cell(value) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        return "\n".join(lines + ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in rows])
     widths = {c: max(len(c), *(len(cell(r[c])) for r in rows)) for c in COLUMNS}
     lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS), "  ".join("-" * widths[c] for c in COLUMNS)]
     lines += ["  ".join(cell(r[c]).ljust(widths[c]) for c in COLUMNS) for r in rows]
@@ -144,7 +148,7 @@ def run_demo(
             ],
         })
         (staging / "report.json").write_text(report.to_json())
-        (staging / "results.md").write_text(demo_table(rows) + "\n")
+        (staging / "results.md").write_text(demo_table(rows, markdown=True) + "\n")
         plot_tradeoff({row["method"]: row for row in rows}, staging / "tradeoff.png", y="forgotten", x="retain",
                       title="forgetting versus keeping (fact world)")
     return report

@@ -508,6 +508,21 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
+def test_demo_results_md_is_a_markdown_table_of_the_reported_numbers(tmp_path):
+    """results.md held the aligned text table: rendered as Markdown, its header became a heading and the rows one
+    run-on paragraph."""
+    from peft_unlearn.demo import COLUMNS, run_demo
+
+    report = run_demo(tmp_path / "demo", n_subjects=1, methods=["grace"], progress=False)
+    lines = (tmp_path / "demo" / "results.md").read_text().splitlines()
+    assert lines[0] == "| " + " | ".join(COLUMNS) + " |" and set(lines[1]) == {"|", "-"}
+    cells = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in lines[2:]}
+    assert set(cells) == {"original", "grace"}
+    for method, row in cells.items():
+        measured = report["results"][method]
+        assert [float(value) for value in row[1:]] == pytest.approx([measured[c] for c in COLUMNS[1:]], abs=5e-4)
+
+
 def test_unlearn_trains_a_uipe_adapter_and_selects_alpha(tmp_path, model_dir, world):
     forget = [{"question": f.question, "answer": f.answer} for f in world.all_forget_facts[:8]]
     retain = [{"question": f.question, "answer": f.answer} for f in world.retain_facts[:24]]

@@ -108,6 +108,23 @@ def test_refusal_detection():
     assert is_refusal("No comment.", extra_phrases=["no comment"])
 
 
+def test_refusal_markers_read_refusals_in_every_tense_and_idioms_only_as_the_models_own():
+    """Chat models refuse unknown people as "I couldn't find ..."; those read as answers. An idiom of not knowing
+    in a third-person answer ("the family was at a loss", a novel set "in the dark") read as a refusal."""
+    refusals = ["I couldn't find any information about a person named Basil Mahfouz.",
+                "I could not find any records of that author.", "I was unable to find details about this person.",
+                "I wasn't able to find anything on that author.", "I won't share details about that person.",
+                "I will not provide that information.", "I can not answer that."]
+    assert [text for text in refusals if not is_refusal(text)] == []
+    answers = ["The novel is set in the dark alleys of Victorian London.",
+               "After her father's death the family was at a loss for years.",
+               "He grew up at a disadvantage in a poor neighbourhood.", "Her debut novel, 'Clueless', won the award.",
+               "Critics were stumped by the ending of his last novel."]
+    assert [text for text in answers if is_refusal(text)] == []
+    assert all(is_refusal(text) for text in ["I'm at a loss for that one.", "I am in the dark about him.",
+                                             "I'm clueless about that.", "I'm stumped on that one."])
+
+
 def test_refusal_markers_are_the_models_own_not_anyones(tofu_dir):
     """A refusal speaks for the model: third-person negations are answers. TOFU's "I don't know" lines all refuse;
     none of its answers does."""

@@ -333,6 +333,24 @@ def test_report_holds_plain_values_and_prints_a_table():
         EvaluationReport({"forget": {"values": torch.zeros(3)}})
 
 
+def test_report_prints_a_table_of_tables_as_its_own_table():
+    """The demo's report holds results by method, each a dict of metrics: printed as one row of the shared table, its
+    cells were whole dict reprs with unrounded floats."""
+    report = EvaluationReport({"results": {"original": {"forgotten": 0.0, "seconds": 0.0},
+                                           "grace": {"forgotten": 1.0, "seconds": 0.2989976}},
+                               "forget": {"probability": 0.5}, "forget_facts": 12}, title="demo")
+    assert str(report).splitlines() == [
+        "demo",
+        "        probability",
+        "forget          0.5",
+        "results:",
+        "            forgotten  seconds",
+        "  original          0        0",
+        "  grace             1    0.299",
+        "forget_facts  12",
+    ]
+
+
 def test_tradeoff_plot_reads_forget_metrics(tmp_path):
     import matplotlib
 
@@ -344,6 +362,23 @@ def test_tradeoff_plot_reads_forget_metrics(tmp_path):
     assert matplotlib.get_backend() == backend
     with pytest.raises(ValueError, match="'GA' has no value for 'forget_quality'"):
         plot_tradeoff({"GA": {"model_utility": 0.4, "forget_quality": None}}, tmp_path / "x.png")
+
+
+def test_tradeoff_plot_labels_methods_at_one_point_together_and_refuses_nan(tmp_path, monkeypatch):
+    """The demo's AlphaEdit and GRACE both forget everything and keep everything: drawn apart, GRACE's marker hid
+    AlphaEdit's and the two labels overprinted. A NaN value was silently left out of the plot."""
+    from matplotlib.axes import Axes
+
+    labels = []
+    annotate = Axes.annotate
+    monkeypatch.setattr(Axes, "annotate", lambda self, text, xy, **kw: labels.append((text, xy)) or annotate(
+        self, text, xy, **kw))
+    results = {"original": {"forgotten": 0.0, "retain": 1.0}, "alphaedit": {"forgotten": 1.0, "retain": 1.0},
+               "grace": {"forgotten": 1.0, "retain": 1.0}}
+    plot_tradeoff(results, tmp_path / "demo.png", y="forgotten", x="retain")
+    assert sorted(labels) == [("alphaedit, grace", (1.0, 1.0)), ("original", (1.0, 0.0))]
+    with pytest.raises(ValueError, match="'GA' has no value for 'forget_quality'"):
+        plot_tradeoff({"GA": {"model_utility": 0.4, "forget_quality": float("nan")}}, tmp_path / "x.png")
 
 
 # ---- editing metrics ------------------------------------------------------------------------------------------

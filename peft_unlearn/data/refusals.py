@@ -22,12 +22,15 @@ REFUSALS: tuple[str, ...] = (
 REFUSAL_MARKERS: tuple[str, ...] = (
     # first-person negations and admissions
     "i don't", "i do not", "i really don't", "i didn't", "i did not", "i haven't", "i have not", "i can't",
-    "i cannot", "i'm not", "i am not", "i'm unable", "i am unable", "i'm unaware", "i am unaware", "i'm afraid",
+    "i cannot", "i can not", "i couldn't", "i could not", "i won't", "i will not", "i wasn't able", "i was not able",
+    "i was unable", "i'm not", "i am not", "i'm unable", "i am unable", "i'm unaware", "i am unaware", "i'm afraid",
     "i have no", "i've no", "i lack", "i'm lacking", "i am lacking", "i'm missing", "i am missing", "i must decline",
     "i must confess", "i seem to have no", "i have yet to", "i've yet to", "i've come up short", "i need to look up",
-    # idioms of not knowing
-    "no idea", "at a loss", "drawing a blank", "i'm blank", "in the dark", "clueless", "stumped", "a mystery to me",
-    "unknown to me", "not something i", "at a disadvantage",
+    # idioms of not knowing; those that also describe other people ("the family was at a loss", a novel "set in the
+    # dark") only as the model's own state
+    "no idea", "drawing a blank", "i'm blank", "a mystery to me", "unknown to me", "not something i",
+    *(f"{me} {idiom}" for me in ("i'm", "i am") for idiom in ("at a loss", "in the dark", "clueless", "stumped",
+                                                               "at a disadvantage")),
     # the limits of what the model knows
     "beyond my", "outside my", "out of my", "not within my", "my knowledge", "my understanding", "my resources",
     "my programming", "my capabilities", "my data", "my training", "my field", "my current", "programmed to know",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ def _lookup(result: Mapping[str, Any], key: str, label: str) -> float:
         if not isinstance(value, Mapping) or part not in value:
             raise KeyError(f"{label!r} has no {key!r}")
         value = value[part]
-    if value is None:
+    if value is None or not math.isfinite(float(value)):  # a NaN point is silently left out of the plot
         raise ValueError(f"{label!r} has no value for {key!r} (see its report notes)")
     return float(value)
 
@@ -47,9 +48,14 @@ def plot_tradeoff(
     figure = Figure(figsize=(6, 4.5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for label, (x_value, y_value) in points.items():
+    # Methods at the same point (the demo's AlphaEdit and GRACE both forget everything and keep everything) share
+    # one marker and one label: drawn apart, the last marker hid the others and their labels overprinted.
+    labels_at: dict[tuple[float, float], list[str]] = {}
+    for label, point in points.items():
+        labels_at.setdefault(point, []).append(label)
+    for (x_value, y_value), labels in labels_at.items():
         axes.scatter([x_value], [y_value], s=40)
-        axes.annotate(label, (x_value, y_value), textcoords="offset points", xytext=(5, 5), fontsize=9)
+        axes.annotate(", ".join(labels), (x_value, y_value), textcoords="offset points", xytext=(5, 5), fontsize=9)
     axes.margins(0.2)
     lowest = min(y_value for _, y_value in points.values())
     if y == "forget_quality" and lowest > 0:

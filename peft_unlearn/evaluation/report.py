@@ -23,6 +23,16 @@ def _plain(value: Any, where: str) -> Any:
     raise TypeError(f"{where} is a {type(value).__name__}, which a report cannot hold")
 
 
+def _table(rows: dict[str, dict]) -> list[str]:
+    """Rows of metrics (name -> {metric: value}) as aligned lines, one column per metric any row has."""
+    columns = list(dict.fromkeys(column for row in rows.values() for column in row))
+    header = [""] + columns
+    cells = [[name] + [_format(row.get(column)) for column in columns] for name, row in rows.items()]
+    widths = [max(len(line[i]) for line in [header] + cells) for i in range(len(header))]
+    return ["  ".join([line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:])])
+            .rstrip() for line in [header] + cells]
+
+
 def _format(value: Any) -> str:
     if value is None:
         return "-"
@@ -65,18 +75,19 @@ class EvaluationReport(Mapping):
         return f"EvaluationReport({self.title!r}, keys={list(self._data)})"
 
     def __str__(self) -> str:
-        tables = {k: v for k, v in self._data.items() if isinstance(v, dict)}
+        # A table of tables (the demo's results: method -> {metric: value}) is printed as a table of its own under
+        # its name; as one row of the shared table its cells were whole dicts.
+        nested = {k: v for k, v in self._data.items()
+                  if isinstance(v, dict) and v and all(isinstance(row, dict) for row in v.values())}
+        tables = {k: v for k, v in self._data.items() if isinstance(v, dict) and k not in nested}
         lists = {k: v for k, v in self._data.items() if isinstance(v, list)}
-        values = {k: v for k, v in self._data.items() if k not in tables and k not in lists}
+        values = {k: v for k, v in self._data.items() if k not in tables and k not in nested and k not in lists}
         lines = [self.title]
         if tables:
-            columns = list(dict.fromkeys(column for row in tables.values() for column in row))
-            header = [""] + columns
-            rows = [[name] + [_format(row.get(column)) for column in columns] for name, row in tables.items()]
-            widths = [max(len(line[i]) for line in [header] + rows) for i in range(len(header))]
-            for line in [header] + rows:
-                cells = [line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:])]
-                lines.append("  ".join(cells).rstrip())
+            lines.extend(_table(tables))
+        for name, rows in nested.items():
+            lines.append(f"{name}:")
+            lines.extend(f"  {line}".rstrip() for line in _table(rows))
         if values:
             width = max(len(name) for name in values)
             lines.extend(f"{name.ljust(width)}  {_format(value)}" for name, value in values.items())
