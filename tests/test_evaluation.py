@@ -420,7 +420,7 @@ def test_locality_against_the_adapter_free_model(world, trained_models):
     assert answer_scores(peft_model, tokenizer, unrelated).nll != answer_scores(model, tokenizer, unrelated).nll
 
 
-def test_locality_refuses_a_reference_that_carries_the_edit(world, trained_models):
+def test_locality_refuses_a_reference_that_carries_the_edit(world, trained_models, monkeypatch):
     """get_peft_model wraps the base model in place: passed as reference_model (the pre-edit model, as a user reads
     it), that base model runs the adapter too, and locality read 1.0 however much the edit changed."""
     model, tokenizer = trained_models("llama")
@@ -438,6 +438,15 @@ def test_locality_refuses_a_reference_that_carries_the_edit(world, trained_model
         with pytest.raises(ValueError, match="reference_model holds the evaluated model's adapter layers"):
             evaluate_editing(peft_model, tokenizer, unrelated, unrelated=unrelated, reference_model=reference,
                              progress=False)
+    # A model that is not a PeftModel has no adapter to disable: without a reference, evaluate_editing refuses it
+    # before spending reliability and generalization (it found out only at locality).
+    import peft_unlearn.evaluation.edit_metrics as edit_metrics
+
+    spent = []
+    monkeypatch.setattr(edit_metrics, "edit_success", lambda *a, **k: spent.append(1))
+    with pytest.raises(ValueError, match="locality needs the pre-edit model"):
+        evaluate_editing(model, tokenizer, unrelated, rephrases=unrelated, unrelated=unrelated, progress=False)
+    assert spent == []
     # A separate copy of the pre-edit model, or none (the adapter disabled), measures the change.
     separate = locality(peft_model, tokenizer, unrelated, reference_model=model)
     assert separate == locality(peft_model, tokenizer, unrelated)

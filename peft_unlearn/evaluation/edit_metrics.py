@@ -64,8 +64,11 @@ def edit_success(
 def _check_reference(model: nn.Module, reference_model: nn.Module | None) -> None:
     """Refuse a ``reference_model`` that runs the evaluated model's own enabled adapter layers: ``get_peft_model``
     wraps the base model in place, so that base model is the edited model, and locality against it read 1.0
-    however much the edit changed (a model without adapters may be its own reference)."""
+    however much the edit changed (a model without adapters may be its own reference); and refuse no reference for
+    a model that is not a PeftModel (there is no adapter to disable)."""
     if reference_model is None:
+        if not isinstance(model, PeftModel):
+            raise ValueError("locality needs the pre-edit model: pass reference_model, or a PeftModel to disable")
         return
     edited = {id(m) for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters}
     if any(id(m) in edited for m in reference_model.modules()):
@@ -116,8 +119,6 @@ def locality(
     """Agreement with the pre-edit model on unrelated prompts: ``teacher_forced`` = mean fraction of answer
     positions whose argmax token is unchanged, ``generation`` = fraction of prompts whose greedy continuation is
     unchanged. The pre-edit model is ``reference_model`` or, for a PeftModel, the model with its adapter disabled."""
-    if reference_model is None and not isinstance(model, PeftModel):
-        raise ValueError("locality needs the pre-edit model: pass reference_model, or a PeftModel to disable")
     _check_reference(model, reference_model)
     pairs = _pairs(unrelated)
     if max_new_tokens is None:
