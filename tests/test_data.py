@@ -123,6 +123,8 @@ def test_refusal_markers_read_refusals_in_every_tense_and_idioms_only_as_the_mod
     assert [text for text in answers if is_refusal(text)] == []
     assert all(is_refusal(text) for text in ["I'm at a loss for that one.", "I am in the dark about him.",
                                              "I'm clueless about that.", "I'm stumped on that one."])
+    # Other apostrophes than "'" and the typographic one
+    assert all(is_refusal(text) for text in ["I don\u02bct know.", "I can\u2018t say.", "I don`t know that author."])
 
 
 def test_refusal_markers_are_the_models_own_not_anyones(tofu_dir):

@@ -47,8 +47,13 @@ def refusal_for(text: str, refusals: tuple[str, ...] | list[str] = REFUSALS) -> 
     return refusals[int.from_bytes(digest[:4], "little") % len(refusals)]
 
 
+# Apostrophes models write besides "'" (typographic, modifier letter, acute accent, backtick): "I donʼt know" is
+# matched as "I don't know".
+_APOSTROPHES = re.compile("[\u2019\u2018\u02bc\u00b4`]")
+
+
 def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text.replace("\u2019", "'")).strip().lower()
+    return re.sub(r"\s+", " ", _APOSTROPHES.sub("'", text)).strip().lower()
 
 
 def is_refusal(text: str, extra_phrases: list[str] | tuple[str, ...] = ()) -> bool:
