@@ -247,6 +247,9 @@ def test_editing_one_request_at_a_time_keeps_the_earlier_edits(world, trained_mo
     base, tokenizer = trained_models(arch)
     requests = refusals(world.forget_facts[:8])
     targets = [(r.prompt, r.target) for r in requests]
+    # The model knew these facts and refused none of them before the edits.
+    assert generation_match(base, tokenizer, [f.pair for f in world.forget_facts[:8]]) == 1.0
+    assert generation_match(base, tokenizer, targets) == 0.0
     model = get_peft_model(copy.deepcopy(base), pu.WiseConfig(shard_size=9))
     for request in requests:
         pu.edit(model, tokenizer, [request], progress=False)
