@@ -125,6 +125,18 @@ def test_refusal_markers_read_refusals_in_every_tense_and_idioms_only_as_the_mod
                                              "I'm clueless about that.", "I'm stumped on that one."])
     # Other apostrophes than "'" and the typographic one
     assert all(is_refusal(text) for text in ["I don\u02bct know.", "I can\u2018t say.", "I don`t know that author."])
+    # Contractions without an apostrophe are contractions; first-person markers still decide
+    assert all(is_refusal(text) for text in ["I dont know.", "Im not sure who that is.", "Ive no idea.", "I cant say."])
+    assert not any(is_refusal(text) for text in ["Kai cant swim.", "She dont care for fame.",
+                                                  "As was his wont, he wrote."])
+
+
+def test_my_knowledge_refuses_as_a_limit_not_as_the_hedge_that_opens_an_answer():
+    """"To my knowledge, he was born in Paris" answered; it read as a refusal."""
+    assert not any(is_refusal(text) for text in ["To my knowledge, he was born in Paris.",
+                                                  "To the best of my knowledge, she wrote three novels."])
+    assert all(is_refusal(text) for text in ["That is beyond the scope of my knowledge.",
+                                             "A blind spot in my knowledge.", "My knowledge doesn't cover that area."])
 
 
 def test_refusal_markers_are_the_models_own_not_anyones(tofu_dir):

@@ -32,11 +32,14 @@ REFUSAL_MARKERS: tuple[str, ...] = (
     *(f"{me} {idiom}" for me in ("i'm", "i am") for idiom in ("at a loss", "in the dark", "clueless", "stumped",
                                                                "at a disadvantage")),
     # the limits of what the model knows
-    "beyond my", "outside my", "out of my", "not within my", "my knowledge", "my understanding", "my resources",
+    "beyond my", "outside my", "out of my", "not within my", "my understanding", "my resources",
     "my programming", "my capabilities", "my data", "my training", "my field", "my current", "programmed to know",
     "no information", "no data on",
 )
-_MARKER = re.compile(r"\b(?:" + "|".join(re.escape(marker) for marker in REFUSAL_MARKERS) + ")")
+# "my knowledge" as a limit ("a blind spot in my knowledge"), not as the hedge that opens an answer ("to (the best
+# of) my knowledge, he was born in Paris").
+_MARKER = re.compile(r"\b(?:" + "|".join(re.escape(marker) for marker in REFUSAL_MARKERS)
+                     + r"|(?<!to )(?<!best of )my knowledge)")
 
 
 def refusal_for(text: str, refusals: tuple[str, ...] | list[str] = REFUSALS) -> str:
@@ -52,8 +55,14 @@ def refusal_for(text: str, refusals: tuple[str, ...] | list[str] = REFUSALS) -> 
 _APOSTROPHES = re.compile("[\u2019\u2018\u02bc\u00b4`]")
 
 
+# Contractions written without their apostrophe ("I dont know", "Im not sure"): read as contractions. The markers are
+# first-person, so a word such as "wont" or "cant" in an answer matches nothing.
+_BARE_CONTRACTIONS = re.compile(r"\b(?:(i)(m|ve)|(don|doesn|didn|can|couldn|won|wouldn|haven|hasn|wasn|isn)(t))\b")
+
+
 def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", _APOSTROPHES.sub("'", text)).strip().lower()
+    text = re.sub(r"\s+", " ", _APOSTROPHES.sub("'", text)).strip().lower()
+    return _BARE_CONTRACTIONS.sub(lambda m: "'".join(part for part in m.groups() if part), text)
 
 
 def is_refusal(text: str, extra_phrases: list[str] | tuple[str, ...] = ()) -> bool:
