@@ -13,7 +13,7 @@ from .tuners.alphaedit import AlphaEditConfig, MemitConfig, RomeConfig
 from .tuners.grace import GraceConfig
 from .tuners.uipe import UIPELoraConfig, export_lora, extrapolate, select_alpha
 from .tuners.wise import WiseConfig
-from .unlearning import UnlearningArguments, UnlearningTrainer
+from .unlearning import UnlearningArguments, UnlearningTrainer, unlearn_with_lora
 
 __version__ = "0.1.0"
 
@@ -41,4 +41,5 @@ __all__ = [
     "plot_tradeoff",
     "remove_edits",
     "select_alpha",
+    "unlearn_with_lora",
 ]

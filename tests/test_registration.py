@@ -59,3 +59,12 @@ def test_new_config_roundtrips_through_peft_config(tmp_path):
     loaded = peft.PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, peft_unlearn.AlphaEditConfig)
     assert loaded.layers == [1] and loaded.peft_type is PeftType.ALPHAEDIT
+
+
+def test_the_one_call_unlearning_recipe_is_public():
+    """README and the CLI's unlearn name the recipe; it was importable only from peft_unlearn.unlearning.recipes."""
+    import peft_unlearn
+    from peft_unlearn.unlearning import recipes, unlearn_with_lora
+
+    assert peft_unlearn.unlearn_with_lora is unlearn_with_lora is recipes.unlearn_with_lora
+    assert "unlearn_with_lora" in peft_unlearn.__all__

@@ -17,6 +17,7 @@ from .losses import (
     get_unlearning_loss,
     register_unlearning_loss,
 )
+from .recipes import unlearn_with_lora
 from .trainer import UnlearningArguments, UnlearningTrainer
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "parameter_masks",
     "register_unlearning_loss",
     "restrict_to_masks",
+    "unlearn_with_lora",
     "unrestricted_masks",
 ]
