@@ -581,6 +581,30 @@ def test_unlearn_with_lora_resumes_from_a_checkpoint(trained_models, world, tmp_
                                   **options)
 
 
+def test_resuming_a_checkpoint_that_finished_its_run_is_refused(trained_models, world, tmp_path):
+    """The Trainer resumes a checkpoint at max_steps into the epoch it stopped in and takes one more step before it
+    checks the count: 4 steps of 3 per epoch came back with 5."""
+    from peft_unlearn.unlearning import recipes
+
+    base, tokenizer = trained_models("llama")
+    forget = [fact.pair for fact in world.all_forget_facts[:12]]  # 3 steps per epoch
+    retain = [fact.pair for fact in world.retain_facts[:12]]
+    options = dict(loss="npo", uipe_alpha=0.0, progress=False, per_device_train_batch_size=4, max_steps=4,
+                   save_strategy="steps", save_steps=2, output_dir=str(tmp_path / "run"))
+    _, summary = recipes.unlearn_with_lora(copy.deepcopy(base), tokenizer, forget, retain, **options)
+    assert summary["steps"] == 4
+    model = copy.deepcopy(base)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="checkpoint-4 has already taken 4 steps, max_steps is 4"):
+        recipes.unlearn_with_lora(model, tokenizer, forget, retain, resume_from_checkpoint=True, **options)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert not (tmp_path / "run" / "checkpoint-5").exists()
+    # Further steps are asked for: resumed from step 4, the run takes steps 5 and 6.
+    _, summary = recipes.unlearn_with_lora(copy.deepcopy(base), tokenizer, forget, retain, resume_from_checkpoint=True,
+                                           **{**options, "max_steps": 6})
+    assert summary["steps"] == 6
+
+
 def test_a_frozen_adapter_is_refused_and_the_reference_keeps_what_the_user_froze(tofu, tmp_path):
     model = lora_model(tofu)
     model.save_pretrained(tmp_path / "adapter")

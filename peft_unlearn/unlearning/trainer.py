@@ -7,6 +7,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..capture import check_fits_context
 from ..data.refusals import REFUSALS
@@ -205,8 +208,8 @@ class UnlearningTrainer(Trainer):
             )
         if not any(parameter.requires_grad for parameter in model.parameters()):
             raise ValueError(
-                "nothing in the model is trainable: an adapter loaded with PeftModel.from_pretrained is frozen unless "
-                "loaded with is_trainable=True"
+                "nothing in the model is trainable: an adapter loaded with PeftModel.from_pretrained or transformers' "
+                "load_adapter is frozen unless loaded with is_trainable=True"
             )
         if processing_class is None:
             raise ValueError("UnlearningTrainer needs the tokenizer as processing_class to tokenize the datasets")
@@ -379,8 +382,24 @@ class UnlearningTrainer(Trainer):
                 parameter.requires_grad_(False)
 
     def train(self, *args: Any, **kwargs: Any):
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if resume:
+            self._refuse_finished_checkpoint(resume)
         self._logged_terms, self._logged_steps = {}, 0.0  # an earlier run's unlogged last steps do not leak in
         return super().train(*args, **kwargs)
+
+    def _refuse_finished_checkpoint(self, resume: str | bool) -> None:
+        """A checkpoint that already reached ``max_steps`` is refused: the Trainer resumes it into the epoch it
+        stopped in and takes one more step before it checks the count (a run of 8 steps came back with 9)."""
+        folder = get_last_checkpoint(self.args.output_dir) if resume is True else str(resume)
+        state_file = os.path.join(folder, "trainer_state.json") if folder else None
+        if self.args.max_steps <= 0 or state_file is None or not os.path.isfile(state_file):
+            return  # the Trainer's own errors name a missing checkpoint
+        done = TrainerState.load_from_json(state_file).global_step
+        if done >= self.args.max_steps:
+            raise ValueError(f"checkpoint {folder} has already taken {done} steps, max_steps is {self.args.max_steps}: "
+                             "there is nothing left to resume (the Trainer would take one more step); load the "
+                             "adapter from the checkpoint, or raise max_steps to train on")
 
     def evaluate(self, *args: Any, **kwargs: Any):
         raise NotImplementedError(
