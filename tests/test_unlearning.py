@@ -603,6 +603,10 @@ def test_resuming_a_checkpoint_that_finished_its_run_is_refused(trained_models, 
     _, summary = recipes.unlearn_with_lora(copy.deepcopy(base), tokenizer, forget, retain, resume_from_checkpoint=True,
                                            **{**options, "max_steps": 6})
     assert summary["steps"] == 6
+    # A folder with no checkpoint at all is the Trainer's own error to name.
+    with pytest.raises(ValueError, match="No valid checkpoint found"):
+        recipes.unlearn_with_lora(copy.deepcopy(base), tokenizer, forget, retain, resume_from_checkpoint=True,
+                                  **{**options, "output_dir": str(tmp_path / "missing")})
 
 
 def test_a_frozen_adapter_is_refused_and_the_reference_keeps_what_the_user_froze(tofu, tmp_path):

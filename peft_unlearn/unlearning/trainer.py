@@ -389,9 +389,13 @@ class UnlearningTrainer(Trainer):
         return super().train(*args, **kwargs)
 
     def _refuse_finished_checkpoint(self, resume: str | bool) -> None:
-        """A checkpoint that already reached ``max_steps`` is refused: the Trainer resumes it into the epoch it
-        stopped in and takes one more step before it checks the count (a run of 8 steps came back with 9)."""
-        folder = get_last_checkpoint(self.args.output_dir) if resume is True else str(resume)
+        """A checkpoint that already reached ``max_steps`` is refused: where ``max_steps`` ends inside an epoch, the
+        Trainer resumes into that epoch and takes one more step before it checks the count (4 steps came back 5)."""
+        if resume is True:
+            output_dir = self.args.output_dir
+            folder = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+        else:
+            folder = str(resume)
         state_file = os.path.join(folder, "trainer_state.json") if folder else None
         if self.args.max_steps <= 0 or state_file is None or not os.path.isfile(state_file):
             return  # the Trainer's own errors name a missing checkpoint
