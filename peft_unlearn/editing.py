@@ -254,7 +254,10 @@ def check_not_merged(model: nn.Module, adapter_name: str) -> None:
     """Refuse to edit an adapter whose delta is merged into the base weights: the edit would change the unmerged
     factors only, and unmerging would then subtract a delta that was never added. Refuse too when another adapter
     is merged into a layer this one edits: a merged layer runs none of its unmerged adapters, so the edit could not
-    be fitted there (a raw autograd error, or an edit without effect until unmerging)."""
+    be fitted there (a raw autograd error, or an edit without effect until unmerging). Refuse an adapter merged into
+    any other layer as well: editing runs the original model (adapters disabled: AlphaEdit's context prompts, the
+    unrelated prompts the model writes), and a disabled merged layer unmerges itself for good, so the edit left the
+    other adapter unmerged and, being inactive, no longer applied."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
@@ -269,6 +272,21 @@ def check_not_merged(model: nn.Module, adapter_name: str) -> None:
                 f"adapter {m.merged_adapters[0]!r} is merged into {name.removeprefix('base_model.model.')}, which "
                 f"adapter {adapter_name!r} edits: a merged layer runs none of its unmerged adapters, so the edit "
                 "could not be fitted there; call model.unmerge_adapter() before editing (and merge again afterwards)"
+            )
+    check_nothing_merged(model, "editing")
+
+
+def check_nothing_merged(model: nn.Module, what: str) -> None:
+    """Refuse when an adapter is merged into a layer: ``what`` runs the original model (adapters disabled), and a
+    disabled merged layer unmerges itself and stays unmerged, a change the caller never asked for."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, m in model.named_modules():
+        if isinstance(m, BaseTunerLayer) and m.merged_adapters:
+            raise ValueError(
+                f"adapter {m.merged_adapters[0]!r} is merged into {name.removeprefix('base_model.model.')}: {what} "
+                "runs the original model with adapters disabled, which would unmerge it and leave it unmerged; call "
+                f"model.unmerge_adapter() before {what} (and merge again afterwards)"
             )
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import capture_at_positions, context_length, linear_shape, unwrap_model
-from .editing import check_tokenizer_matches, the_active_adapter
+from .editing import check_nothing_merged, check_tokenizer_matches, the_active_adapter
 from .metrics import evaluating
 from .requests import tokenize_pairs
 from .tokenizer_record import record_tokenizer
@@ -295,7 +295,10 @@ def collect_statistics(
         if missing:
             raise ValueError(f"module_names {list(module_names)} leave out {missing}, which adapter {adapter_name!r} "
                              "edits; name every edited layer (or leave module_names out)")
-    # The original model's keys are what must be preserved: measure with the adapter disabled.
+    # The original model's keys are what must be preserved: measure with the adapter disabled (which would unmerge a
+    # merged adapter for good).
+    if tuner is not None:
+        check_nothing_merged(model, "collect_statistics")
     with model.disable_adapter() if tuner is not None else contextlib.nullcontext():
         statistics = second_moments(
             model, tokenizer, texts, module_names,

@@ -584,3 +584,89 @@ def test_edited_keys_of_layers_of_different_widths_share_one_recorded_size(word_
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     for name, layer in reloaded.base_model.edited_layers("default").items():
         torch.testing.assert_close(layer.edited_keys("default"), layers[name].edited_keys("default"), rtol=0, atol=0)
+
+
+def test_caller_templates_always_fit_the_bare_prompt_and_malformed_ones_are_named(word_tokenizer):
+    """The edit is fitted on the first template's rows (target values, refinement, the keys later edits keep):
+    templates without the bare prompt first fitted it on a prefixed prompt (6 refusal edits on the llama fact model: 0
+    reached with ["Here is a fact. {}"], 5 with "{}" first), and a template with two or named fields failed with a raw
+    IndexError or KeyError."""
+    base = tiny_llama(vocab_size=len(word_tokenizer), layers=3)
+    request = [pu.EditRequest("w1 w7 w3", "w1", subject="w7")]
+    deltas = []
+    for templates in (["w9 w2 {}"], ["{}", "w9 w2 {}"], ["w9 w2 {}", "{}"]):
+        model = get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig(layers=[1], refine_steps=2))
+        pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
+        pu.edit(model, word_tokenizer, request, templates=templates, progress=False)
+        deltas.append(next(iter(model.base_model.edited_layers("default").values())).get_delta_weight("default"))
+    for delta in deltas[1:]:
+        torch.testing.assert_close(delta, deltas[0], rtol=1e-4, atol=1e-6)
+    for templates in (["{} w2 {}"], ["{x} {}"], ["w7 { {}"], ["{{}}"], [3]):
+        with pytest.raises(ValueError, match="template"):
+            pu.edit(model, word_tokenizer, request, templates=templates, progress=False)
+    assert model.peft_config["default"].n_edits == 1
+
+
+def test_an_adapter_merged_into_another_layer_is_not_unmerged_behind_the_callers_back(word_tokenizer):
+    """collect_statistics and editing run the original model (adapters disabled), and a disabled merged layer unmerges
+    itself for good: after editing adapter 'b' on layer 2, adapter 'a' merged into layer 0 was unmerged and, being
+    inactive, no longer applied. Both refuse instead, with the model as it was."""
+    model = get_peft_model(tiny_llama(vocab_size=len(word_tokenizer), layers=3),
+                           pu.AlphaEditConfig(layers=[0], refine_steps=2), adapter_name="a")
+    with_random_delta(model)
+    model.add_adapter("b", pu.AlphaEditConfig(layers=[2], refine_steps=2))
+    model.set_adapter("b")
+    model.merge_adapter(["a"])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'a' is merged into model\.layers\.0.*unmerge_adapter"):
+        pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
+    model.unmerge_adapter()
+    pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
+    model.merge_adapter(["a"])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'a' is merged into model\.layers\.0.*unmerge_adapter"):
+        pu.edit(model, word_tokenizer, [pu.EditRequest("w2 w8 w3", "w4", subject="w8")], progress=False)
+    layer = model.base_model.edited_layers("a")["model.layers.0.mlp.down_proj"]
+    assert layer.merged_adapters == ["a"]
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_merged_queries_keep_one_delta_per_subject_when_targets_are_optimised_in_chunks(word_tokenizer):
+    """With merge_queries a subject's questions share one target delta, optimised on all of them: target_batch_size
+    split the subject's requests at chunk boundaries, each part optimised a delta of its own and the key got their
+    mean (the delta differed by up to 0.39 from the unchunked one here). A subject's requests now stay in one
+    chunk, so chunking changes nothing."""
+    base = tiny_llama(vocab_size=len(word_tokenizer), layers=3)
+    requests = [pu.EditRequest("w1 w7 w3", "w1 w2", subject="w7"), pu.EditRequest("w2 w8", "w5", subject="w8"),
+                pu.EditRequest("w3 w7 w4", "w6", subject="w7"), pu.EditRequest("w3 w8 w4", "w6 w1", subject="w8")]
+    deltas = []
+    for target_batch_size in (None, 2, 3):
+        model = get_peft_model(copy.deepcopy(base), pu.AlphaEditConfig(layers=[0, 1], refine_steps=0))
+        pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
+        result = pu.edit(model, word_tokenizer, requests, merge_queries=True, target_batch_size=target_batch_size,
+                         progress=False)
+        assert result.details["edited_keys"] == 7  # two subject keys, five answer positions
+        deltas.append([layer.get_delta_weight("default")
+                       for layer in model.base_model.edited_layers("default").values()])
+    for chunked in deltas[1:]:
+        for delta, unchunked in zip(chunked, deltas[0]):
+            torch.testing.assert_close(delta, unchunked, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [pu.MemitConfig(layers=[1]), pu.RomeConfig(layers=[1]),
+                                    pu.AlphaEditConfig(layers=[1], refine_steps=0, rounds=2)])
+def test_closed_form_edits_report_the_target_nll_after_the_edit(word_tokenizer, config):
+    """Without refinement the reported target_nll was the last round's NLL before its own update (for ROME, and MEMIT
+    in one round, the unedited model's): the edited model's NLL is what refinement reports, and what is reported."""
+    from peft_unlearn.losses import labelled_logits, sequence_nll
+    from peft_unlearn.requests import tokenize_requests
+
+    model = get_peft_model(tiny_llama(vocab_size=len(word_tokenizer), layers=3), config)
+    pu.collect_statistics(model, word_tokenizer, TEXTS, progress=False)
+    requests = [pu.EditRequest("w1 w7 w3", "w1 w2", subject="w7"), pu.EditRequest("w2 w8", "w5", subject="w8")]
+    result = pu.edit(model, word_tokenizer, requests, progress=False)
+    batch = tokenize_requests(word_tokenizer, requests)
+    with torch.no_grad():
+        after = sequence_nll(*labelled_logits(model, batch.model_inputs, batch.labels))
+    torch.testing.assert_close(torch.tensor(result.details["target_nll"]), after, rtol=1e-4, atol=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import string
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from ...capture import (
     num_decoder_layers,
 )
 from ...editing import adapters_disabled
+from ...losses import labelled_logits, row_chunks, sequence_nll
 from ...requests import EditRequest, chat_formatted, tokenize_pairs
 from ...statistics import SecondMoments, null_space_basis
 from ..base import EditingTuner, target_module, tensor_name
@@ -75,6 +77,47 @@ def residual_width(model: nn.Module) -> int | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     width = getattr(text, "hidden_size", None)
     return width if isinstance(width, int) else None
+
+
+def target_chunks(requests: list[EditRequest], size: int, merge_queries: bool) -> list[list[int]]:
+    """Indices of the requests whose target values are optimised together, ``size`` at a time. With merged queries a
+    subject's requests stay in one chunk (a subject with more than ``size`` forms a chunk of its own): they share one
+    delta, optimised on all of them; split at a chunk boundary, each part optimised its own and the key got their
+    mean. Each chunk lists its requests in the order given."""
+    if not merge_queries:
+        return [list(range(start, min(start + size, len(requests)))) for start in range(0, len(requests), size)]
+    groups: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(request.subject, []).append(index)
+    chunks, current = [], []
+    for group in groups.values():
+        if current and len(current) + len(group) > size:
+            chunks.append(sorted(current))
+            current = []
+        current = current + group
+    return chunks + ([sorted(current)] if current else [])
+
+
+def bare_prompt_first(templates: list[str]) -> list[str]:
+    """Caller-given context templates, checked (strings, each with exactly one ``{}`` and no other replacement
+    field), with the bare prompt ``"{}"`` first: the target values, the refinement and the keys later edits keep are
+    all read on the first template's rows, so an edit fitted there on a prefixed prompt did not hold on the prompt
+    itself (6 refusal edits on the llama fact model: 0 reached with ``["Here is a fact. {}"]``, 5 with ``"{}"``
+    first)."""
+    if isinstance(templates, str) or not isinstance(templates, (list, tuple)) or not templates:
+        raise ValueError("templates must be a non-empty list of strings, each with a '{}' where the prompt goes; "
+                         f"got {templates!r}")
+    for template in templates:
+        try:
+            fields = [] if not isinstance(template, str) else [
+                field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        except ValueError as error:  # a lone '{' or '}'
+            raise ValueError(f"template {template!r} is not a format string ({error}); write a literal brace as "
+                             "'{{' or '}}'") from None
+        if fields != [""]:
+            raise ValueError(f"each template must be a string with exactly one '{{}}' where the prompt goes (and "
+                             f"no other replacement field); got {template!r}")
+    return ["{}"] + [template for template in templates if template != "{}"]
 
 
 EDITED_KEYS = "alphaedit_edited_keys"
@@ -248,6 +291,10 @@ class AlphaEditModel(EditingTuner):
         """Write ``requests`` into the adapter: ``batch_size`` requests per closed-form update (default: all at
         once), target values optimised ``target_batch_size`` at a time (default: the whole batch).
 
+        ``templates`` are the context templates keys are averaged over (each with one ``{}`` where the prompt goes;
+        default: ``n_context_templates`` the model writes itself); the bare prompt ``"{}"`` is always one of them,
+        first, since the edit is fitted on it.
+
         ``merge_queries`` edits one key per subject and batch instead of one per request: the questions about a
         subject share one target delta, optimised on all of them, and one key, their mean at the subject's last
         token. Many same-subject requests otherwise put nearly equal keys with different targets into one solve,
@@ -260,10 +307,8 @@ class AlphaEditModel(EditingTuner):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if not isinstance(merge_queries, bool):
             raise TypeError(f"merge_queries must be True or False, got {merge_queries!r}")
-        if templates is not None and (isinstance(templates, str) or not templates
-                                      or not all(isinstance(t, str) and "{}" in t for t in templates)):
-            raise ValueError("templates must be a non-empty list of strings, each with a '{}' where the prompt goes; "
-                             f"got {templates!r}")
+        if templates is not None:
+            templates = bare_prompt_first(templates)
         config: AlphaEditConfig = self.peft_config[adapter_name]
         no_subject = [i for i, r in enumerate(requests) if r.subject is None]
         if no_subject and "subject" in config.positions:
@@ -329,6 +374,8 @@ class AlphaEditModel(EditingTuner):
                     nll = self._refine_values(
                         tokenizer, chunk, rows, adapter_name, first_column, rehearsal, rehearsed_keys
                     )
+                else:  # the last round's NLL was read before its own update
+                    nll = self._target_nll(rows)
                 rehearsal = self._most_recent(rehearsal + chunk, config.rehearse_edits)
                 for layer in layers.values():
                     self._compress_factors(layer, adapter_name)
@@ -373,10 +420,10 @@ class AlphaEditModel(EditingTuner):
         output_module = self.model.get_submodule(decoder_layer_name(self.model, layer_index_of(names[-1])))
         device = next(self.model.parameters()).device
 
-        chunk = target_batch_size or len(requests)
-        chunks = [requests[start : start + chunk] for start in range(0, len(requests), chunk)]
+        chunks = target_chunks(requests, target_batch_size or len(requests), merge_queries)
         targets = []
-        for part in chunks:
+        for chunk in chunks:
+            part = [requests[i] for i in chunk]
             rows = edit_rows(tokenizer, part, templates, config.positions, device, merge_queries)
             targets.append(
                 optimize_target_values(
@@ -397,7 +444,8 @@ class AlphaEditModel(EditingTuner):
         if len(chunks) > 1:
             rows = edit_rows(tokenizer, requests, templates, config.positions, device, merge_queries)
         width = rows.slots.shape[1]
-        z = torch.cat([torch.nn.functional.pad(t.z, (0, 0, 0, width - t.z.shape[1])) for t in targets])
+        order = torch.tensor([i for chunk in chunks for i in chunk], device=device).argsort()  # back to request order
+        z = torch.cat([torch.nn.functional.pad(t.z, (0, 0, 0, width - t.z.shape[1])) for t in targets])[order]
         for position, name in enumerate(names):
             layer = layers[name]
             keys, current = keys_and_outputs(self.model, rows, {name: layer}, output_module)
@@ -418,7 +466,7 @@ class AlphaEditModel(EditingTuner):
                 misfit = (realised - residuals).norm() / residuals.norm().clamp(min=1e-12)
                 logger.debug("%s: %d keys, relative misfit of the closed form %.3f", name, rows.n_keys, misfit)
             self._append_factors(layer, adapter_name, B_new, A_new)
-        return torch.cat([t.initial_nll for t in targets]), rows
+        return torch.cat([t.initial_nll for t in targets])[order], rows
 
     def _refine_values(
         self,
@@ -473,6 +521,16 @@ class AlphaEditModel(EditingTuner):
             preservation=config.refine_preservation,
             n_new=len(requests),
         )
+
+    def _target_nll(self, rows) -> torch.Tensor:
+        """Per-request target NLL of the batch's bare prompts on the model as edited now (what refinement returns)."""
+        batch = rows.batch.select(slice(0, rows.n_requests)).trimmed()
+        with torch.no_grad():
+            return torch.cat([
+                sequence_nll(*labelled_logits(self.model, part.model_inputs, part.labels))
+                for part in (batch if chunk is None else batch.select(chunk).trimmed()
+                             for chunk in row_chunks(self.model, batch.labels))
+            ])
 
     def _protect_edited_keys(self, rows, adapter_name: str) -> dict[str, torch.Tensor]:
         """Add the batch's keys (read after its whole update, on the bare prompts: the edits refinement fitted) to

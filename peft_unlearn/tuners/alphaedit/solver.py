@@ -124,7 +124,7 @@ def edit_rows(
     if "subject" in mode:
         subjects = [r.subject for _ in templates for r in requests]
         # The subject is the request's: searched in the prompt, not in a context prefix that may name it too.
-        subject_from = [len(template[: template.index("{}")].format()) for template in templates for _ in requests]
+        subject_from = [template.format("\0").index("\0") for template in templates for _ in requests]
     batch = tokenize_pairs(tokenizer, pairs, subjects, subject_from=subject_from)
     slots: list[list[int]] = []
     for row in range(len(batch)):
