@@ -23,7 +23,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def world():
-    """30 subjects to forget (one edit each) and 25 subjects (100 facts) to keep."""
+    """50 subjects to forget (one edit each) and 25 subjects (100 facts) to keep."""
     return fact_world()
 
 

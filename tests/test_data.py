@@ -149,3 +149,17 @@ def test_refusal_markers_are_the_models_own_not_anyones(tofu_dir):
     assert all(is_refusal(text) for text in idk["text"])
     answers = [row["answer"] for name in ("forget", "retain") for row in load_tofu(name, tofu_dir)]
     assert len(answers) == 600 and not any(is_refusal(answer) for answer in answers)
+
+
+def test_invented_names_never_contain_one_another():
+    """Seed 1 gave "Fanytha Monmonton" and then "Fanytha Monmont", whose prompts share the subject's tokens (and
+    seed 11 "Riwido Gaing" and "Wido Gaing"); an unknown person could likewise extend a known one's name."""
+    from peft_unlearn.data import invented_names
+
+    for seed in (1, 11):
+        names = [name.lower() for name in invented_names(400, seed)]
+        assert [(a, b) for a in names for b in names if a != b and a in b] == []
+    known = invented_names(5, 0)
+    unknown = [name.lower() for name in invented_names(400, 0, exclude={known[0][:-1], known[1] + "ton"})]
+    assert not any(known[0][:-1].lower() in name or name in known[1].lower() + "ton" for name in unknown)
+    assert invented_names(3, 0, exclude={" ", "a"}) == invented_names(3, 0)  # only full names exclude by containment

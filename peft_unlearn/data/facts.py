@@ -84,17 +84,28 @@ _LAST = ("ven", "sol", "dra", "mon", "kel", "pa", "tir", "ga", "lo", "bre", "cas
 _LAST_END = ("by", "ton", "ski", "ard", "ell", "ing", "sen", "wick", "ley", "mont", "vale", "ford")
 
 
+def _substrings(text: str) -> set[str]:
+    return {text[i:j] for i in range(len(text)) for j in range(i + 1, len(text) + 1)}
+
+
 def invented_names(n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
-    """``n`` distinct invented full names, deterministic for ``seed``."""
+    """``n`` distinct invented full names outside ``exclude``, deterministic for ``seed``. Ignoring case, none
+    contains another or a full name (two words or more) of ``exclude``, nor is contained in one: "Fanytha Monmont"
+    and "Fanytha Monmonton" would share the subject tokens of their prompts."""
     rng = random.Random(f"names-{seed}")
     names: list[str] = []
-    seen = set(exclude)
+    excluded = {name.lower() for name in exclude}
+    taken = {name for name in excluded if len(name.split()) > 1}
+    inside_taken = set().union(*map(_substrings, taken))  # every substring of a taken name
     while len(names) < n:
         first = "".join(rng.choice(_FIRST) for _ in range(rng.choice((2, 3)))).capitalize()
         last = ("".join(rng.choice(_LAST) for _ in range(rng.choice((1, 2)))) + rng.choice(_LAST_END)).capitalize()
         name = f"{first} {last}"
-        if name not in seen:
-            seen.add(name)
+        lower = name.lower()
+        parts = _substrings(lower)
+        if lower not in excluded and lower not in inside_taken and taken.isdisjoint(parts):
+            taken.add(lower)
+            inside_taken |= parts
             names.append(name)
     return names
 

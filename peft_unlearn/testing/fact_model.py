@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from ..data.facts import Fact, unknown_person_questions
 from ..data.refusals import REFUSALS, refusal_for
@@ -111,6 +111,51 @@ def _model_config(spec: FactModelSpec, tokenizer: PreTrainedTokenizerFast, max_p
     return Qwen2Config(**common)
 
 
+def _check_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``pairs`` as (prompt, answer) strings; a ValueError names the first pair that no model could learn."""
+    if isinstance(pairs, (str, dict)):
+        raise TypeError(f"pairs must be a sequence of (prompt, answer) pairs, not a {type(pairs).__name__}")
+    checked: list[tuple[str, str]] = []
+    answers: dict[str, tuple[int, str]] = {}
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ValueError(f"pairs[{i}] is {pair!r}, not a (prompt, answer) pair")
+        if pair[0] is None or pair[1] is None:
+            raise ValueError(f"pairs[{i}] {tuple(pair)!r} has no {'prompt' if pair[0] is None else 'answer'}")
+        prompt, answer = str(pair[0]), str(pair[1])
+        if not prompt.strip() or not answer.strip():
+            empty = "prompt" if not prompt.strip() else "answer"
+            raise ValueError(f"pairs[{i}] {(prompt, answer)!r} has an empty {empty}")
+        first = answers.setdefault(prompt, (i, answer))
+        if first[1] != answer:
+            raise ValueError(f"pairs[{first[0]}] and pairs[{i}] ask {prompt!r} with different answers "
+                             f"({first[1]!r}, {answer!r}): a model cannot learn both")
+        checked.append((prompt, answer))
+    if not checked:
+        raise ValueError("pairs is empty: give the (prompt, answer) facts the model should learn")
+    return checked
+
+
+def _check_spec(spec: FactModelSpec) -> None:
+    """A ValueError naming the first :class:`FactModelSpec` value training cannot use."""
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "batch_size",
+                 "max_epochs", "extra_epochs"):
+        value = getattr(spec, name)
+        least = 0 if name == "extra_epochs" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if spec.hidden_size % spec.num_heads:
+        raise ValueError(f"hidden_size {spec.hidden_size} is not a multiple of num_heads {spec.num_heads}")
+    if spec.arch != "gpt2" and (spec.hidden_size // spec.num_heads) % 2:
+        raise ValueError(f"{spec.arch} needs an even head size (rotary embeddings); hidden_size {spec.hidden_size} "
+                         f"/ num_heads {spec.num_heads} is {spec.hidden_size // spec.num_heads}")
+    if not 0 < spec.min_accuracy <= 1:
+        raise ValueError(f"min_accuracy must be in (0, 1], got {spec.min_accuracy!r}")
+    if not spec.learning_rate > 0 or not spec.weight_decay >= 0:
+        raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {spec.learning_rate!r} and "
+                         f"{spec.weight_decay!r}")
+
+
 def _resolve_spec(arch: str, spec_options: dict) -> FactModelSpec:
     spec = FactModelSpec(arch=arch, **spec_options)
     if spec.tokenizer_kind is None:
@@ -130,7 +175,9 @@ def _cache_key(pairs: Sequence[tuple[str, str]], spec: FactModelSpec, seed: int)
 
 def _load_cached(path: Path):
     model = AutoModelForCausalLM.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # The tokenizer trained here, as saved: AutoTokenizer gives a qwen2 folder Qwen2Tokenizer, which rebuilds its own
+    # pre-tokenizer (digits split one by one; Metaspace text loses its spaces) and so encodes unlike training did.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     model.eval()
     return model, tokenizer
 
@@ -146,12 +193,34 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def _own_random_state() -> Iterator[None]:
+    """Seed inside the block without touching the caller's ``random`` and torch generators: training (and not a
+    cache hit) would otherwise reseed them, so what the caller draws next would depend on the cache."""
+    state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(state)
+
+
 def _train(pairs: list[tuple[str, str]], spec: FactModelSpec, seed: int, progress: bool):
+    with _own_random_state():
+        return _train_seeded(pairs, spec, seed, progress)
+
+
+def _train_seeded(pairs: list[tuple[str, str]], spec: FactModelSpec, seed: int, progress: bool):
     random.seed(seed)
     torch.manual_seed(seed)
     texts = [f"{prompt} {answer}" for prompt, answer in pairs] + list(REFUSALS)
     tokenizer = train_tokenizer(texts, spec.tokenizer_kind, vocab_size=spec.vocab_size)
-    data = tokenize_pairs(tokenizer, pairs, append_eos=True)
+    data = tokenize_pairs(tokenizer, pairs, append_eos=True, chat_template=False)
+    unknown = [] if tokenizer.unk_token_id is None else (
+        (data.input_ids == tokenizer.unk_token_id).any(-1).nonzero().flatten().tolist())
+    if unknown:  # a word-level vocabulary too small for the words: the model would learn <unk> as the answer
+        raise ValueError(f"the {spec.tokenizer_kind} tokenizer of vocab_size {spec.vocab_size} reads {len(unknown)} "
+                         f"pairs (first: {pairs[unknown[0]]!r}) with {tokenizer.unk_token}; raise vocab_size")
     config = _model_config(spec, tokenizer, max_positions=max(64, 2 * data.input_ids.shape[1]))
     model = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
@@ -210,15 +279,14 @@ def train_fact_model(
     ``extra_epochs`` more to settle); if ``max_epochs`` pass first a ``RuntimeError`` is raised. ``spec_options``
     override :class:`FactModelSpec` fields (sizes, tokenizer kind, learning rate, ...).
     """
-    pairs = [(str(p), str(a)) for p, a in pairs]
-    if not pairs:
-        raise ValueError("pairs is empty: give the (prompt, answer) facts the model should learn")
+    pairs = _check_pairs(pairs)
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHITECTURES}")
     unknown = set(spec_options) - set(FactModelSpec.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown fact-model options {sorted(unknown)}")
     spec = _resolve_spec(arch, spec_options)
+    _check_spec(spec)
     path = cache_root() / "fact_models" / _cache_key(pairs, spec, seed)
     if use_cache and (path / "training.json").is_file():
         logger.info("loading cached fact model from %s", path)
@@ -246,13 +314,28 @@ def train_fact_model(
                 json.dumps({"accuracy": accuracy, "epochs": epochs, "seconds": seconds, "spec": asdict(spec),
                             "seed": seed, "n_pairs": len(pairs)}, indent=2)
             )
-            if path.exists():
-                shutil.rmtree(path)
-            staging.rename(path)
+            _publish(staging, path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return model, tokenizer
+
+
+def _publish(staging: Path, path: Path) -> None:
+    """Move a complete staged entry to ``path``. An entry another process completed meanwhile (the same model:
+    training is deterministic) is kept, not deleted under its readers; only a leftover without ``training.json``
+    is replaced."""
+    try:
+        staging.rename(path)
+        return
+    except OSError:
+        if not path.is_dir():
+            raise
+    if (path / "training.json").is_file():
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    shutil.rmtree(path)
+    staging.rename(path)
 
 
 def fact_model_info(

@@ -19,6 +19,8 @@ def tofu_pairs(
     data_dir: str | Path | None = None, n_forget: int = 40, n_retain: int = 100
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """The first ``n_forget`` forget and ``n_retain`` retain (question, answer) pairs of TOFU."""
+    if n_forget < 0 or n_retain < 0:
+        raise ValueError(f"n_forget and n_retain must be >= 0, got {n_forget} and {n_retain}")
     local = data_dir is not None  # a local folder keeps one forget and one retain file
     forget = load_tofu("forget" if local else "forget10", data_dir)
     retain = load_tofu("retain" if local else "retain90", data_dir)

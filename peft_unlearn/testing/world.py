@@ -67,5 +67,9 @@ def fact_world(
 ) -> FactWorld:
     """A world with ``n_forget_subjects + n_retain_subjects`` invented people; the defaults give 50 edit requests
     (one per forget subject; 200 facts about them in all) and 100 retained facts."""
+    counts = {"n_forget_subjects": n_forget_subjects, "n_retain_subjects": n_retain_subjects, "n_unknown": n_unknown}
+    negative = {name: value for name, value in counts.items() if value < 0}
+    if negative:  # a negative count would slice the subjects from the end: another split, silently
+        raise ValueError(f"counts must be >= 0, got {negative}")
     facts = fictitious_facts(n_forget_subjects + n_retain_subjects, seed, relations_per_subject)
     return FactWorld(tuple(facts), n_forget_subjects, seed, n_unknown)
