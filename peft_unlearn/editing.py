@@ -14,7 +14,7 @@ from torch import nn
 from .capture import context_length
 from .metrics import answer_accuracy, evaluating
 from .refusal_targets import self_improved_requests
-from .requests import EditRequest, TokenizedBatch, as_edit_requests, chat_formatted, tokenize_requests
+from .requests import EditRequest, TokenizedBatch, as_edit_requests, chat_formatted, tokenize_prompts, tokenize_requests
 from .tokenizer_record import check_recorded_tokenizer, record_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -131,13 +131,31 @@ def check_unrelated(unrelated: Sequence[str]) -> list[str]:
     return kept
 
 
+def check_unrelated_fit(model: nn.Module, tokenizer, unrelated: Sequence[str]) -> None:
+    """Refuse unrelated prompts longer than the model's context: learned position embeddings (GPT-2) failed on them
+    with a raw IndexError, rotary ones read keys from positions the model never saw."""
+    limit = context_length(model)
+    if limit is None:
+        return
+    lengths = tokenize_prompts(tokenizer, list(unrelated), padding_side="right").attention_mask.sum(dim=1).tolist()
+    too_long = [i for i, length in enumerate(lengths) if length > limit]
+    if too_long:
+        raise ValueError(
+            f"unrelated prompts {too_long[:10]} are up to {max(lengths[i] for i in too_long)} tokens long, more than "
+            f"the model's context of {limit} positions; shorten them"
+        )
+
+
 def unrelated_prompts(
     tuner: nn.Module, tokenizer, requests: Sequence[EditRequest], unrelated: Sequence[str] | None, seed: int
 ) -> list[str]:
-    """The prompts an editing method must leave alone: the caller's ``unrelated`` (checked), or by default the
-    unedited model's own text (:func:`own_unrelated_prompts`, sampled with ``seed``)."""
+    """The prompts an editing method must leave alone: the caller's ``unrelated`` (checked: non-empty, within the
+    model's context), or by default the unedited model's own text (:func:`own_unrelated_prompts`, sampled with
+    ``seed``)."""
     if unrelated is not None:
-        return check_unrelated(unrelated)
+        kept = check_unrelated(unrelated)
+        check_unrelated_fit(tuner.model, tokenizer, kept)
+        return kept
     return own_unrelated_prompts(tuner, tokenizer, requests, seed)
 
 

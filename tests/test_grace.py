@@ -503,3 +503,23 @@ def test_removing_an_edit_keeps_the_entries_a_kept_edit_widened_for_itself(world
     with caplog.at_level("WARNING", logger="peft_unlearn.tuners.grace.model"):
         pu.remove_edits(reloaded, [0])
     assert "kept edits [1]" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_padding_never_matches_an_entry(world, trained_models, arch):
+    """Padding tokens are no unrelated keys, so a wide radius can reach them: in 'prompt' mode a right-padded
+    unrelated question whose padding matched had its whole output replaced (logits off by 13.5 on llama), while alone
+    it was untouched."""
+    base, tokenizer = trained_models(arch)
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig(replacement="prompt", eps_init=1e3, distance="cosine",
+                                                               n_iter=5))
+    _, requests = refusal_edits(world, n=10)
+    pu.edit(model, tokenizer, requests, unrelated=["A week has seven days"], progress=False)
+    prompts = [f.question for f in world.retain_facts[:30]]
+    prompts.append(" ".join(f.question for f in world.retain_facts[30:33]))  # long: the others get padding
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="right")
+    with torch.no_grad():
+        together = model(**batch).logits
+        for row, prompt in enumerate(prompts):
+            alone = model(**tokenizer([prompt], return_tensors="pt")).logits[0]
+            torch.testing.assert_close(together[row, : alone.shape[0]], alone, rtol=1e-4, atol=1e-4)

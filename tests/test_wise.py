@@ -279,3 +279,37 @@ def test_editing_one_request_at_a_time_keeps_the_earlier_edits(world, trained_mo
     assert generation_match(off, tokenizer, targets) <= 0.5
     with pytest.raises(ValueError, match="rehearse_edits"):
         pu.WiseConfig(rehearse_edits=-1)
+
+
+def test_thresholds_score_against_the_layer_output_with_its_bias(world, trained_models):
+    """Routing scores divide by the main memory's output with the layer's bias (GPT-2's c_proj has one); the
+    thresholds were computed without it, so they were not the smallest score of the edits: with act_ratio=0.9 and a
+    large bias, 5 of 6 edited prompts were not routed."""
+    base, tokenizer = trained_models("gpt2")
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig(n_iter=30, act_ratio=0.9))
+    layer = model.base_model.wise_layer("default")
+    with torch.no_grad():
+        layer.get_base_layer().bias += 10.0
+    requests = refusals(world.forget_facts[:6])
+    pu.edit(model, tokenizer, requests, unrelated=[f.question for f in world.retain_facts[:10]], progress=False)
+    batch = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True, padding_side="left")
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # GPT-2 does not derive them itself
+    with torch.no_grad():
+        model(**batch, position_ids=positions)
+    _, routed = layer.route("default", layer.latest_state("default"))
+    assert routed.tolist() == [True] * 6
+
+
+@pytest.mark.parametrize("method", ["grace", "wise"])
+def test_unrelated_prompts_past_the_context_are_refused(world, trained_models, method):
+    """An unrelated prompt longer than GPT-2's 64 positions failed with a raw IndexError from the position
+    embedding."""
+    base, tokenizer = trained_models("gpt2")
+    config = pu.GraceConfig(n_iter=5) if method == "grace" else pu.WiseConfig(n_iter=5)
+    model = get_peft_model(copy.deepcopy(base), config)
+    long = " ".join(f.question for f in world.retain_facts[:40])
+    with pytest.raises(ValueError, match=r"unrelated prompts \[1\] are up to \d+ tokens long, more than the model's "
+                                         r"context of 64"):
+        pu.edit(model, tokenizer, refusals(world.forget_facts[:1]), unrelated=["A week has seven days", long],
+                progress=False)
+    assert model.peft_config["default"].n_edits == 0

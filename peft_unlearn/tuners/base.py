@@ -367,6 +367,14 @@ class BatchAwareLayer:
     def token_grid(self, hidden: torch.Tensor) -> torch.Tensor:
         return token_grid(hidden, self._batch_rows)
 
+    def valid_tokens(self, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+        """[batch, length] validity of this forward's tokens from the batch's attention mask (padding is invalid);
+        None when the forward has no mask of these rows (every token counts)."""
+        mask = self._attention_mask
+        if mask is None or mask.shape[0] != batch:
+            return None
+        return mask[:, -length:].to(device).bool()
+
     def routes_sequences(self) -> bool:
         """Whether the active adapters decide per sequence (so a forward of several new tokens routes them as one)."""
         return True

@@ -224,6 +224,9 @@ class GraceLinear(nn.Module, GraceLayer):
             batch, length, _ = x.shape
             nearest, inside = self.lookup(adapter, x.reshape(batch * length, -1))
             nearest, inside = nearest.view(batch, length), inside.view(batch, length)
+            valid = self.valid_tokens(batch, length, inside.device)
+            if valid is not None:  # padding never matches: in 'prompt' / 'all' mode it would edit its whole row
+                inside = inside & valid
             # First matching token per row, and its entry.
             any_match = inside.any(dim=1)
             no_match = torch.full_like(any_match, NO_MATCH, dtype=torch.long)

@@ -20,7 +20,7 @@ class WiseConfig(PeftConfig, TokenizerRecord):
     """A side memory (a trainable copy of one MLP output projection) that edits are written into, and a router
     that sends a sequence to it only when the side memory reacts strongly to the sequence's tokens.
 
-    Activation scores are relative: ``||(W_side - W) x|| / ||W x||`` per token, the maximum over a sequence's
+    Activation scores are relative: ``||(W_side - W) x|| / ||W x + b||`` per token, the maximum over a sequence's
     tokens, so the margins ``alpha``, ``beta``, ``gamma`` carry across model sizes. ``n_memories``,
     ``n_edits`` and ``shard_edits`` are kept up to date by editing so a saved adapter reloads with its shapes.
     """

@@ -21,7 +21,8 @@ def relative_change(change: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
 
 
 def activation_scores(x: torch.Tensor, delta: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
-    """Per-token routing score ``||delta x|| / ||W x||``: how strongly a side memory reacts."""
+    """Per-token routing score ``||delta x|| / ||W x + b||`` (``main``: the main memory's output): how strongly a
+    side memory reacts."""
     return relative_change(nn.functional.linear(x.float(), delta.float()), main)
 
 
@@ -79,6 +80,16 @@ class WiseLayer(EditLayer, BatchAwareLayer):
         """The base weight as [out, in] (GPT-2's Conv1D stores it transposed)."""
         return linear_weight(self)
 
+    def main_bias(self) -> torch.Tensor | None:
+        """The base layer's bias (GPT-2, OPT, Phi, ...), None without one."""
+        bias = getattr(self.get_base_layer(), "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    def main_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The main memory's output ``W x + b`` in float32: what routing scores divide by at every forward."""
+        bias = self.main_bias()
+        return nn.functional.linear(x.float(), self.main_weight().float(), None if bias is None else bias.float())
+
     def candidates(self, adapter_name: str) -> list[tuple[int, torch.Tensor]]:
         """(memory index, delta) of every side memory a sequence may be routed to."""
         config = self.wise_config[adapter_name]
@@ -118,6 +129,8 @@ class WiseLayer(EditLayer, BatchAwareLayer):
         """What the caches depend on: the memories and keys (in-place loads bump their versions) and the config."""
         tensors = (self.wise_working[adapter_name], self.wise_memories[adapter_name], self.wise_keys[adapter_name],
                    self.wise_key_memory[adapter_name], self.main_weight())  # thresholds read the main memory too
+        if self.main_bias() is not None:
+            tensors += (self.main_bias(),)
         config = self.wise_config[adapter_name]
         return tuple((t.data_ptr(), t._version) for t in tensors) + (config.act_ratio, config.retrieve)
 
@@ -130,7 +143,9 @@ class WiseLayer(EditLayer, BatchAwareLayer):
         config = self.wise_config[adapter_name]
         keys = self.wise_keys[adapter_name].float()
         owners = self.wise_key_memory[adapter_name]
-        main = nn.functional.linear(keys, self.main_weight().float())
+        # Scored against the layer's output with its bias, as every forward and the training margins score: without
+        # it a GPT-2 layer's thresholds were not the smallest score of its edits, and edits went unrouted.
+        main = self.main_output(keys)
         values = []
         for index, delta in self.candidates(adapter_name):
             mine = torch.ones_like(owners, dtype=torch.bool) if not config.retrieve else owners == index
@@ -201,8 +216,7 @@ class WiseLinear(nn.Module, WiseLayer):
         flat_shape = main.shape
         x, main = self.token_grid(x), self.token_grid(main)
         batch, length = x.shape[0], x.shape[1]
-        mask = self._attention_mask
-        mask = mask[:, -length:].to(x.device).bool() if mask is not None and mask.shape[0] == batch else None
+        mask = self.valid_tokens(batch, length, x.device)
         # One memory at a time, keeping only [B] scores: the routed rows' change is computed again below, rather
         # than holding every memory's [B, T, out] change (retrieve mode keeps one memory per shard).
         per_memory, change = [], None
