@@ -309,13 +309,14 @@ def check_nothing_merged(model: nn.Module, what: str) -> None:
 
 
 def check_adapters_enabled(model: nn.Module) -> None:
-    """Refuse to edit inside ``with model.disable_adapter():``: a method fits its edit through the adapter's own
-    forward, which a disabled adapter bypasses."""
+    """Refuse to edit inside ``with model.disable_adapter():`` or after ``disable_adapter_layers()``: a method fits
+    its edit through the adapter's own forward, which a disabled adapter bypasses."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if any(isinstance(m, BaseTunerLayer) and m.disable_adapters for m in model.modules()):
-        raise ValueError("the model's adapters are disabled (inside `with model.disable_adapter():`); edit outside "
-                         "that block")
+        raise ValueError("the model's adapters are disabled (inside `with model.disable_adapter():`, or by "
+                         "`disable_adapter_layers()`); edit outside that block, or call `enable_adapter_layers()` "
+                         "first")
 
 
 def check_edited_layers_resident(model: nn.Module, adapter_name: str) -> None:

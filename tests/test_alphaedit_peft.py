@@ -294,6 +294,10 @@ def test_a_new_adapter_under_a_deleted_ones_name_rehearses_nothing_and_disabled_
     request = pu.EditRequest("w1 w7 w3", "w1", subject="w7")
     with model.disable_adapter(), pytest.raises(ValueError, match="adapters are disabled"):
         pu.edit(model, word_tokenizer, [request])
+    model.base_model.disable_adapter_layers()  # the error named only the context manager
+    with pytest.raises(ValueError, match="adapters are disabled.*call `enable_adapter_layers\(\)`"):
+        pu.edit(model, word_tokenizer, [request])
+    model.base_model.enable_adapter_layers()
     pu.edit(model, word_tokenizer, [request])
     assert model.base_model._rehearsal["x"] == [request]
     model.add_adapter("other", pu.AlphaEditConfig(layers=[1]))

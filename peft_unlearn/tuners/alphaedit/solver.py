@@ -143,7 +143,8 @@ def edit_rows(
         mask[row, : len(row_slots)] = True
     n = len(requests)
     if not torch.equal(mask.view(len(templates), n, width), mask[:n].expand(len(templates), n, width)):
-        raise ValueError("a context template changed how the targets tokenize; use n_context_templates=1")
+        raise ValueError("a context template changed how the targets tokenize: use n_context_templates=1, or give "
+                         "templates whose text does not merge with the prompt's tokens")
     keys = torch.zeros(n, width, dtype=torch.long)
     numbering: dict[tuple, int] = {}
     for row in range(n):
