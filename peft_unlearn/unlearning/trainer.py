@@ -402,8 +402,9 @@ class UnlearningTrainer(Trainer):
         done = TrainerState.load_from_json(state_file).global_step
         if done >= self.args.max_steps:
             raise ValueError(f"checkpoint {folder} has already taken {done} steps, max_steps is {self.args.max_steps}: "
-                             "there is nothing left to resume (the Trainer would take one more step); load the "
-                             "adapter from the checkpoint, or raise max_steps to train on")
+                             "there is nothing left to resume (where max_steps ends inside an epoch the Trainer "
+                             "takes one more step); load the adapter from the checkpoint, or raise max_steps to train "
+                             "on")
 
     def evaluate(self, *args: Any, **kwargs: Any):
         raise NotImplementedError(
