@@ -313,3 +313,21 @@ def test_unrelated_prompts_past_the_context_are_refused(world, trained_models, m
         pu.edit(model, tokenizer, refusals(world.forget_facts[:1]), unrelated=["A week has seven days", long],
                 progress=False)
     assert model.peft_config["default"].n_edits == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_act_ratio_one_routes_every_edit(world, trained_models, arch):
+    """act_ratio=1 puts a memory's threshold at its weakest edit's own score, and routing needs a score above it:
+    the weakest edit, scored again at inference (another batch, other rounding), could land just below and stay
+    unrouted (5 of 6 on llama)."""
+    base, tokenizer = trained_models(arch)
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig(n_iter=30, act_ratio=1.0))
+    layer = model.base_model.wise_layer("default")
+    requests = refusals(world.forget_facts[:6])
+    pu.edit(model, tokenizer, requests, unrelated=[f.question for f in world.retain_facts[:10]], progress=False)
+    batch = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True, padding_side="left")
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(**batch, position_ids=positions)
+    _, routed = layer.route("default", layer.latest_state("default"))
+    assert routed.tolist() == [True] * 6

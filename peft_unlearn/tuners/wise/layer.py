@@ -13,6 +13,9 @@ from ..base import BatchAwareLayer, EditBufferDict, EditLayer, EditParameterDict
 from .config import WiseConfig
 
 WORKING = -1  # the memory index of edits in the unfinished shard
+# Thresholds sit this far (relative) below act_ratio x the weakest edit's score: at act_ratio=1 the weakest edit,
+# scored again at inference (another batch, other rounding), could otherwise land just below its own threshold.
+THRESHOLD_SLACK = 1e-4
 
 
 def relative_change(change: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
@@ -150,7 +153,8 @@ class WiseLayer(EditLayer, BatchAwareLayer):
         for index, delta in self.candidates(adapter_name):
             mine = torch.ones_like(owners, dtype=torch.bool) if not config.retrieve else owners == index
             scores = activation_scores(keys[mine], delta, main[mine])
-            values.append(config.act_ratio * scores.min() if len(scores) else torch.tensor(float("inf")))
+            values.append(config.act_ratio * (1 - THRESHOLD_SLACK) * scores.min() if len(scores)
+                          else torch.tensor(float("inf")))
         return torch.stack(values) if values else torch.empty(0)
 
     def route(self, adapter_name: str, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
