@@ -131,21 +131,6 @@ def check_unrelated(unrelated: Sequence[str]) -> list[str]:
     return kept
 
 
-def check_unrelated_fit(model: nn.Module, tokenizer, unrelated: Sequence[str]) -> None:
-    """Refuse unrelated prompts longer than the model's context: learned position embeddings (GPT-2) failed on them
-    with a raw IndexError, rotary ones read keys from positions the model never saw."""
-    limit = context_length(model)
-    if limit is None:
-        return
-    lengths = tokenize_prompts(tokenizer, list(unrelated), padding_side="right").attention_mask.sum(dim=1).tolist()
-    too_long = [i for i, length in enumerate(lengths) if length > limit]
-    if too_long:
-        raise ValueError(
-            f"unrelated prompts {too_long[:10]} are up to {max(lengths[i] for i in too_long)} tokens long, more than "
-            f"the model's context of {limit} positions; shorten them"
-        )
-
-
 def unrelated_prompts(
     tuner: nn.Module, tokenizer, requests: Sequence[EditRequest], unrelated: Sequence[str] | None, seed: int
 ) -> list[str]:
@@ -154,7 +139,8 @@ def unrelated_prompts(
     ``seed``)."""
     if unrelated is not None:
         kept = check_unrelated(unrelated)
-        check_unrelated_fit(tuner.model, tokenizer, kept)
+        # Past the context, learned position embeddings (GPT-2) failed with a raw IndexError.
+        check_rows_fit(tuner.model, tokenize_prompts(tokenizer, kept, padding_side="right"), "unrelated prompts")
         return kept
     return own_unrelated_prompts(tuner, tokenizer, requests, seed)
 
@@ -211,13 +197,13 @@ def check_requests(model: nn.Module, tokenizer, requests: Sequence[EditRequest])
     """The checks every call's requests pass, on one tokenization: they fit the context, the tokenizer can write
     their targets, and no prompt gets two targets."""
     batch = tokenize_requests(tokenizer, requests)
-    check_requests_fit(model, batch)
+    check_rows_fit(model, batch, "requests (prompt and target)")
     check_targets_representable(tokenizer, requests, batch)
     check_consistent_targets(requests, batch)
 
 
-def check_requests_fit(model: nn.Module, batch: TokenizedBatch) -> None:
-    """Refuse requests (tokenized in ``batch``) whose prompt and target together exceed the model's context."""
+def check_rows_fit(model: nn.Module, batch: TokenizedBatch, what: str) -> None:
+    """Refuse the rows of ``batch`` (``what``: requests, prompts) that exceed the model's context, naming them."""
     limit = context_length(model)
     if limit is None:
         return
@@ -225,8 +211,8 @@ def check_requests_fit(model: nn.Module, batch: TokenizedBatch) -> None:
     too_long = [i for i, length in enumerate(lengths) if length > limit]
     if too_long:
         raise ValueError(
-            f"requests {too_long[:10]} are {max(lengths[i] for i in too_long)} tokens long (prompt and target), "
-            f"more than the model's context of {limit} positions; shorten them"
+            f"{what} {too_long[:10]} are up to {max(lengths[i] for i in too_long)} tokens long, more than the "
+            f"model's context of {limit} positions; shorten them"
         )
 
 

@@ -65,13 +65,16 @@ def _normalise(text: str) -> str:
     return _BARE_CONTRACTIONS.sub(lambda m: "'".join(part for part in m.groups() if part), text)
 
 
+_OWN_PHRASES = tuple(_normalise(p) for p in REFUSALS)  # normalised once, not for every text scored
+
+
 def is_refusal(text: str, extra_phrases: list[str] | tuple[str, ...] = ()) -> bool:
     """Whether a generated text refuses: it contains a known phrasing (the library's or ``extra_phrases``) or
     a refusal marker."""
     normalised = _normalise(text)
     if not normalised:
         return False
-    phrases = [_normalise(p) for p in (*REFUSALS, *extra_phrases)]
+    phrases = [*_OWN_PHRASES, *(_normalise(p) for p in extra_phrases)]
     if any(p in normalised for p in phrases if p):
         return True
     return _MARKER.search(normalised) is not None

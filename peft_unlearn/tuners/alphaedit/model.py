@@ -525,12 +525,10 @@ class AlphaEditModel(EditingTuner):
     def _target_nll(self, rows) -> torch.Tensor:
         """Per-request target NLL of the batch's bare prompts on the model as edited now (what refinement returns)."""
         batch = rows.batch.select(slice(0, rows.n_requests)).trimmed()
+        chunks = row_chunks(self.model, batch.labels)
+        parts = [batch if chunk is None else batch.select(chunk).trimmed() for chunk in chunks]
         with torch.no_grad():
-            return torch.cat([
-                sequence_nll(*labelled_logits(self.model, part.model_inputs, part.labels))
-                for part in (batch if chunk is None else batch.select(chunk).trimmed()
-                             for chunk in row_chunks(self.model, batch.labels))
-            ])
+            return torch.cat([sequence_nll(*labelled_logits(self.model, p.model_inputs, p.labels)) for p in parts])
 
     def _protect_edited_keys(self, rows, adapter_name: str) -> dict[str, torch.Tensor]:
         """Add the batch's keys (read after its whole update, on the bare prompts: the edits refinement fitted) to
