@@ -71,7 +71,33 @@ def test_three_sequential_batches_keep_the_first(world, trained_models, one_thre
     assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests]) >= 0.9
     assert answer_accuracy(model, tokenizer, retain) >= answer_accuracy(base, tokenizer, retain) - 0.02
     # earlier requests are rehearsed from memory only (all 30 here: rehearse_edits defaults to 64)
-    assert len(model.base_model._rehearsal["default"]) == 30
+    assert len(model.base_model._session_edits["default"]) == 30
+
+
+def counterfactual(world, fact) -> str:
+    """Another person's answer to the same kind of question."""
+    return next(o.answer for o in world.facts if o.relation == fact.relation and o.answer != fact.answer)
+
+
+def test_a_prompt_edited_again_takes_its_new_target(world, trained_models, one_thread):
+    """A later call that edits a prompt again replaces its earlier edit: the old request is no longer rehearsed and
+    its keys leave the protected edited keys (before, 0 of 5 re-edited prompts took their new target and all 5 kept
+    the old one)."""
+    _, model, tokenizer, refusals = setup(world, trained_models, "llama", n=10)
+    facts = world.forget_facts[:10]
+    changed = [pu.EditRequest(f.question, counterfactual(world, f), f.subject) for f in facts]
+    pu.edit(model, tokenizer, changed, progress=False)
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in changed]) == 1.0
+    pu.edit(model, tokenizer, refusals[:5], progress=False)
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in refusals[:5]]) >= 0.8
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in changed[:5]]) == 0.0
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in changed[5:]]) >= 0.8
+    session = model.base_model._session_edits["default"]
+    assert [edit.request for edit in session] == changed[5:] + refusals[:5]
+    for name, layer in model.base_model.edited_layers("default").items():  # the factor holds the current edits only
+        keys = torch.cat([edit.keys[name] for edit in session]).double()
+        factor = layer.edited_keys("default").double()
+        torch.testing.assert_close(factor.T @ factor, keys.T @ keys, rtol=0, atol=1e-4 * float((keys.T @ keys).norm()))
 
 
 def test_default_layers_fit_thirty_edits_into_an_eight_layer_model(one_thread):
@@ -103,10 +129,10 @@ def test_rehearsal_is_capped_and_can_be_turned_off(world, trained_models, one_th
     _, model, tokenizer, requests = setup(world, trained_models, "llama", n=6, rehearse_edits=4, refine_steps=2)
     pu.edit(model, tokenizer, requests[:3], progress=False)
     pu.edit(model, tokenizer, requests[3:], progress=False)
-    assert model.base_model._rehearsal["default"] == requests[2:]
+    assert [edit.request for edit in model.base_model._session_edits["default"]] == requests[2:]
     _, model, tokenizer, requests = setup(world, trained_models, "llama", n=3, rehearse_edits=0, refine_steps=2)
     pu.edit(model, tokenizer, requests, progress=False)
-    assert model.base_model._rehearsal["default"] == []
+    assert model.base_model._session_edits["default"] == []
 
 
 @pytest.mark.parametrize(("arch", "save_projection"), [("llama", True), ("gpt2", True), ("llama", False)])

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -299,13 +300,13 @@ def test_a_new_adapter_under_a_deleted_ones_name_rehearses_nothing_and_disabled_
         pu.edit(model, word_tokenizer, [request])
     model.base_model.enable_adapter_layers()
     pu.edit(model, word_tokenizer, [request])
-    assert model.base_model._rehearsal["x"] == [request]
+    assert [edit.request for edit in model.base_model._session_edits["x"]] == [request]
     model.add_adapter("other", pu.AlphaEditConfig(layers=[1]))
     model.delete_adapter("x")
-    assert "x" not in model.base_model._rehearsal
-    model.base_model._rehearsal["x"] = [request]  # even if a session kept something under the name
+    assert "x" not in model.base_model._session_edits
+    model.base_model._session_edits["x"] = ["kept"]  # even if a session kept something under the name
     model.add_adapter("x", pu.AlphaEditConfig(layers=[1]))
-    assert "x" not in model.base_model._rehearsal
+    assert "x" not in model.base_model._session_edits
 
 
 def test_requests_must_fit_the_context_and_a_merged_adapter_is_not_edited(word_tokenizer):
@@ -442,11 +443,14 @@ def test_refinement_penalty_is_the_whole_adapters_change_and_leaves_rehearsed_ed
     torch.testing.assert_close(float(block.penalty()) + energy(B_old @ A_old, preserved) / energy(W, preserved), whole)
     assert preservation_cross(B_new, A_new, 0, moment, 1.0) is None
 
-    # Batches are rehearsed whole: the most recent ones whose requests all lie among the rehearsed requests.
-    batches = [(3, "a"), (2, "b"), (4, "c")]
-    assert AlphaEditModel._covered(batches, 6) == [(2, "b"), (4, "c")]
-    assert AlphaEditModel._covered(batches, 5) == [(4, "c")]
-    assert AlphaEditModel._covered(batches, 3) == []
+    # Each rehearsed request leaves out the keys it added: its own slots', and a merged subject key goes with the
+    # first request that reads it.
+    rows = SimpleNamespace(keys=torch.tensor([[0, 1], [0, 2], [3, 0]]),
+                           slots=torch.tensor([[True, True], [True, True], [True, False]]))
+    keys = {"layer": torch.arange(4.0).unsqueeze(1)}
+    edits = AlphaEditModel._session_edits_of(["a", "b", "c"], rows, keys)
+    assert [edit.request for edit in edits] == ["a", "b", "c"]
+    assert [edit.keys["layer"].flatten().tolist() for edit in edits] == [[0.0, 1.0], [2.0], [3.0]]
 
 
 def test_output_energies_follow_the_moments_they_are_cached_for(word_tokenizer):
@@ -478,6 +482,29 @@ def test_output_energies_follow_the_moments_they_are_cached_for(word_tokenizer):
     layer.set_preservation("default", 2 * torch.eye(layer.in_features))
     assert layer.output_energy("default", "moment") == pytest.approx(2 * direct(torch.eye(layer.in_features)),
                                                                       rel=1e-5)
+
+
+def test_removed_edited_keys_leave_exactly_the_others(word_tokenizer):
+    """A prompt edited again takes its earlier keys out of the factor: F^T F loses exactly their second moment, the
+    directions only they held drop out, and the recorded row count stays."""
+    model = get_peft_model(tiny_llama(vocab_size=len(word_tokenizer), layers=2), pu.AlphaEditConfig(layers=[1]))
+    layer = next(iter(model.base_model.edited_layers("default").values()))
+    generator = torch.Generator().manual_seed(0)
+    first, rest = (torch.randn(n, layer.in_features, generator=generator) for n in (24, 48))
+    layer.add_edited_keys("default", first, 24)
+    layer.add_edited_keys("default", rest, layer.in_features)  # 72 keys in 64 dimensions: a square factor
+    energy_before = layer.output_energy("default", "edited")
+    layer.remove_edited_keys("default", first)
+    factor = layer.edited_keys("default")
+    assert factor.shape == (layer.in_features, layer.in_features)
+    torch.testing.assert_close(factor.T @ factor, rest.T @ rest, rtol=1e-4, atol=1e-3)
+    assert torch.linalg.matrix_rank(factor) == 48
+    weight = layer.get_base_layer().weight.detach()
+    assert layer.output_energy("default", "edited") == pytest.approx(float((rest @ weight.T).pow(2).sum()), rel=1e-4)
+    assert layer.output_energy("default", "edited") < energy_before
+    layer.remove_edited_keys("default", rest)
+    assert layer.edited_keys("default").shape == (layer.in_features, layer.in_features)
+    assert float(layer.edited_keys("default").abs().max()) < 1e-3 * float(rest.abs().max())
 
 
 def test_unknown_architecture_needs_explicit_modules():

@@ -281,6 +281,26 @@ def test_editing_one_request_at_a_time_keeps_the_earlier_edits(world, trained_mo
         pu.WiseConfig(rehearse_edits=-1)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_prompt_edited_again_is_rehearsed_with_its_new_target(world, trained_models, arch):
+    """The unfinished shard rehearses a prompt edited again with its new target (before, the old request was
+    rehearsed too and kept its target: 0 of 5 re-edited prompts took the new one on either model)."""
+    base, tokenizer = trained_models(arch)
+    facts = world.forget_facts[:10]
+    changed = [pu.EditRequest(f.question, next(o.answer for o in world.facts
+                                               if o.relation == f.relation and o.answer != f.answer), f.subject)
+               for f in facts]
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig())
+    pu.edit(model, tokenizer, changed, progress=False)
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in changed]) >= 0.9
+    again = refusals(facts[:5])
+    pu.edit(model, tokenizer, again, progress=False)
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in again]) >= 0.6
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in changed[:5]]) <= 0.2
+    assert model.base_model._session_requests("default", model.base_model.wise_layer("default")) == (
+        again + changed[5:] + again)
+
+
 def test_thresholds_score_against_the_layer_output_with_its_bias(world, trained_models):
     """Routing scores divide by the main memory's output with the layer's bias (GPT-2's c_proj has one); the
     thresholds were computed without it, so they were not the smallest score of the edits: with act_ratio=0.9 and a

@@ -93,7 +93,7 @@ class AlphaEditConfig(PeftConfig, TokenizerRecord):
         metadata={"help": "Earlier requests of this session (the most recent, at most this many) whose targets "
                   "refinement keeps reaching while it fits a new batch. Held in memory only, never saved, so "
                   "forget texts stay out of adapter files; after a reload earlier edits are kept by their saved "
-                  "keys alone (0: off)."},
+                  "keys alone (0: off). A prompt edited again replaces its rehearsed earlier edit, keys included."},
     )
     v_steps: int = field(default=25, metadata={"help": "Adam steps of the target-value optimisation."})
     v_lr: float = field(

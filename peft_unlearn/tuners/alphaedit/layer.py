@@ -15,6 +15,10 @@ from ...statistics import null_space_basis
 from ..base import EditBufferDict, EditLayer, EditParameterDict
 from .config import AlphaEditConfig
 
+# Eigenvalues of F^T F - K^T K below this share of F^T F's largest are the removed keys' rounding (F is stored in
+# float32), not directions still edited.
+REMOVAL_ROUNDING = 1e-6
+
 
 class AlphaEditLayer(EditLayer):
     """Per-adapter state: factors ``alphaedit_B`` [out, rank] and ``alphaedit_A`` [rank, in] with delta ``B @ A``;
@@ -116,6 +120,20 @@ class AlphaEditLayer(EditLayer):
         stacked = torch.cat([factor.double(), keys.detach().to(factor.device, torch.float64)])
         folded = torch.linalg.qr(stacked, mode="r").R
         self.set_edited_keys(adapter_name, nn.functional.pad(folded, (0, 0, 0, rows - folded.shape[0])))
+
+    def remove_edited_keys(self, adapter_name: str, keys: torch.Tensor) -> None:
+        """Take ``keys`` [n, in] that ``add_edited_keys`` folded in back out of the factor (their prompts are
+        edited again): ``F'^T F' = F^T F - K^T K``, formed in ``F``'s row space ([rows, rows], not [in, in]), with
+        the directions left at rounding level dropped. The row count stays, zero-padded."""
+        factor = self.edited_keys(adapter_name).double()
+        _, singular, basis = torch.linalg.svd(factor, full_matrices=False)
+        if factor.shape[0] == 0 or float(singular.max()) == 0.0:
+            return
+        inside = keys.detach().to(factor.device, torch.float64) @ basis.T  # [n, rows]
+        values, vectors = torch.linalg.eigh(torch.diag(singular**2) - inside.T @ inside)
+        kept = values > REMOVAL_ROUNDING * float(singular.max()) ** 2
+        remaining = values[kept].sqrt().unsqueeze(1) * (vectors[:, kept].T @ basis)
+        self.set_edited_keys(adapter_name, nn.functional.pad(remaining, (0, 0, 0, factor.shape[0] - int(kept.sum()))))
 
     def output_energy(self, adapter_name: str, which: str) -> float:
         """``tr(W M W^T)``, the layer's output energy on the preserved keys (``which="moment"``, M their second

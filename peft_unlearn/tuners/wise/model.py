@@ -50,7 +50,8 @@ class WiseModel(SingleLayerTuner):
     ) -> dict[str, Any]:
         """Train the side memory on ``requests``; ``unrelated`` prompts (default: the model's own text) teach the
         router what must stay on the main memory. The unfinished shard's earlier requests of this session (up to
-        ``rehearse_edits``) are trained again with them, so editing one request at a time keeps the earlier ones."""
+        ``rehearse_edits``) are trained again with them, so editing one request at a time keeps the earlier ones; a
+        prompt edited again is rehearsed with its new target."""
         if options:
             raise TypeError(f"unknown options for wise: {sorted(options)}")
         config: WiseConfig = self.peft_config[adapter_name]
@@ -58,7 +59,10 @@ class WiseModel(SingleLayerTuner):
         unrelated = unrelated_prompts(self, tokenizer, requests, unrelated, seed=config.seed + config.n_edits)
         first_id = config.n_edits
         snapshot = self._snapshot(adapter_name, layer)
-        session = self._session_requests(adapter_name, layer)
+        # A prompt edited again is rehearsed with its new target: the old one pulled against it (a re-edit of 5 of
+        # 10 edits on the llama fact model: 0.0 generation match, the old target still given).
+        newest = {request.prompt: request for request in requests}
+        session = [newest.get(request.prompt, request) for request in self._session_requests(adapter_name, layer)]
         start = 0
         bar = tqdm(total=len(requests), desc="WISE edits", disable=not progress, leave=False)
         try:
