@@ -384,9 +384,10 @@ class AlphaEditModel(EditingTuner):
                         break
                 for name, layer in layers.items():
                     self._fold_new_keys(layer, adapter_name, first_column[name])
-                if config.refine_steps:
+                wrote = any(layer.rank(adapter_name) > first_column[name] for name, layer in layers.items())
+                if config.refine_steps and wrote:
                     nll = self._refine_values(tokenizer, chunk, rows, adapter_name, first_column, session)
-                else:  # the last round's NLL was read before its own update
+                else:  # the last round's NLL was read before its own update; or every target was already given
                     nll = self._target_nll(rows)
                 for layer in layers.values():
                     self._compress_factors(layer, adapter_name)
@@ -454,8 +455,11 @@ class AlphaEditModel(EditingTuner):
             )
         if len(chunks) > 1:
             rows = edit_rows(tokenizer, requests, templates, config.positions, device, merge_queries)
-        width = rows.slots.shape[1]
         order = torch.tensor([i for chunk in chunks for i in chunk], device=device).argsort()  # back to request order
+        initial_nll = torch.cat([t.initial_nll for t in targets])[order]
+        if bool((initial_nll < EARLY_STOP_NLL).all()):  # every target already given: nothing to write
+            return initial_nll, rows
+        width = rows.slots.shape[1]
         z = torch.cat([torch.nn.functional.pad(t.z, (0, 0, 0, width - t.z.shape[1])) for t in targets])[order]
         for position, name in enumerate(names):
             layer = layers[name]
@@ -477,7 +481,7 @@ class AlphaEditModel(EditingTuner):
                 misfit = (realised - residuals).norm() / residuals.norm().clamp(min=1e-12)
                 logger.debug("%s: %d keys, relative misfit of the closed form %.3f", name, rows.n_keys, misfit)
             self._append_factors(layer, adapter_name, B_new, A_new)
-        return torch.cat([t.initial_nll for t in targets])[order], rows
+        return initial_nll, rows
 
     def _refine_values(
         self,
