@@ -126,8 +126,10 @@ class AlphaEditLayer(EditLayer):
         edited again): ``F'^T F' = F^T F - K^T K``, formed in ``F``'s row space ([rows, rows], not [in, in]), with
         the directions left at rounding level dropped. The row count stays, zero-padded."""
         factor = self.edited_keys(adapter_name).double()
+        if factor.shape[0] == 0:
+            return
         _, singular, basis = torch.linalg.svd(factor, full_matrices=False)
-        if factor.shape[0] == 0 or float(singular.max()) == 0.0:
+        if float(singular.max()) == 0.0:
             return
         inside = keys.detach().to(factor.device, torch.float64) @ basis.T  # [n, rows]
         values, vectors = torch.linalg.eigh(torch.diag(singular**2) - inside.T @ inside)

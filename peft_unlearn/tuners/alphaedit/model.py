@@ -566,15 +566,15 @@ class AlphaEditModel(EditingTuner):
     ) -> list[SessionEdit]:
         """Each request with the batch's ``keys`` [n_keys, in] it added, per layer: its own slots' keys; a key
         merged queries share goes with the first request that reads it."""
-        owner: dict[int, int] = {}
+        owned: list[list[int]] = [[] for _ in requests]
+        seen: set[int] = set()
         for index in range(len(requests)):
             for key in rows.keys[index][rows.slots[index]].tolist():
-                owner.setdefault(key, index)
-        return [
-            SessionEdit(request, {name: layer_keys[[k for k, i in owner.items() if i == index]]
-                                  for name, layer_keys in keys.items()})
-            for index, request in enumerate(requests)
-        ]
+                if key not in seen:
+                    seen.add(key)
+                    owned[index].append(key)
+        return [SessionEdit(request, {name: layer_keys[own] for name, layer_keys in keys.items()})
+                for request, own in zip(requests, owned)]
 
     @staticmethod
     def _most_recent(edits: list[SessionEdit], limit: int) -> list[SessionEdit]:
