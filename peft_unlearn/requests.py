@@ -171,6 +171,12 @@ def pad_token_id(tokenizer) -> int:
 _CHAT_FORMAT: contextvars.ContextVar[bool] = contextvars.ContextVar("peft_unlearn_chat_format", default=False)
 
 
+def chat_format_active() -> bool:
+    """Whether prompts tokenized here without an explicit ``chat_template`` go through the chat template (what an
+    enclosing :func:`chat_formatted` block says)."""
+    return _CHAT_FORMAT.get()
+
+
 @contextlib.contextmanager
 def chat_formatted(enabled: bool = True) -> Iterator[None]:
     """Within the block, prompts tokenized without an explicit ``chat_template`` go through the chat template."""
@@ -457,24 +463,37 @@ def tokenize_pairs(
     subjects: Sequence[str | None] | None = None,
     *,
     padding_side: str = "right",
-    chat_template: bool | None = None,
+    chat_template: bool | Sequence[bool] | None = None,
     append_eos: bool = False,
     max_length: int | None = None,
     subject_from: Sequence[int] | None = None,
 ) -> TokenizedBatch:
     """Tokenize (prompt, target) pairs joined as ``prompt + " " + target`` (no space after a prompt that ends in
     whitespace, nor before a target that starts with it), or through the chat template
-    (``chat_template=None``: as the enclosing :func:`chat_formatted` block says, plain outside one).
+    (``chat_template=None``: as the enclosing :func:`chat_formatted` block says, plain outside one; a list: one
+    flag per pair, for rows edited in calls of either format).
 
     The prompt tokens are exactly those the tokenizer gives for the prompt alone, so teacher forcing sees the same
     prompt as ``generate()``; the target span is every token after them.
     """
     if len(pairs) == 0:
         raise ValueError("no (prompt, target) pairs to tokenize")
-    prompts = [p for p, _ in pairs]
-    targets = [t for _, t in pairs]
-    rows = _encode_rows(tokenizer, prompts, targets, subjects, chat_template=chat_template, append_eos=append_eos,
-                        subject_from=subject_from)
+    if chat_template is None or isinstance(chat_template, bool):
+        formats = [chat_template] * len(pairs)
+    else:
+        formats = list(chat_template)
+        if len(formats) != len(pairs):
+            raise ValueError(f"{len(formats)} chat_template flags for {len(pairs)} pairs")
+    rows: list = [None] * len(pairs)
+    for chat in dict.fromkeys(formats):
+        group = [i for i, flag in enumerate(formats) if flag == chat]
+        encoded = _encode_rows(
+            tokenizer, [pairs[i][0] for i in group], [pairs[i][1] for i in group],
+            None if subjects is None else [subjects[i] for i in group], chat_template=chat, append_eos=append_eos,
+            subject_from=None if subject_from is None else [subject_from[i] for i in group],
+        )
+        for i, row in zip(group, encoded):
+            rows[i] = row
     return _collate(rows, pad_token_id(tokenizer), padding_side, True, max_length)
 
 

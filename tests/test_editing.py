@@ -148,6 +148,34 @@ def test_chat_template_edits_the_prompts_as_the_metrics_read_them(world, trained
     assert generation_match(model, tokenizer, [f.pair for f in facts]) == 1.0  # the plain questions still answer
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("config_cls", [peft_unlearn.AlphaEditConfig, peft_unlearn.WiseConfig])
+def test_earlier_requests_are_rehearsed_in_the_format_they_were_edited_in(world, trained_models, config_cls):
+    """Requests edited in chat format, then others in plain text: the later call rehearses the earlier requests as
+    chat turns. It rehearsed them as plain questions, which taught the plain questions to refuse (AlphaEdit: 1 of 5
+    still answered, and the chat edits fell from 5 to 0; WISE: none still answered)."""
+    from peft_unlearn.metrics import generation_match
+
+    base, tokenizer = trained_models("llama")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %} Please answer:{% endif %}")
+    facts = world.forget_facts[:10]
+    requests = peft_unlearn.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    model = get_peft_model(copy.deepcopy(base), config_cls())
+    if config_cls is peft_unlearn.AlphaEditConfig:
+        peft_unlearn.collect_statistics(model, tokenizer, [f"{f.question} {f.answer}" for f in world.retain_facts],
+                                        progress=False)
+    chat_turns = [(r.prompt, r.target) for r in requests[:5]]
+    edit(model, tokenizer, requests[:5], chat_template=True, progress=False)
+    held = generation_match(model, tokenizer, chat_turns, chat_template=True)
+    assert generation_match(model, tokenizer, [f.pair for f in facts[:5]]) >= 0.8  # plain questions answer
+    edit(model, tokenizer, requests[5:], progress=False)
+    assert generation_match(model, tokenizer, [f.pair for f in facts[:5]]) >= 0.8
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests[:5]]) == 0.0
+    assert generation_match(model, tokenizer, chat_turns, chat_template=True) >= held - 0.2
+
+
 EDIT_CONFIGS = [lambda: peft_unlearn.GraceConfig(layer=1), lambda: peft_unlearn.WiseConfig(layer=1, n_iter=5),
                 lambda: peft_unlearn.AlphaEditConfig(layers=[1], refine_steps=5)]
 WORDS = ["w1 w2 w3 w4", "w5 w6 w7 w8", "w2 w4 w6 w8"]

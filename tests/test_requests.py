@@ -271,3 +271,23 @@ def test_alphaedit_reads_the_subject_in_the_prompt_not_in_a_context_prefix_that_
     # under the prefix the key is read at the prompt's subject: the same token, as far from the prompt's end
     shift = int(rows.batch.prompt_last[1]) - int(rows.batch.prompt_last[0])
     assert prefixed_last == bare_last + shift and prefixed[prefixed_last] == bare[bare_last]
+
+
+def test_pairs_tokenize_each_in_its_own_format():
+    """One flag per pair (rows of calls edited in either format) gives each row as its format alone gives it."""
+    tokenizer = train_tokenizer(["Where is Rome? Rome is in Italy.", "Who wrote it? Shakespeare did."] * 20,
+                                "byte_bpe", vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    pairs = [("Where is Rome?", "In Italy."), ("Who wrote it?", "Shakespeare did."), ("Is Rome old?", "Yes.")]
+    mixed = tokenize_pairs(tokenizer, pairs, ["Rome", "wrote", "Rome"], chat_template=[True, False, True])
+    chat = tokenize_pairs(tokenizer, [pairs[0], pairs[2]], ["Rome", "Rome"], chat_template=True)
+    plain = tokenize_pairs(tokenizer, [pairs[1]], ["wrote"], chat_template=False)
+    assert chat.input_ids.shape[1] > plain.input_ids.shape[1]  # the formats differ
+    for row, (alone, index) in zip(range(3), [(chat, 0), (plain, 0), (chat, 1)]):
+        width = int(alone.attention_mask[index].sum())
+        assert mixed.input_ids[row, :width].tolist() == alone.input_ids[index, :width].tolist()
+        assert mixed.labels[row, :width].tolist() == alone.labels[index, :width].tolist()
+        assert int(mixed.subject_last[row]) == int(alone.subject_last[index])
+    with pytest.raises(ValueError, match="2 chat_template flags for 3 pairs"):
+        tokenize_pairs(tokenizer, pairs, chat_template=[True, False])

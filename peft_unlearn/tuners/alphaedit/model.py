@@ -21,7 +21,7 @@ from ...capture import (
 )
 from ...editing import adapters_disabled
 from ...losses import labelled_logits, row_chunks, sequence_nll
-from ...requests import EditRequest, chat_formatted, tokenize_pairs
+from ...requests import EditRequest, chat_format_active, chat_formatted, tokenize_pairs
 from ...statistics import SecondMoments, null_space_basis
 from ..base import EditingTuner, target_module, tensor_name
 from .config import AlphaEditConfig
@@ -45,11 +45,13 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class SessionEdit:
-    """A request edited in this session, which refinement rehearses, and the keys it added to the edited-key
-    factor per layer: rehearsed edits need no penalty on them, and an edit of the same prompt takes them back out."""
+    """A request edited in this session, which refinement rehearses (in the call's format: ``chat``), and the keys
+    it added to the edited-key factor per layer: rehearsed edits need no penalty on them, and an edit of the same
+    prompt in the same format takes them back out."""
 
     request: EditRequest
     keys: dict[str, torch.Tensor]
+    chat: bool
 
 
 def check_null_spaces(bases: dict[str, torch.Tensor], threshold: float) -> None:
@@ -364,9 +366,9 @@ class AlphaEditModel(EditingTuner):
         # A prompt edited again: its earlier edit is neither rehearsed nor protected any more, or the old target
         # and the old key would hold the new edit back (a re-edit of 5 of 10 edits on the llama fact model: 0.0
         # generation match, with the old target still given).
-        prompts = {r.prompt for r in requests}
-        superseded = [edit for edit in session if edit.request.prompt in prompts]
-        session = [edit for edit in session if edit.request.prompt not in prompts]
+        prompts = {(r.prompt, chat_format_active()) for r in requests}
+        superseded = [edit for edit in session if (edit.request.prompt, edit.chat) in prompts]
+        session = [edit for edit in session if (edit.request.prompt, edit.chat) not in prompts]
         try:
             for name, layer in layers.items() if superseded else ():
                 layer.remove_edited_keys(adapter_name, torch.cat([edit.keys[name] for edit in superseded]))
@@ -521,9 +523,10 @@ class AlphaEditModel(EditingTuner):
             )
             blocks.append(ValueBlock(layer.alphaedit_B[adapter_name], start, gram, cross))
         batch = rows.batch.select(slice(0, rows.n_requests)).trimmed()  # the bare prompts, without templates' width
-        if rehearsed:
+        if rehearsed:  # each earlier request in the format it was edited in
             pairs = [(r.prompt, r.target) for r in [*requests, *(edit.request for edit in rehearsed)]]
-            batch = tokenize_pairs(tokenizer, pairs).to(rows.batch.input_ids.device)
+            formats = [chat_format_active()] * len(requests) + [edit.chat for edit in rehearsed]
+            batch = tokenize_pairs(tokenizer, pairs, chat_template=formats).to(rows.batch.input_ids.device)
         return refine_values(
             self.model,
             batch,
@@ -564,8 +567,8 @@ class AlphaEditModel(EditingTuner):
     def _session_edits_of(
         requests: list[EditRequest], rows, keys: dict[str, torch.Tensor]
     ) -> list[SessionEdit]:
-        """Each request with the batch's ``keys`` [n_keys, in] it added, per layer: its own slots' keys; a key
-        merged queries share goes with the first request that reads it."""
+        """Each request with the batch's ``keys`` [n_keys, in] it added, per layer (its own slots' keys; a key
+        merged queries share goes with the first request that reads it), and the call's format."""
         owned: list[list[int]] = [[] for _ in requests]
         seen: set[int] = set()
         for index in range(len(requests)):
@@ -573,7 +576,7 @@ class AlphaEditModel(EditingTuner):
                 if key not in seen:
                     seen.add(key)
                     owned[index].append(key)
-        return [SessionEdit(request, {name: layer_keys[own] for name, layer_keys in keys.items()})
+        return [SessionEdit(request, {name: layer_keys[own] for name, layer_keys in keys.items()}, chat_format_active())
                 for request, own in zip(requests, owned)]
 
     @staticmethod

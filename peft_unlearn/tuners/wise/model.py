@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ...capture import capture_at_positions
 from ...editing import adapters_disabled, unrelated_prompts
 from ...losses import labelled_logits, sequence_nll
-from ...requests import EditRequest, tokenize_prompts, tokenize_requests
+from ...requests import EditRequest, chat_format_active, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
 from .config import WiseConfig
 from .layer import WORKING, WiseLayer, WiseLinear, activation_scores, sequence_scores
@@ -50,8 +50,8 @@ class WiseModel(SingleLayerTuner):
     ) -> dict[str, Any]:
         """Train the side memory on ``requests``; ``unrelated`` prompts (default: the model's own text) teach the
         router what must stay on the main memory. The unfinished shard's earlier requests of this session (up to
-        ``rehearse_edits``) are trained again with them, so editing one request at a time keeps the earlier ones; a
-        prompt edited again is rehearsed with its new target."""
+        ``rehearse_edits``) are trained again with them, each in the format it was edited in, so editing one request
+        at a time keeps the earlier ones; a prompt edited again is rehearsed with its new target."""
         if options:
             raise TypeError(f"unknown options for wise: {sorted(options)}")
         config: WiseConfig = self.peft_config[adapter_name]
@@ -61,8 +61,10 @@ class WiseModel(SingleLayerTuner):
         snapshot = self._snapshot(adapter_name, layer)
         # A prompt edited again is rehearsed with its new target: the old one pulled against it (a re-edit of 5 of
         # 10 edits on the llama fact model: 0.0 generation match, the old target still given).
-        newest = {request.prompt: request for request in requests}
-        session = [newest.get(request.prompt, request) for request in self._session_requests(adapter_name, layer)]
+        chat = chat_format_active()
+        newest = {(request.prompt, chat): request for request in requests}
+        session = [(newest.get((request.prompt, was_chat), request), was_chat)
+                   for request, was_chat in self._session_requests(adapter_name, layer)]
         start = 0
         bar = tqdm(total=len(requests), desc="WISE edits", disable=not progress, leave=False)
         try:
@@ -71,7 +73,7 @@ class WiseModel(SingleLayerTuner):
                 chunk = requests[start : start + room]
                 rehearsed = session[len(session) - min(config.rehearse_edits, len(session)) :]
                 self._train_shard(tokenizer, chunk, unrelated, adapter_name, layer, rehearsed)
-                session = session + chunk
+                session = session + [(request, chat) for request in chunk]
                 config.shard_edits += len(chunk)
                 config.n_edits += len(chunk)
                 if config.shard_edits == config.shard_size:
@@ -89,9 +91,10 @@ class WiseModel(SingleLayerTuner):
         self.__dict__.setdefault("_rehearsal", {})[adapter_name] = (session, working, working._version)
         return {"edit_ids": list(range(first_id, config.n_edits)), "n_memories": config.n_memories}
 
-    def _session_requests(self, adapter_name: str, layer: WiseLayer) -> list[EditRequest]:
-        """The unfinished shard's requests edited in this session, oldest first; none once anything else (a load
-        into the adapter, a finished shard) has replaced or changed the unfinished shard's memory since."""
+    def _session_requests(self, adapter_name: str, layer: WiseLayer) -> list[tuple[EditRequest, bool]]:
+        """The unfinished shard's requests edited in this session, oldest first, each with whether it was edited in
+        chat format; none once anything else (a load into the adapter, a finished shard) has replaced or changed
+        the unfinished shard's memory since."""
         session, working, version = self.__dict__.get("_rehearsal", {}).get(adapter_name, ([], None, None))
         current = layer.wise_working[adapter_name]
         if working is not current or version != current._version:
@@ -123,13 +126,15 @@ class WiseModel(SingleLayerTuner):
         return mask.to(layer.main_weight().device)
 
     def _train_shard(self, tokenizer, new_requests, unrelated, adapter_name: str, layer: WiseLayer,
-                     rehearsed: list[EditRequest]) -> None:
+                     rehearsed: list[tuple[EditRequest, bool]]) -> None:
         """Train the unfinished shard's memory on ``new_requests`` and the ``rehearsed`` earlier ones (the last of
-        its edits so far), then record the new edits' keys and refresh the rehearsed edits' keys."""
+        its edits so far, each with its chat format), then record the new edits' keys and refresh the rehearsed
+        edits' keys."""
         config: WiseConfig = self.peft_config[adapter_name]
-        requests = [*rehearsed, *new_requests]
+        requests = [*(request for request, _ in rehearsed), *new_requests]
+        formats = [was_chat for _, was_chat in rehearsed] + [chat_format_active()] * len(new_requests)
         device = layer.main_weight().device
-        edits = tokenize_requests(tokenizer, requests).to(device)
+        edits = tokenize_requests(tokenizer, requests, chat_template=formats).to(device)
         others = tokenize_prompts(tokenizer, unrelated, padding_side="right").to(device)
         with adapters_disabled(self):
             seen = {"x": layer, "main": layer.get_base_layer()}
