@@ -319,6 +319,9 @@ def perfect_router_bound(arch: str, world, base, tokenizer) -> list[dict]:
     """Per MLP output projection, the most a perfect router could give: a side memory fit to the 50 refusals alone
     (margins that never bind, 300 steps, every entry trainable) with every prompt sent through it. Its generation
     match on the paraphrases bounds what any router can reach with WISE's side memory on these models."""
+    from unittest import mock
+
+    import torch
     from peft import get_peft_model
 
     import peft_unlearn as pu
@@ -327,13 +330,14 @@ def perfect_router_bound(arch: str, world, base, tokenizer) -> list[dict]:
     from peft_unlearn.metrics import generation_match
 
     requests, targets, paraphrases = refusal_edits(world)
-    unbound = dict(alpha=1e9, beta=0.0, gamma=-1e9)  # every margin term is zero: nothing but the refusals to fit
     rows = []
     for layer in range(num_decoder_layers(base)):
-        config = pu.WiseConfig(layer=layer, n_iter=300, mask_ratio=1.0, **unbound)
+        config = pu.WiseConfig(layer=layer, n_iter=300, mask_ratio=1.0)
         model = get_peft_model(copy.deepcopy(base), config)
-        # One unrelated prompt only so that none is generated: with unbound margins it has no effect on the fit.
-        pu.edit(model, tokenizer, requests, progress=False, unrelated=[world.retain_facts[0].question])
+        # The margin loss switched off (no allowed alpha, beta, gamma make it zero): nothing but the refusals to fit.
+        # One unrelated prompt only so that none is generated; it has no effect on the fit.
+        with mock.patch("peft_unlearn.tuners.wise.model.routing_margin", lambda *_: torch.zeros(())):
+            pu.edit(model, tokenizer, requests, progress=False, unrelated=[world.retain_facts[0].question])
         rows.append({"arch": arch, "layer": layer,
                      "forced_gen_edited": forced(model, lambda: generation_match(model, tokenizer, targets)),
                      "forced_gen_paraphrase": forced(model, lambda: generation_match(model, tokenizer, paraphrases)),
