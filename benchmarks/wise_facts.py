@@ -22,13 +22,15 @@ paraphrases routed by the best threshold on "cosine to the nearest stored edit k
 kept-fact questions (an oracle threshold), with keys read at the last prompt token or at the subject's last token
 (a question scores its most similar token). A second probe trains, per layer, a router of WISE's own form for
 routing alone (no refusal to fit) against the held-out people's questions. A third bounds every router: per layer, a
-side memory fit to the refusals alone, with every prompt forced through it (a perfect router's best case).
+side memory fit to the refusals alone, with every prompt forced through it (a perfect router's best case), with the
+library's refusal phrasings and with one refusal text for every edit.
 Writes benchmarks/results/wise_facts.json.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 import sys
 from pathlib import Path
@@ -36,6 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import table, write_json  # noqa: E402
+
+ONE_REFUSAL = "I don't know."
 
 
 def neighbour_prompts(facts, per_fact: int = 2, seed: int = 0) -> list[str]:
@@ -93,13 +97,14 @@ def forced(model, function):
         layer._forced_delta = None
 
 
-def refusal_edits(world) -> tuple[list, list, list]:
+def refusal_edits(world, refusal: str | None = None) -> tuple[list, list, list]:
     """The 50 refusal edit requests (one per forgotten person) and the (prompt, refusal) pairs of the bar: the edited
-    questions and their paraphrases, each to be answered with its edit's refusal."""
+    questions and their paraphrases, each to be answered with its edit's refusal (the library's phrasings, chosen
+    per question, or one ``refusal`` text for all)."""
     import peft_unlearn as pu
 
     facts = world.forget_facts
-    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts])
+    requests = pu.forget_requests([f.question for f in facts], [f.subject for f in facts], refusal=refusal)
     targets = [(r.prompt, r.target) for r in requests]
     paraphrases = [(f.paraphrase, r.target) for f, r in zip(facts, requests)]
     return requests, targets, paraphrases
@@ -318,7 +323,9 @@ def learned_router(arch: str, world, base, tokenizer, steps: int = 400) -> list[
 def perfect_router_bound(arch: str, world, base, tokenizer) -> list[dict]:
     """Per MLP output projection, the most a perfect router could give: a side memory fit to the 50 refusals alone
     (margins that never bind, 300 steps, every entry trainable) with every prompt sent through it. Its generation
-    match on the paraphrases bounds what any router can reach with WISE's side memory on these models."""
+    match on the paraphrases bounds what any router can reach with WISE's side memory on these models; with the
+    library's phrasings (one per question) and with one refusal text for all 50, for which the paraphrases need
+    no phrasing tied to each person."""
     from unittest import mock
 
     import torch
@@ -329,16 +336,16 @@ def perfect_router_bound(arch: str, world, base, tokenizer) -> list[dict]:
     from peft_unlearn.evaluation import refusal_rate
     from peft_unlearn.metrics import generation_match
 
-    requests, targets, paraphrases = refusal_edits(world)
     rows = []
-    for layer in range(num_decoder_layers(base)):
+    for refusal, layer in itertools.product((None, ONE_REFUSAL), range(num_decoder_layers(base))):
+        requests, targets, paraphrases = refusal_edits(world, refusal)
         config = pu.WiseConfig(layer=layer, n_iter=300, mask_ratio=1.0)
         model = get_peft_model(copy.deepcopy(base), config)
         # The margin loss switched off (no allowed alpha, beta, gamma make it zero): nothing but the refusals to fit.
         # One unrelated prompt only so that none is generated; it has no effect on the fit.
         with mock.patch("peft_unlearn.tuners.wise.model.routing_margin", lambda *_: torch.zeros(())):
             pu.edit(model, tokenizer, requests, progress=False, unrelated=[world.retain_facts[0].question])
-        rows.append({"arch": arch, "layer": layer,
+        rows.append({"arch": arch, "refusal": "one text" if refusal else "per question", "layer": layer,
                      "forced_gen_edited": forced(model, lambda: generation_match(model, tokenizer, targets)),
                      "forced_gen_paraphrase": forced(model, lambda: generation_match(model, tokenizer, paraphrases)),
                      "forced_refusal_paraphrase": forced(model, lambda: refusal_rate(model, tokenizer, paraphrases))})
@@ -444,7 +451,8 @@ def main() -> None:
     print(table(learned, ["arch", "layer", "margin_loss", "paraphrases_routed", "kept_routed",
                           "paraphrases_routed_oracle"]))
     print("perfect router (side memory fit alone, every prompt forced through it):")
-    print(table(bound, ["arch", "layer", "forced_gen_edited", "forced_gen_paraphrase", "forced_refusal_paraphrase"]))
+    print(table(bound, ["arch", "refusal", "layer", "forced_gen_edited", "forced_gen_paraphrase",
+                        "forced_refusal_paraphrase"]))
     results = {"rows": rows, "oracle_key_routing": probe, "learned_router": learned, "perfect_router": bound}
     print("written to", write_json("wise_facts", results))
 
