@@ -101,6 +101,8 @@ class adapters_disabled:
 # Bounds of the default unrelated prompts: one sampled text per request between these counts, each as long as the
 # longest edit prompt up to MAX_UNRELATED_TOKENS new tokens (thousands of keys, at a bounded cost for any call).
 MIN_UNRELATED, MAX_UNRELATED, MAX_UNRELATED_TOKENS = 8, 64, 64
+# Unrelated prompts per forward when a method reads them (a caller may give thousands).
+UNRELATED_BATCH = 64
 
 
 def own_unrelated_prompts(tuner: nn.Module, tokenizer, requests: Sequence[EditRequest], seed: int) -> list[str]:

@@ -6,6 +6,7 @@ from peft import PeftModel, get_peft_model
 
 import peft_unlearn as pu
 from peft_unlearn.metrics import answer_accuracy, generation_match
+from peft_unlearn.requests import tokenize_prompts
 from peft_unlearn.tuners.wise.layer import WiseLayer
 
 from .conftest import tiny_gpt2
@@ -299,6 +300,37 @@ def test_a_prompt_edited_again_is_rehearsed_with_its_new_target(world, trained_m
     assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in changed[:5]]) <= 0.2
     session = model.base_model._session_requests("default", model.base_model.wise_layer("default"))
     assert [request for request, _ in session] == again + changed[5:] + again
+
+
+def test_unrelated_prompts_are_read_a_batch_at_a_time(world, trained_models, monkeypatch):
+    """A caller's unrelated prompts run UNRELATED_BATCH rows per forward (they all ran in one, whose activations grow
+    with their number), and read the same layer inputs as one forward over all of them."""
+    import peft_unlearn.tuners.wise.model as wise_model
+    from peft_unlearn.editing import UNRELATED_BATCH
+
+    base, tokenizer = trained_models("llama")
+    unrelated = [f.question for f in world.retain_facts] + [f.paraphrase for f in world.retain_facts]
+    assert len(unrelated) > 2 * UNRELATED_BATCH
+    rows, captured = [], {}
+    capture = wise_model.capture_at_positions
+
+    def counted(model, modules, inputs, *args, **kwargs):
+        rows.append(inputs["input_ids"].shape[0])
+        result = capture(model, modules, inputs, *args, **kwargs)
+        captured.setdefault(rows[-1], result)
+        return result
+
+    monkeypatch.setattr(wise_model, "capture_at_positions", counted)
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig(n_iter=2))
+    pu.edit(model, tokenizer, refusals(world.forget_facts[:1]), unrelated=unrelated, progress=False)
+    full, rest = divmod(len(unrelated), UNRELATED_BATCH)
+    assert rows == [1] + [UNRELATED_BATCH] * full + ([rest] if rest else [])
+    whole = tokenize_prompts(tokenizer, unrelated, padding_side="right")
+    layer = model.base_model.wise_layer("default")
+    with model.disable_adapter():
+        alone = capture(model.base_model.model, {"x": layer}, whole.select(slice(0, UNRELATED_BATCH)).model_inputs,
+                        None, stop_early=True)
+    torch.testing.assert_close(captured[UNRELATED_BATCH]["x"], alone["x"])
 
 
 def test_thresholds_score_against_the_layer_output_with_its_bias(world, trained_models):

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...capture import capture_at_positions, rows_of
-from ...editing import adapters_disabled, unrelated_prompts
+from ...editing import UNRELATED_BATCH, adapters_disabled, unrelated_prompts
 from ...losses import labelled_logits, row_chunks, sequence_nll
 from ...metrics import batches
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
@@ -25,8 +25,6 @@ logger = logging.getLogger(__name__)
 EARLY_STOP_NLL = 1e-2
 # Keys closer than this (relative, as eps_init) are the same key: a prompt edited again.
 SAME_KEY = 1e-4
-# Unrelated prompts per forward when their keys are read.
-UNRELATED_BATCH = 64
 # The codebook's per-entry tensors, and with them the change log: what editing and rollback read and write.
 ENTRY_FIELDS = ("keys", "values", "eps", "labels", "edit_ids")
 BOOK_FIELDS = ENTRY_FIELDS + ("change_ids", "change_eps")

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...capture import capture_at_positions
-from ...editing import adapters_disabled, unrelated_prompts
+from ...editing import UNRELATED_BATCH, adapters_disabled, unrelated_prompts
 from ...losses import labelled_logits, sequence_nll
 from ...requests import EditRequest, chat_format_active, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
@@ -140,7 +140,10 @@ class WiseModel(SingleLayerTuner):
             seen = {"x": layer, "main": layer.get_base_layer()}
             kinds = {"x": "input", "main": "output"}
             edit_io = capture_at_positions(self.model, seen, edits.model_inputs, None, capture=kinds, stop_early=True)
-            other_io = capture_at_positions(self.model, seen, others.model_inputs, None, capture=kinds, stop_early=True)
+            parts = [capture_at_positions(self.model, seen, others.select(slice(start, start + UNRELATED_BATCH))
+                                          .model_inputs, None, capture=kinds, stop_early=True)
+                     for start in range(0, len(others), UNRELATED_BATCH)]  # a forward's activations stay bounded
+            other_io = {name: torch.cat([part[name] for part in parts]) for name in seen}
         columns = torch.arange(edits.input_ids.shape[1], device=device)[None]
         in_prompt = (columns <= edits.prompt_last[:, None]) & edits.attention_mask.bool()
         other_tokens = others.attention_mask.bool()
