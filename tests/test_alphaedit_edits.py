@@ -102,20 +102,16 @@ def test_a_prompt_edited_again_takes_its_new_target(world, trained_models, one_t
 
 def test_targets_already_given_add_no_columns_and_their_keys_are_kept(world, trained_models, one_thread):
     """A round whose targets the model already gives writes nothing (it appended near-zero columns: rank 15 for 5
-    known facts; with rounds=3 a second round doubled the rank); the keys are still protected."""
+    facts the model knew, read on the bare prompts alone); the keys are still protected."""
     facts = world.forget_facts[:5]
     known = [pu.EditRequest(f.question, f.answer, f.subject) for f in facts]
-    ranks = {}
-    for rounds, templates in ((1, 1), (1, 3), (3, 3)):
-        base, model, tokenizer, _ = setup(world, trained_models, "llama", n=5, rounds=rounds,
-                                          n_context_templates=templates)
+    for rounds in (1, 3):
+        _, model, tokenizer, _ = setup(world, trained_models, "llama", n=5, rounds=rounds, n_context_templates=1)
         result = pu.edit(model, tokenizer, known, progress=False)
-        ranks[rounds, templates] = result.details["rank"]
+        assert result.details["rank"] == 0 and model.peft_config["default"].rank == 0
         assert result.details["edited_keys"] == 15 and all(result.reached)
         layer = next(iter(model.base_model.edited_layers("default").values()))
         assert float(layer.edited_keys("default").norm()) > 0
-    assert ranks[1, 1] == 0  # the bare prompts alone: every target given
-    assert ranks[3, 3] == ranks[1, 3] > 0  # the context templates' rows needed one round
 
 
 def test_default_layers_fit_thirty_edits_into_an_eight_layer_model(one_thread):
