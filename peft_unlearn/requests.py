@@ -508,6 +508,16 @@ def tokenize_requests(tokenizer, requests: Sequence[EditRequest], **options) -> 
     )
 
 
+def prompt_token_ids(tokenizer, prompts: Sequence[str], chat_template: bool | None = None) -> list[tuple[int, ...]]:
+    """The tokens each prompt is read as (through the chat template as ``chat_template`` says, as in
+    :func:`tokenize_pairs`): two prompts are one prompt when these agree (``q`` and ``" " + q`` are one prompt to
+    most tokenizers), as the check of one call's targets compares them."""
+    if not prompts:
+        return []
+    rows = _encode_rows(tokenizer, prompts, None, None, chat_template=chat_template, append_eos=False)
+    return [tuple(ids) for ids, _, _ in rows]
+
+
 def tokenize_prompts(
     tokenizer,
     prompts: Sequence[str],

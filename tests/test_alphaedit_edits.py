@@ -101,6 +101,25 @@ def test_a_prompt_edited_again_takes_its_new_target(world, trained_models, one_t
         torch.testing.assert_close(factor.T @ factor, keys.T @ keys, rtol=0, atol=1e-4 * float((keys.T @ keys).norm()))
 
 
+def test_a_prompt_edited_again_is_compared_as_the_model_reads_it(world, trained_models, one_thread):
+    """" " + q reads as q on the fact model's tokenizer (one call may not give both two targets), so a later call
+    editing it supersedes q's edit: compared as strings, the old request stayed rehearsed and its keys protected
+    (5 such re-edits: 0.0 took the new target, 1.0 kept the old one)."""
+    _, model, tokenizer, refusals = setup(world, trained_models, "llama", n=4)
+    changed = [pu.EditRequest(f.question, counterfactual(world, f), f.subject) for f in world.forget_facts[:4]]
+    pu.edit(model, tokenizer, changed, progress=False)
+    spaced = [pu.EditRequest(" " + r.prompt, r.target, r.subject) for r in refusals[:2]]
+    assert tokenizer(spaced[0].prompt)["input_ids"] == tokenizer(refusals[0].prompt)["input_ids"]
+    pu.edit(model, tokenizer, spaced, progress=False)
+    session = model.base_model._session_edits["default"]
+    assert [edit.request for edit in session] == changed[2:] + spaced
+    for name, layer in model.base_model.edited_layers("default").items():  # the factor holds the current edits only
+        keys = torch.cat([edit.keys[name] for edit in session]).double()
+        factor = layer.edited_keys("default").double()
+        torch.testing.assert_close(factor.T @ factor, keys.T @ keys, rtol=0, atol=1e-4 * float((keys.T @ keys).norm()))
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in changed[:2]]) == 0
+
+
 def test_targets_already_given_add_no_columns_and_their_keys_are_kept(world, trained_models, one_thread):
     """A round whose targets the model already gives writes nothing (it appended near-zero columns: rank 15 for 5
     facts the model knew, read on the bare prompts alone); the keys are still protected."""

@@ -2,7 +2,7 @@ import pytest
 
 from peft_unlearn import EditRequest, forget_requests
 from peft_unlearn.data import REFUSALS
-from peft_unlearn.requests import as_edit_requests, tokenize_pairs, tokenize_prompts
+from peft_unlearn.requests import as_edit_requests, prompt_token_ids, tokenize_pairs, tokenize_prompts
 from peft_unlearn.testing import TOKENIZER_KINDS, train_tokenizer
 
 CORPUS = [
@@ -291,3 +291,18 @@ def test_pairs_tokenize_each_in_its_own_format():
         assert int(mixed.subject_last[row]) == int(alone.subject_last[index])
     with pytest.raises(ValueError, match="2 chat_template flags for 3 pairs"):
         tokenize_pairs(tokenizer, pairs, chat_template=[True, False])
+
+
+def test_prompt_token_ids_are_the_prompt_tokens_editing_reads():
+    """What a re-edit is matched on: each prompt's tokens as tokenize_pairs gives them, in the format asked."""
+    tokenizer = train_tokenizer(["Where is Rome? Rome is in Italy.", "Who wrote it? Shakespeare did."] * 20,
+                                "byte_bpe", vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    pairs = [("Where is Rome?", "In Italy."), ("Who wrote it?", "Shakespeare did.")]
+    for chat in (False, True):
+        batch = tokenize_pairs(tokenizer, pairs, chat_template=chat)
+        ids = prompt_token_ids(tokenizer, [p for p, _ in pairs], chat)
+        assert ids == [tuple(batch.input_ids[row, : int(batch.prompt_last[row]) + 1].tolist()) for row in range(2)]
+    assert prompt_token_ids(tokenizer, ["Who wrote it?"], True) != prompt_token_ids(tokenizer, ["Who wrote it?"], False)
+    assert prompt_token_ids(tokenizer, [], True) == []

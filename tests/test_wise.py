@@ -303,6 +303,23 @@ def test_a_prompt_edited_again_is_rehearsed_with_its_new_target(world, trained_m
     assert [request for request, _ in session] == again + changed[5:] + again
 
 
+def test_a_prompt_edited_again_is_compared_as_the_model_reads_it(world, trained_models):
+    """" " + q reads as q on the fact model's tokenizer, so a later call editing it rehearses q with the new target
+    (compared as strings, q kept its old target in rehearsal: 5 such re-edits, 0.0 new, 1.0 old)."""
+    base, tokenizer = trained_models("llama")
+    facts = world.forget_facts[:4]
+    changed = [pu.EditRequest(f.question, next(o.answer for o in world.facts
+                                               if o.relation == f.relation and o.answer != f.answer), f.subject)
+               for f in facts]
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig())
+    pu.edit(model, tokenizer, changed, progress=False)
+    again = [pu.EditRequest(" " + r.prompt, r.target, r.subject) for r in refusals(facts[:2])]
+    assert tokenizer(again[0].prompt)["input_ids"] == tokenizer(facts[0].question)["input_ids"]
+    pu.edit(model, tokenizer, again, progress=False)
+    session = model.base_model._session_requests("default", model.base_model.wise_layer("default"))
+    assert [request for request, _ in session] == again + changed[2:] + again
+
+
 def test_unrelated_prompts_are_read_a_batch_at_a_time(world, trained_models, monkeypatch):
     """A caller's unrelated prompts run UNRELATED_BATCH rows per forward (they all ran in one, whose activations grow
     with their number), and read the same layer inputs as one forward over all of them."""

@@ -21,7 +21,7 @@ from ...capture import (
 )
 from ...editing import adapters_disabled
 from ...losses import labelled_logits, row_chunks, sequence_nll
-from ...requests import EditRequest, chat_format_active, chat_formatted, tokenize_pairs
+from ...requests import EditRequest, chat_format_active, chat_formatted, prompt_token_ids, tokenize_pairs
 from ...statistics import SecondMoments, null_space_basis
 from ..base import EditingTuner, target_module, tensor_name
 from .config import AlphaEditConfig
@@ -363,12 +363,16 @@ class AlphaEditModel(EditingTuner):
         final_nll, n_keys = [], 0
         session = self._most_recent(self.__dict__.setdefault("_session_edits", {}).get(adapter_name, []),
                                     config.rehearse_edits)
-        # A prompt edited again: its earlier edit is neither rehearsed nor protected any more, or the old target
-        # and the old key would hold the new edit back (a re-edit of 5 of 10 edits on the llama fact model: 0.0
-        # generation match, with the old target still given).
-        prompts = {(r.prompt, chat_format_active()) for r in requests}
-        superseded = [edit for edit in session if (edit.request.prompt, edit.chat) in prompts]
-        session = [edit for edit in session if (edit.request.prompt, edit.chat) not in prompts]
+        # A prompt edited again (in the same format, compared as the model reads it: " " + q is q to most
+        # tokenizers): its earlier edit is neither rehearsed nor protected any more, or the old target and the old
+        # key would hold the new edit back (a re-edit of 5 of 10 edits on the llama fact model: 0.0 generation
+        # match, with the old target still given).
+        chat = chat_format_active()
+        prompts = set(prompt_token_ids(tokenizer, [r.prompt for r in requests], chat))
+        read_as = prompt_token_ids(tokenizer, [edit.request.prompt for edit in session], chat)
+        again = [edit.chat == chat and ids in prompts for edit, ids in zip(session, read_as)]
+        superseded = [edit for edit, edited_again in zip(session, again) if edited_again]
+        session = [edit for edit, edited_again in zip(session, again) if not edited_again]
         try:
             for name, layer in layers.items() if superseded else ():
                 layer.remove_edited_keys(adapter_name, torch.cat([edit.keys[name] for edit in superseded]))

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ...capture import capture_at_positions
 from ...editing import UNRELATED_BATCH, adapters_disabled, unrelated_prompts
 from ...losses import labelled_logits, sequence_nll
-from ...requests import EditRequest, chat_format_active, tokenize_prompts, tokenize_requests
+from ...requests import EditRequest, chat_format_active, prompt_token_ids, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
 from .config import WiseConfig
 from .layer import WORKING, WiseLayer, WiseLinear, activation_scores, sequence_scores
@@ -59,12 +59,15 @@ class WiseModel(SingleLayerTuner):
         unrelated = unrelated_prompts(self, tokenizer, requests, unrelated, seed=config.seed + config.n_edits)
         first_id = config.n_edits
         snapshot = self._snapshot(adapter_name, layer)
-        # A prompt edited again is rehearsed with its new target: the old one pulled against it (a re-edit of 5 of
-        # 10 edits on the llama fact model: 0.0 generation match, the old target still given).
+        # A prompt edited again (in the same format, compared as the model reads it: " " + q is q to most
+        # tokenizers) is rehearsed with its new target: the old one pulled against it (a re-edit of 5 of 10 edits
+        # on the llama fact model: 0.0 generation match, the old target still given).
         chat = chat_format_active()
-        newest = {(request.prompt, chat): request for request in requests}
-        session = [(newest.get((request.prompt, was_chat), request), was_chat)
-                   for request, was_chat in self._session_requests(adapter_name, layer)]
+        newest = dict(zip(prompt_token_ids(tokenizer, [request.prompt for request in requests], chat), requests))
+        earlier = self._session_requests(adapter_name, layer)
+        read_as = prompt_token_ids(tokenizer, [request.prompt for request, _ in earlier], chat)
+        session = [(newest.get(ids, request) if was_chat == chat else request, was_chat)
+                   for (request, was_chat), ids in zip(earlier, read_as)]
         start = 0
         bar = tqdm(total=len(requests), desc="WISE edits", disable=not progress, leave=False)
         try:
