@@ -59,6 +59,16 @@ def tofu_dir():
     return TOFU_DIR
 
 
+def counterfactual_requests(world, facts):
+    """Edits giving each fact another person's answer to the same kind of question (a new target the model could
+    give, unlike a refusal)."""
+    import peft_unlearn as pu
+
+    return [pu.EditRequest(f.question, next(o.answer for o in world.facts
+                                            if o.relation == f.relation and o.answer != f.answer), f.subject)
+            for f in facts]
+
+
 def tiny_llama(vocab_size: int = 64, layers: int = 2, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

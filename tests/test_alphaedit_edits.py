@@ -13,6 +13,8 @@ from peft import PeftModel, get_peft_model
 import peft_unlearn as pu
 from peft_unlearn.metrics import answer_accuracy, generation_match
 
+from .conftest import counterfactual_requests
+
 pytestmark = pytest.mark.slow
 
 
@@ -74,18 +76,13 @@ def test_three_sequential_batches_keep_the_first(world, trained_models, one_thre
     assert len(model.base_model._session_edits["default"]) == 30
 
 
-def counterfactual(world, fact) -> str:
-    """Another person's answer to the same kind of question."""
-    return next(o.answer for o in world.facts if o.relation == fact.relation and o.answer != fact.answer)
-
-
 def test_a_prompt_edited_again_takes_its_new_target(world, trained_models, one_thread):
     """A later call that edits a prompt again replaces its earlier edit: the old request is no longer rehearsed and
     its keys leave the protected edited keys (before, 0 of 5 re-edited prompts took their new target and all 5 kept
     the old one)."""
     _, model, tokenizer, refusals = setup(world, trained_models, "llama", n=10)
     facts = world.forget_facts[:10]
-    changed = [pu.EditRequest(f.question, counterfactual(world, f), f.subject) for f in facts]
+    changed = counterfactual_requests(world, facts)
     pu.edit(model, tokenizer, changed, progress=False)
     assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in changed]) >= 0.9
     pu.edit(model, tokenizer, refusals[:5], progress=False)
@@ -106,7 +103,7 @@ def test_a_prompt_edited_again_is_compared_as_the_model_reads_it(world, trained_
     editing it supersedes q's edit: compared as strings, the old request stayed rehearsed and its keys protected
     (5 such re-edits: 0.0 took the new target, 1.0 kept the old one)."""
     _, model, tokenizer, refusals = setup(world, trained_models, "llama", n=4)
-    changed = [pu.EditRequest(f.question, counterfactual(world, f), f.subject) for f in world.forget_facts[:4]]
+    changed = counterfactual_requests(world, world.forget_facts[:4])
     pu.edit(model, tokenizer, changed, progress=False)
     spaced = [pu.EditRequest(" " + r.prompt, r.target, r.subject) for r in refusals[:2]]
     assert tokenizer(spaced[0].prompt)["input_ids"] == tokenizer(refusals[0].prompt)["input_ids"]

@@ -123,6 +123,20 @@ def test_an_explicit_layer_reloads_and_must_agree_with_target_modules(config_cls
     assert not any("base_layer" in name for name, _ in plain.named_modules())
 
 
+def chat_fact_model(world, trained_models, config_cls):
+    """The llama fact model wrapped with a fresh ``config_cls`` adapter (statistics collected where the method needs
+    them), and its tokenizer given a chat template that puts " Please answer:" after the user's turn."""
+    base, tokenizer = trained_models("llama")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %} Please answer:{% endif %}")
+    model = get_peft_model(copy.deepcopy(base), config_cls())
+    if config_cls is peft_unlearn.AlphaEditConfig:
+        peft_unlearn.collect_statistics(model, tokenizer, [f"{f.question} {f.answer}" for f in world.retain_facts],
+                                        progress=False)
+    return model, tokenizer
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config_cls", [peft_unlearn.GraceConfig, peft_unlearn.AlphaEditConfig])
 def test_chat_template_edits_the_prompts_as_the_metrics_read_them(world, trained_models, config_cls):
@@ -130,17 +144,10 @@ def test_chat_template_edits_the_prompts_as_the_metrics_read_them(world, trained
     chat_template=True read it (teacher forcing and generation agree), and leaves the plain prompts' answers."""
     from peft_unlearn.metrics import answer_accuracy, generation_match
 
-    base, tokenizer = trained_models("llama")
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                               "{% if add_generation_prompt %} Please answer:{% endif %}")
+    model, tokenizer = chat_fact_model(world, trained_models, config_cls)
     facts = world.forget_facts[:8]
     requests = peft_unlearn.forget_requests([f.question for f in facts], [f.subject for f in facts])
     targets = [(r.prompt, r.target) for r in requests]
-    model = get_peft_model(copy.deepcopy(base), config_cls())
-    if config_cls is peft_unlearn.AlphaEditConfig:
-        peft_unlearn.collect_statistics(model, tokenizer, [f"{f.question} {f.answer}" for f in world.retain_facts],
-                                        progress=False)
     assert generation_match(model, tokenizer, targets, chat_template=True) == 0
     edit(model, tokenizer, requests, chat_template=True, progress=False)
     assert answer_accuracy(model, tokenizer, targets, chat_template=True) >= 0.95
@@ -156,16 +163,9 @@ def test_earlier_requests_are_rehearsed_in_the_format_they_were_edited_in(world,
     still answered, and the chat edits fell from 5 to 0; WISE: none still answered)."""
     from peft_unlearn.metrics import generation_match
 
-    base, tokenizer = trained_models("llama")
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                               "{% if add_generation_prompt %} Please answer:{% endif %}")
+    model, tokenizer = chat_fact_model(world, trained_models, config_cls)
     facts = world.forget_facts[:10]
     requests = peft_unlearn.forget_requests([f.question for f in facts], [f.subject for f in facts])
-    model = get_peft_model(copy.deepcopy(base), config_cls())
-    if config_cls is peft_unlearn.AlphaEditConfig:
-        peft_unlearn.collect_statistics(model, tokenizer, [f"{f.question} {f.answer}" for f in world.retain_facts],
-                                        progress=False)
     chat_turns = [(r.prompt, r.target) for r in requests[:5]]
     edit(model, tokenizer, requests[:5], chat_template=True, progress=False)
     held = generation_match(model, tokenizer, chat_turns, chat_template=True)

@@ -9,7 +9,7 @@ from peft_unlearn.metrics import answer_accuracy, generation_match
 from peft_unlearn.requests import tokenize_prompts
 from peft_unlearn.tuners.wise.layer import WiseLayer
 
-from .conftest import tiny_gpt2
+from .conftest import counterfactual_requests, tiny_gpt2
 
 pytestmark = pytest.mark.slow
 
@@ -288,9 +288,7 @@ def test_a_prompt_edited_again_is_rehearsed_with_its_new_target(world, trained_m
     rehearsed too and kept its target: 0 of 5 re-edited prompts took the new one on either model)."""
     base, tokenizer = trained_models(arch)
     facts = world.forget_facts[:10]
-    changed = [pu.EditRequest(f.question, next(o.answer for o in world.facts
-                                               if o.relation == f.relation and o.answer != f.answer), f.subject)
-               for f in facts]
+    changed = counterfactual_requests(world, facts)
     model = get_peft_model(copy.deepcopy(base), pu.WiseConfig())
     pu.edit(model, tokenizer, changed, progress=False)
     assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in changed]) >= 0.8
@@ -308,9 +306,7 @@ def test_a_prompt_edited_again_is_compared_as_the_model_reads_it(world, trained_
     (compared as strings, q kept its old target in rehearsal: 5 such re-edits, 0.0 new, 1.0 old)."""
     base, tokenizer = trained_models("llama")
     facts = world.forget_facts[:4]
-    changed = [pu.EditRequest(f.question, next(o.answer for o in world.facts
-                                               if o.relation == f.relation and o.answer != f.answer), f.subject)
-               for f in facts]
+    changed = counterfactual_requests(world, facts)
     model = get_peft_model(copy.deepcopy(base), pu.WiseConfig())
     pu.edit(model, tokenizer, changed, progress=False)
     again = [pu.EditRequest(" " + r.prompt, r.target, r.subject) for r in refusals(facts[:2])]
