@@ -30,10 +30,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SecondMoments:
-    """Per module (named relative to the transformers model): the mean of ``x x^T`` over ``counts`` tokens."""
+    """Per module (named relative to the transformers model): the mean of ``x x^T`` over ``counts`` tokens, and a
+    fingerprint of the model they were measured on (see :func:`model_fingerprint`; none for moments built by hand)."""
 
     moments: dict[str, torch.Tensor]
     counts: dict[str, int] = field(default_factory=dict)
+    fingerprints: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def module_names(self) -> list[str]:
@@ -45,6 +47,8 @@ class SecondMoments:
     def save_file(self, path: str | Path) -> None:
         """Write to a safetensors file (reusable across adapters and sessions)."""
         tensors = {name: moment.contiguous().cpu() for name, moment in self.moments.items()}
+        for name, fingerprint in self.fingerprints.items():
+            tensors[FINGERPRINT_KEY + name] = fingerprint.contiguous().cpu()
         save_file(tensors, str(path), metadata={"counts": json.dumps(self.counts), "format": "peft_unlearn.mom2"})
 
     @classmethod
@@ -55,7 +59,58 @@ class SecondMoments:
             metadata = handle.metadata() or {}
         if metadata.get("format") != "peft_unlearn.mom2":
             raise ValueError(f"{path} is not a statistics file written by SecondMoments.save_file")
-        return cls(load_file(str(path)), {k: int(v) for k, v in json.loads(metadata.get("counts", "{}")).items()})
+        tensors = load_file(str(path))
+        moments = {name: value for name, value in tensors.items() if not name.startswith(FINGERPRINT_KEY)}
+        fingerprints = {name[len(FINGERPRINT_KEY):]: value for name, value in tensors.items()
+                        if name.startswith(FINGERPRINT_KEY)}
+        counts = {k: int(v) for k, v in json.loads(metadata.get("counts", "{}")).items()}
+        return cls(moments, counts, fingerprints)
+
+
+# A fingerprint's key in a statistics file (module names hold no colon).
+FINGERPRINT_KEY = "fingerprint:"
+# Entries read from each weight for a fingerprint: two different checkpoints never agree on all of them.
+FINGERPRINT_ENTRIES = 32
+# Relative distance up to which two fingerprints are one model: the same checkpoint in bfloat16 (which rounds at
+# 0.4%) or lightly fine-tuned is still that model, while another checkpoint differs by the size of its weights.
+FINGERPRINT_TOLERANCE = 0.05
+
+
+def model_fingerprint(model: nn.Module, module_name: str) -> torch.Tensor | None:
+    """Evenly spaced entries of the model's input embeddings and of the module's (base) weight, as float32 on the
+    CPU. Second moments hold only for the model they were measured on, and a file of them names modules that every
+    checkpoint of an architecture has. None where a weight is not a plain floating-point tensor (quantized, or
+    sharded away)."""
+    base = unwrap_model(model)
+    module = base.get_submodule(module_name)
+    if hasattr(module, "get_base_layer"):
+        module = module.get_base_layer()
+    embeddings = base.get_input_embeddings()
+    samples = []
+    for weight in (getattr(embeddings, "weight", None), getattr(module, "weight", None)):
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.is_meta \
+                or weight.numel() == 0:
+            return None
+        flat = weight.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, FINGERPRINT_ENTRIES, device=flat.device).long()
+        samples.append(flat[index].float().cpu())
+    return torch.cat(samples)
+
+
+def check_measured_on(model: nn.Module, statistics: SecondMoments, module_names: Iterable[str]) -> None:
+    """Refuse statistics whose fingerprint shows another model than ``model`` (statistics without one pass)."""
+    for name in module_names:
+        recorded = statistics.fingerprints.get(name)
+        current = None if recorded is None else model_fingerprint(model, name)
+        if current is None or current.shape != recorded.shape:
+            continue
+        distance = float((current - recorded.float()).norm() / recorded.float().norm().clamp(min=1e-12))
+        if distance > FINGERPRINT_TOLERANCE:
+            raise ValueError(
+                f"statistics for {name} were measured on another model: the weights they record differ from this "
+                f"model's by {distance:.0%} (up to {FINGERPRINT_TOLERANCE:.0%} is the same model in another dtype); "
+                "collect them on this model"
+            )
 
 
 # An eigenvalue this many times the next is an outlier feature (a massive activation of a few neurons), not part of
@@ -230,7 +285,9 @@ def second_moments(
                          "activations overflow there (a float16 model?) or its weights hold NaN; no statistics were "
                          "collected")
     logger.info("collected second moments of %d modules over %d tokens", len(sums), count)
-    return SecondMoments({name: (s / count).cpu() for name, s in sums.items()}, {name: count for name in sums})
+    fingerprints = {name: model_fingerprint(base, name) for name in sums}
+    return SecondMoments({name: (s / count).cpu() for name, s in sums.items()}, {name: count for name in sums},
+                         {name: fingerprint for name, fingerprint in fingerprints.items() if fingerprint is not None})
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:

@@ -22,7 +22,7 @@ from ...capture import (
 from ...editing import adapters_disabled
 from ...losses import labelled_logits, row_chunks, sequence_nll
 from ...requests import EditRequest, chat_format_active, chat_formatted, prompt_token_ids, tokenize_pairs
-from ...statistics import SecondMoments, null_space_basis
+from ...statistics import SecondMoments, check_measured_on, null_space_basis
 from ..base import EditingTuner, target_module, tensor_name
 from .config import AlphaEditConfig
 from .layer import AlphaEditLayer, AlphaEditLinear
@@ -275,6 +275,7 @@ class AlphaEditModel(EditingTuner):
                     f"statistics for {name} have dimension {statistics.dim(name)} but the layer's input has "
                     f"{layer.in_features} features: they were computed on another model"
                 )
+        check_measured_on(self.model, statistics, [name for name, layer in layers.items() if not layer.merged])
         moments = {name: statistics.moments[name].to(torch.float32) for name in layers}
         bases = dict.fromkeys(layers)
         if config.solver == "alphaedit":
@@ -375,7 +376,9 @@ class AlphaEditModel(EditingTuner):
         session = [edit for edit, edited_again in zip(session, again) if not edited_again]
         try:
             for name, layer in layers.items() if superseded else ():
-                layer.remove_edited_keys(adapter_name, torch.cat([edit.keys[name] for edit in superseded]))
+                # Keys stay on the device they were read on; the model may have moved since.
+                device = layer.edited_keys(adapter_name).device
+                layer.remove_edited_keys(adapter_name, torch.cat([edit.keys[name].to(device) for edit in superseded]))
             chunks = range(0, len(requests), batch_size)
             for start in tqdm(chunks, desc=f"{config.solver} edits", disable=not progress or len(chunks) == 1):
                 chunk = requests[start : start + batch_size]
@@ -511,7 +514,8 @@ class AlphaEditModel(EditingTuner):
         blocks = []
         for name, layer in self.edited_layers(adapter_name).items():
             start = first_column[name]
-            covered = [edit.keys[name] for edit in rehearsed]
+            device = layer.alphaedit_A[adapter_name].device  # earlier calls' keys may sit where the model was then
+            covered = [edit.keys[name].to(device) for edit in rehearsed]
             gram = preservation_gram(
                 layer.alphaedit_A[adapter_name][start:],
                 layer.moment(adapter_name),
