@@ -267,7 +267,7 @@ def test_editing_one_request_at_a_time_keeps_the_earlier_edits(world, trained_mo
     for name, wrapped in (("session", model), ("reloaded", reloaded)):
         calls = []
         original = wrapped.base_model._train_shard
-        wrapped.base_model._train_shard = lambda *a, **k: calls.append(len(a[-1])) or original(*a, **k)
+        wrapped.base_model._train_shard = lambda *a, **k: calls.append(len(a[5])) or original(*a, **k)
         pu.edit(wrapped, tokenizer, ninth, progress=False)
         pu.edit(wrapped, tokenizer, refusals(world.forget_facts[9:10]), progress=False)
         trained[name] = calls
@@ -299,6 +299,29 @@ def test_a_prompt_edited_again_is_rehearsed_with_its_new_target(world, trained_m
     assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in changed[:5]]) <= 0.4
     session = model.base_model._session_requests("default", model.base_model.wise_layer("default"))
     assert [request for request, _ in session] == again + changed[5:] + again
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_prompt_edited_again_takes_one_rehearsal_place(world, trained_models, arch):
+    """A prompt edited n times held n of the rehearsal's places: with rehearse_edits=4, five refusals one per call
+    and the fifth edited three more times, the last call rehearsed [4th, 5th, 5th, 5th] and gpt2 kept 0.25 of the
+    first four (1.0 now). The re-edited prompt is trained once, as the call's new request."""
+    base, tokenizer = trained_models(arch)
+    facts = world.forget_facts[:5]
+    requests = refusals(facts)
+    model = get_peft_model(copy.deepcopy(base), pu.WiseConfig(rehearse_edits=4))
+    rehearsed = []
+    original = model.base_model._train_shard
+    model.base_model._train_shard = lambda *a, **k: rehearsed.append([r.prompt for r, _ in a[5]]) or original(*a, **k)
+    for request in requests:
+        pu.edit(model, tokenizer, [request], progress=False)
+    for _ in range(3):
+        pu.edit(model, tokenizer, refusals(facts[4:]), progress=False)
+    assert rehearsed[-1] == [f.question for f in facts[:4]]
+    assert generation_match(model, tokenizer, [(r.prompt, r.target) for r in requests]) >= 0.8
+    layer = model.base_model.wise_layer("default")
+    assert layer.wise_keys["default"].shape[0] == 8  # one key row per edit, the re-edited prompt's rows alike
+    torch.testing.assert_close(layer.wise_keys["default"][4:], layer.wise_keys["default"][4:5].expand(4, -1))
 
 
 def test_a_prompt_edited_again_is_compared_as_the_model_reads_it(world, trained_models):

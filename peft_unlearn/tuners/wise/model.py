@@ -74,8 +74,8 @@ class WiseModel(SingleLayerTuner):
             while start < len(requests):
                 room = config.shard_size - config.shard_edits
                 chunk = requests[start : start + room]
-                rehearsed = session[len(session) - min(config.rehearse_edits, len(session)) :]
-                self._train_shard(tokenizer, chunk, unrelated, adapter_name, layer, rehearsed)
+                rehearsed, refreshed = self._rehearsal_plan(session, chunk, chat, config.rehearse_edits)
+                self._train_shard(tokenizer, chunk, unrelated, adapter_name, layer, rehearsed, refreshed)
                 session = session + [(request, chat) for request in chunk]
                 config.shard_edits += len(chunk)
                 config.n_edits += len(chunk)
@@ -104,6 +104,26 @@ class WiseModel(SingleLayerTuner):
             return []
         return session
 
+    @staticmethod
+    def _rehearsal_plan(session: list[tuple[EditRequest, bool]], chunk: list[EditRequest], chat: bool,
+                   limit: int) -> tuple[list[tuple[EditRequest, bool]], list[list[int]]]:
+        """The last ``limit`` distinct earlier requests of ``session`` that ``chunk`` does not edit again, oldest
+        first, and, per request trained (those, then ``chunk``'s), the session entries whose keys it refreshes, as
+        offsets from the session's end (entries line up with the unfinished shard's last key rows).
+
+        A prompt edited again holds one entry per edit, all of its newest request (substituted in
+        ``apply_edits``): rehearsed once, it leaves room for the others (rehearsed per entry, a prompt edited four
+        times took four of ``limit`` places), and an entry of a request ``chunk`` edits again is trained as new."""
+        entries: dict[tuple[int, bool], list[int]] = {}
+        for index, (request, was_chat) in enumerate(session):
+            entries.setdefault((id(request), was_chat), []).append(index - len(session))
+        edited_now = {(id(request), chat) for request in chunk}
+        earlier = sorted((offsets[-1], key) for key, offsets in entries.items() if key not in edited_now)
+        chosen = [key for _, key in earlier[len(earlier) - min(limit, len(earlier)) :]]
+        rehearsed = [session[entries[key][-1]] for key in chosen]
+        refreshed = [entries[key] for key in chosen] + [entries.get((id(request), chat), []) for request in chunk]
+        return rehearsed, refreshed
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.__dict__.get("_rehearsal", {}).pop(adapter_name, None)
@@ -129,10 +149,10 @@ class WiseModel(SingleLayerTuner):
         return mask.to(layer.main_weight().device)
 
     def _train_shard(self, tokenizer, new_requests, unrelated, adapter_name: str, layer: WiseLayer,
-                     rehearsed: list[tuple[EditRequest, bool]]) -> None:
+                     rehearsed: list[tuple[EditRequest, bool]], refreshed: list[list[int]]) -> None:
         """Train the unfinished shard's memory on ``new_requests`` and the ``rehearsed`` earlier ones (the last of
-        its edits so far, each with its chat format), then record the new edits' keys and refresh the rehearsed
-        edits' keys."""
+        its edits so far, each with its chat format), then record the new edits' keys and give each trained
+        request's key to the earlier key rows ``refreshed`` names for it (offsets from the last working row)."""
         config: WiseConfig = self.peft_config[adapter_name]
         requests = [*(request for request, _ in rehearsed), *new_requests]
         formats = [was_chat for _, was_chat in rehearsed] + [chat_format_active()] * len(new_requests)
@@ -198,9 +218,9 @@ class WiseModel(SingleLayerTuner):
             keys = edit_io["x"][torch.arange(len(requests), device=device), best].float()
         layer.wise_working[adapter_name] = nn.Parameter(working.detach(), requires_grad=False)
         earlier_keys = layer.wise_keys[adapter_name].clone()
-        if rehearsed:  # the shard's last edits: their keys move with the memory, as thresholds read them
-            rows = (layer.wise_key_memory[adapter_name] == WORKING).nonzero()[:, 0][-len(rehearsed) :]
-            earlier_keys[rows] = keys[: len(rehearsed)].to(earlier_keys)
+        working_rows = (layer.wise_key_memory[adapter_name] == WORKING).nonzero()[:, 0]
+        for key, offsets in zip(keys, refreshed):  # the shard's earlier edits' keys move with the memory
+            earlier_keys[working_rows[offsets]] = key.to(earlier_keys)
         layer.wise_keys[adapter_name] = torch.cat([earlier_keys, keys[len(rehearsed) :]])
         owners = torch.full((len(new_requests),), WORKING, dtype=torch.long, device=device)
         layer.wise_key_memory[adapter_name] = torch.cat([layer.wise_key_memory[adapter_name], owners])
