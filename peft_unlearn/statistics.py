@@ -85,7 +85,10 @@ def model_fingerprint(model: nn.Module, module_name: str) -> torch.Tensor | None
     module = base.get_submodule(module_name)
     if hasattr(module, "get_base_layer"):
         module = module.get_base_layer()
-    embeddings = base.get_input_embeddings()
+    try:
+        embeddings = base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a model that names no input embeddings: no fingerprint
+        return None
     samples = []
     for weight in (getattr(embeddings, "weight", None), getattr(module, "weight", None)):
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.is_meta \
