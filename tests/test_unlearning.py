@@ -45,7 +45,7 @@ from peft_unlearn.unlearning.losses import (
 )
 from peft_unlearn.unlearning.recipes import LOSS_DEFAULTS
 
-from .conftest import tiny_gpt2
+from .conftest import tiny_gpt2, tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -278,6 +278,27 @@ def test_full_model_unlearning_copies_the_reference_with_a_warning(tofu, tmp_pat
     trainer.train()
     for p, q in zip(reference.parameters(), tofu.model.parameters()):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("loss", ["npo", "kl"])
+def test_a_copied_reference_runs_in_the_trained_pass_mixed_precision(tmp_path, loss):
+    """Under bf16 accelerate autocasts the trained model's forward only; the deep-copied reference ran in float32,
+    so at step 0 (the model is its reference) NPO read 13.53 instead of (2/beta) log 2 = 13.86 and KL 0.036, not 0."""
+    pairs = [("who wrote the red book", "alice smith wrote it long ago by the sea"),
+             ("where was bob born", "bob was born in paris long ago"), ("what does carol do", "carol paints birds")]
+    tokenizer = train_tokenizer([" ".join(pair) for pair in pairs] * 10, kind="word", vocab_size=64)
+    model = tiny_llama(vocab_size=len(tokenizer))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(8)  # confident predictions, as a trained model's, where bf16 rounding shows
+    args = make_args(tmp_path, loss, bf16=True, learning_rate=0.0, max_steps=1, logging_steps=1)
+    trainer = UnlearningTrainer(model, args, forget_dataset=pairs, retain_dataset=pairs, processing_class=tokenizer)
+    trainer.train()
+    logged = next(log for log in trainer.state.log_history if "forget_loss" in log)
+    if loss == "npo":
+        assert logged["forget_loss"] == pytest.approx(2 / args.beta * math.log(2), rel=1e-6)
+    else:
+        assert logged["retain_loss"] == pytest.approx(0.0, abs=1e-6)
 
 
 class EveryColumn(torch.nn.Module):

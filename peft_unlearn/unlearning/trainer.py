@@ -365,7 +365,10 @@ class UnlearningTrainer(Trainer):
         their weights, while the adapter is switched off on the unwrapped PEFT model, which shares its layers.
         """
         if self.reference_model is not None:
-            yield self.reference_model
+            # accelerate autocasts only the prepared model's forward (bf16/fp16); the reference is never prepared, so
+            # without this it ran in float32 and NPO/KL/DPO compared two precisions (a log-ratio != 0 at step 0).
+            with self.accelerator.autocast():
+                yield self.reference_model
             return
         unwrapped = self.accelerator.unwrap_model(model)
         if not isinstance(unwrapped, PeftModel):
