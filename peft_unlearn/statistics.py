@@ -45,11 +45,12 @@ class SecondMoments:
         return self.moments[name].shape[0]
 
     def save_file(self, path: str | Path) -> None:
-        """Write to a safetensors file (reusable across adapters and sessions)."""
+        """Write to a safetensors file (reusable across adapters and sessions). Fingerprints go in the metadata, so
+        that the file's tensors stay the moments alone."""
         tensors = {name: moment.contiguous().cpu() for name, moment in self.moments.items()}
-        for name, fingerprint in self.fingerprints.items():
-            tensors[FINGERPRINT_KEY + name] = fingerprint.contiguous().cpu()
-        save_file(tensors, str(path), metadata={"counts": json.dumps(self.counts), "format": "peft_unlearn.mom2"})
+        fingerprints = {name: fingerprint.tolist() for name, fingerprint in self.fingerprints.items()}
+        save_file(tensors, str(path), metadata={"counts": json.dumps(self.counts), "format": "peft_unlearn.mom2",
+                                               "fingerprints": json.dumps(fingerprints)})
 
     @classmethod
     def load_file(cls, path: str | Path) -> "SecondMoments":
@@ -59,16 +60,12 @@ class SecondMoments:
             metadata = handle.metadata() or {}
         if metadata.get("format") != "peft_unlearn.mom2":
             raise ValueError(f"{path} is not a statistics file written by SecondMoments.save_file")
-        tensors = load_file(str(path))
-        moments = {name: value for name, value in tensors.items() if not name.startswith(FINGERPRINT_KEY)}
-        fingerprints = {name[len(FINGERPRINT_KEY):]: value for name, value in tensors.items()
-                        if name.startswith(FINGERPRINT_KEY)}
         counts = {k: int(v) for k, v in json.loads(metadata.get("counts", "{}")).items()}
-        return cls(moments, counts, fingerprints)
+        fingerprints = {name: torch.tensor(values, dtype=torch.float32)
+                        for name, values in json.loads(metadata.get("fingerprints", "{}")).items()}
+        return cls(load_file(str(path)), counts, fingerprints)
 
 
-# A fingerprint's key in a statistics file (module names hold no colon).
-FINGERPRINT_KEY = "fingerprint:"
 # Entries read from each weight for a fingerprint: two different checkpoints never agree on all of them.
 FINGERPRINT_ENTRIES = 32
 # Relative distance up to which two fingerprints are one model: the same checkpoint in bfloat16 (which rounds at
