@@ -246,6 +246,30 @@ def test_wrapping_a_peft_model_again_is_refused_and_leaves_it_as_it_was(make_con
 
 
 @pytest.mark.parametrize("make_config", EDIT_CONFIGS)
+def test_unload_gives_back_the_model_without_the_adapters_hook(make_config):
+    """GRACE and WISE hook the model to hand their layers each batch's layout; unload() left that hook on the
+    returned transformers model, which then walked its modules and changed its key/value caches' class on every
+    forward. A copy unloaded leaves the original's hook in place."""
+    from transformers import DynamicCache
+
+    model, tokenizer = word_model(make_config)
+    edit(model, tokenizer, [EditRequest("w1 w2 w3", "w5 w6", subject="w2")], progress=False)
+    unloaded = copy.deepcopy(model).unload()
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in unloaded.modules())
+    assert not hasattr(unloaded, "_batch_layout_hook")
+    cache = DynamicCache(config=unloaded.config)
+    with torch.no_grad():
+        unloaded(**tokenizer(WORDS[:1], return_tensors="pt"), past_key_values=cache, use_cache=True)
+    assert type(cache) is DynamicCache
+    if not isinstance(model.peft_config["default"], peft_unlearn.AlphaEditConfig):
+        assert model.get_base_model()._forward_pre_hooks  # the wrapped original still routes
+    # Wrapped again, the model is hooked again.
+    again = get_peft_model(unloaded, make_config())
+    assert bool(again.get_base_model()._forward_pre_hooks) != isinstance(again.peft_config["default"],
+                                                                          peft_unlearn.AlphaEditConfig)
+
+
+@pytest.mark.parametrize("make_config", EDIT_CONFIGS)
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 def test_editing_under_no_grad_or_inference_mode_gives_the_same_edit(make_config, context):
     request = [EditRequest("w1 w2 w3", "w5 w6", subject="w2")]

@@ -133,10 +133,29 @@ def test_extrapolation_is_theta_init_plus_one_plus_alpha_times_every_trained_upd
     (dict(use_dora=True), "use_dora"),  # a trained magnitude, and a renormalised direction
     (dict(bias="all"), "bias='all'"),  # the base model's biases, trained in place
     (dict(bias="lora_only"), "bias='lora_only'"),
+    # Inits that move part of the base weight into the adapter: its starting update s B0 A0 is not zero, and the
+    # factor scaled it too (the extrapolated layer was off by alpha s B0 A0).
+    (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
+    (dict(init_lora_weights="pissa_niter_4"), "init_lora_weights='pissa_niter_4'"),
+    (dict(init_lora_weights="olora"), "init_lora_weights='olora'"),
+    (dict(init_lora_weights="corda"), "init_lora_weights='corda'"),
+    (dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 4}), "init_lora_weights='loftq'"),
 ])
 def test_adapters_whose_update_the_factor_does_not_scale_are_refused(options, problem):
     with pytest.raises(ValueError, match=problem):
         UIPELoraConfig(r=4, target_modules=["c_attn"], **options)
+
+
+def test_a_task_model_that_trains_its_head_in_full_is_refused_when_wrapped():
+    """PEFT's classification models add their head to modules_to_save after the config is checked: the head trained
+    in full (the factor does not reach it) and the saved adapter's config was refused on load."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"task_type=SEQ_CLS adds its head to modules_to_save"):
+        get_peft_model(LlamaForSequenceClassification(config),
+                       UIPELoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS"))
 
 
 def test_save_and_reload_give_identical_logits(unlearned, tofu, inputs, tmp_path):

@@ -523,9 +523,18 @@ class SingleLayerTuner(EditingTuner):
 
     def __init__(self, model, peft_config, adapter_name, **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
-        if not getattr(self.model, "_batch_layout_hook", False):
-            self.model.register_forward_pre_hook(_share_batch_layout, with_kwargs=True)
-            self.model._batch_layout_hook = True
+        if getattr(self.model, "_batch_layout_hook", None) is None:
+            self.model._batch_layout_hook = self.model.register_forward_pre_hook(_share_batch_layout, with_kwargs=True)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """PEFT's unloading, which also removes the batch-layout hook once no layer reads it: the returned model kept
+        it, walking its modules and changing the class of its key/value caches on every forward."""
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        if not any(isinstance(module, BatchAwareLayer) for module in model.modules()):
+            handle = model.__dict__.pop("_batch_layout_hook", None)
+            if handle is not None:
+                handle.remove()
+        return model
 
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         if peft_config.target_modules:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ...capture import mixture_of_experts_blocks
 from ...outputs import staged_output
-from .config import UIPELoraConfig, check_extrapolation_alpha
+from .config import UIPELoraConfig, check_extrapolation_alpha, check_no_full_copies
 from .layer import lora_layers, set_layer_extrapolation, update_b_parameter_names
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class UIPELoraModel(LoraModel):
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         config = self.peft_config[adapter_name]
+        check_no_full_copies(config)  # a task model may have added its head since the config was checked
         if isinstance(config.target_modules, str) and config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
             config.target_modules = all_linear_projections(model, config)
         if state_dict is not None:
