@@ -86,6 +86,25 @@ def test_beam_search_carries_the_routing_state_with_the_beams(world, trained_mod
     assert cached != beams(base, tokenizer, question)  # the edited context is reached by some beam
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_prompt_replacement_generates_as_the_whole_sequence_reads(use_cache):
+    """'prompt' replaces the output up to a row's first matching token only: decoded one token at a time, a new
+    token that matched again (here every token matches) was replaced, though the whole sequence run at once leaves
+    it (on this two-layer model, from the second new token on the cached and uncached generations differed)."""
+    model = get_peft_model(tiny_llama(), pu.GraceConfig(replacement="prompt", layer=1))  # the last decoder layer
+    layer = next(m for m in model.modules() if isinstance(m, GraceLayer))
+    torch.manual_seed(1)
+    layer.set_codebook("default", keys=torch.zeros(1, layer.in_features), eps=torch.tensor([1e6]),
+                       values=5 * torch.randn(1, layer.out_features), labels=torch.zeros(1, dtype=torch.long),
+                       edit_ids=torch.zeros(1, dtype=torch.long))
+    prompt = torch.randint(1, 64, (2, 5))
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                             do_sample=False, use_cache=use_cache, pad_token_id=0, eos_token_id=None)
+        whole = model(input_ids=out).logits[:, prompt.shape[1] - 1:-1].argmax(-1)
+    assert torch.equal(out[:, prompt.shape[1]:], whole)
+
+
 def test_the_cache_reorders_routing_without_a_cycle_and_a_copy_reorders_itself():
     import gc
     import weakref
@@ -109,6 +128,29 @@ def test_the_cache_reorders_routing_without_a_cycle_and_a_copy_reorders_itself()
         assert alive() is None  # freed at once: no reference cycle holds the keys and values
     finally:
         gc.enable()
+
+
+def test_a_reset_cache_keeps_no_routing_state_of_its_earlier_sequences():
+    """A static cache is reused after ``reset()``: its earlier sequences' routing states stayed on it (one per
+    forward, piling up), and a refill of the same length without the adapter was continued with them."""
+    from transformers import StaticCache
+
+    base = tiny_llama()
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig(replacement="all", layer=0))
+    layer = next(m for m in model.modules() if isinstance(m, GraceLayer))
+    layer.set_codebook("default", keys=torch.zeros(1, layer.in_features), eps=torch.tensor([1e6]),
+                       values=torch.randn(1, layer.out_features), labels=torch.zeros(1, dtype=torch.long),
+                       edit_ids=torch.zeros(1, dtype=torch.long))
+    cache = StaticCache(config=base.config, max_cache_len=16)
+    prompt = torch.randint(1, 64, (1, 5))
+    with torch.no_grad():
+        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        cache.reset()
+        assert not any(cache.__dict__["_routing_states"].values())
+        with model.disable_adapter():
+            model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="without the routing state"):
+            model(input_ids=prompt[:, :1], past_key_values=cache, use_cache=True)
 
 
 def test_reload_gives_identical_outputs(edited, tmp_path):

@@ -105,6 +105,41 @@ def test_static_caches_generate_as_the_dynamic_cache_does(edited, world):
     assert torch.equal(outputs[0], outputs[1])
 
 
+def test_static_caches_of_models_with_layer_types_generate_as_the_dynamic_cache_does():
+    """Under a static cache, generate passes a model whose config lists ``layer_types`` (Qwen2, Qwen3, Gemma, ...) its
+    4-D masks in a dict by layer type: reading it as one mask stopped every such generation with an AttributeError."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from peft_unlearn.tuners.grace.layer import GraceLayer
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    assert getattr(config, "layer_types", None)
+    base = Qwen2ForCausalLM(config).eval()
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig(replacement="all", layer=1))
+    layer = next(m for m in model.modules() if isinstance(m, GraceLayer))
+    prompts = torch.randint(1, 64, (2, 6))
+    mask = torch.ones_like(prompts)
+    mask[1, :3] = 0  # the second row left-padded
+    inputs = []
+    hook = layer.base_layer.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=prompts[:1])
+    hook.remove()
+    layer.set_codebook("default", keys=inputs[0][0, 3:4], eps=torch.tensor([1e-3]),  # the first row's 4th token
+                       values=5 * torch.randn(1, layer.out_features), labels=torch.zeros(1, dtype=torch.long),
+                       edit_ids=torch.zeros(1, dtype=torch.long))
+    outputs = []
+    for generator, cache in ((model, None), (model, "static"), (base, None)):
+        with torch.no_grad():
+            outputs.append(generator.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=6,
+                                              do_sample=False, cache_implementation=cache, pad_token_id=0,
+                                              eos_token_id=None))
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0][0], outputs[2][0])  # the first row is routed
+
+
 def test_speculative_decoding_is_refused_where_routing_decides_per_sequence(edited, trained_models):
     method, model, tokenizer, facts = edited
     batch = tokenizer([facts[0].question], return_tensors="pt")

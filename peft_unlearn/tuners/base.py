@@ -454,9 +454,13 @@ def packs_sequences(inputs: dict, cache: Any) -> bool:
     return bool((positions.diff(dim=-1) != 1).any())
 
 
-def token_validity(mask: torch.Tensor | None) -> torch.Tensor | None:
+def token_validity(mask: torch.Tensor | dict[str, torch.Tensor | None] | None) -> torch.Tensor | None:
     """The attention mask as [B, T] validity: a 2-D mask as it is; a 4-D one (static and sliding-window caches pass
-    [B, 1, queries, keys], boolean or additive) marks the current tokens that attend to anything."""
+    [B, 1, queries, keys], boolean or additive) marks the current tokens that attend to anything. Under a static
+    cache, generate passes models whose config lists ``layer_types`` (Qwen2, Qwen3, Gemma, ...) one 4-D mask per
+    layer type: padding attends to nothing in any of them, so the full-attention one (else any) is read."""
+    if isinstance(mask, dict):
+        mask = next((m for m in (mask.get("full_attention"), *mask.values()) if m is not None), None)
     if mask is None or mask.dim() != 4:
         return mask
     attends = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
@@ -466,8 +470,8 @@ def token_validity(mask: torch.Tensor | None) -> torch.Tensor | None:
 def _routing_states(cache: Any) -> dict:
     """Where this forward's layers keep their routing state: on a transformers key/value cache, per (layer,
     adapter) the state after each forward that filled it, as [(cached length after it, state)] (the cache's class
-    becomes a subclass that carries the state through its row operations and crops; a copy of the cache copies it);
-    without a cache, a store that lives for this forward only."""
+    becomes a subclass that carries the state through its row operations, crops and resets; a copy of the cache
+    copies it); without a cache, a store that lives for this forward only."""
     if not hasattr(cache, "reorder_cache"):
         return {}
     if not isinstance(cache, _CarriesRouting):
@@ -505,6 +509,13 @@ class _CarriesRouting:
         length = cached_length(self)
         for history in self.__dict__.get("_routing_states", {}).values():
             history[:] = [(end, state) for end, state in history if end <= length]
+        return result
+
+    def reset(self, *args: Any, **kwargs: Any):
+        """Emptied for its next sequences (a static cache is reused so): the earlier ones' states would otherwise
+        pile up, and one of a refilled length continued a refill without this adapter instead of refusing it."""
+        result = super().reset(*args, **kwargs)
+        self.__dict__.get("_routing_states", {}).clear()
         return result
 
 

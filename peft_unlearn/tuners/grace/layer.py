@@ -233,11 +233,14 @@ class GraceLinear(nn.Module, GraceLayer):
             first = torch.where(any_match, inside.float().argmax(dim=1), no_match)
             entry = nearest.gather(1, first.clamp(min=0)[:, None]).squeeze(1)
             entry = torch.where(any_match, entry, torch.full_like(entry, NO_MATCH))
-            if replacement == "all" and self._continues_sequences:
-                # A decoding step: rows already following an entry keep its value from the prompt on.
+            if replacement in ("all", "prompt") and self._continues_sequences:
+                # A decoding step: a row whose first match lies in its earlier tokens keeps that entry. 'all' replaces
+                # from that match on, so every new token; 'prompt' only up to it, so none (matched alone, a new token
+                # that matched again was replaced, which the whole sequence run at once does not do).
                 following = self.continued_state(adapter, (batch,))
                 continuing = following >= 0
-                first = torch.where(continuing, torch.zeros_like(first), first)
+                after_match = torch.zeros_like(first) if replacement == "all" else torch.full_like(first, NO_MATCH)
+                first = torch.where(continuing, after_match, first)
                 entry = torch.where(continuing, following, entry)
             if replacement in ("last", "answer"):
                 values = self.grace_values[adapter][nearest.clamp(min=0)].to(result.dtype)
@@ -245,8 +248,8 @@ class GraceLinear(nn.Module, GraceLayer):
             else:
                 values = self.grace_values[adapter][entry.clamp(min=0)]
                 result = self._replace(result, torch.where(entry >= 0, first, entry), values, replacement)
-            if replacement == "all":
-                self.keep_state(adapter, entry, length)  # per row, the entry it follows (NO_MATCH: none)
+            if replacement in ("all", "prompt"):
+                self.keep_state(adapter, entry, length)  # per row, the entry it first matched (NO_MATCH: none)
         return result.reshape(flat_shape)
 
     def __repr__(self) -> str:
