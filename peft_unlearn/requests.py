@@ -369,7 +369,12 @@ def _encode_rows(
             char_start = find_subject(prompt_text, subject, base)
             if char_start < 0:
                 raise ValueError(f"subject {subject!r} is not in prompt {prompts[i]!r}")
-            subject_last = _last_token_of_span(prompt_offsets, special, char_start, char_start + len(subject))
+            # The span is the subject's characters without surrounding whitespace: tokenizers whose offsets keep a
+            # word's leading space (SentencePiece, GPT-2 and Llama-3 byte-level BPE) give the next word's token
+            # that space, so "France " ended on the token of the word after it.
+            start = char_start + len(subject) - len(subject.lstrip())
+            end = char_start + len(subject.rstrip())
+            subject_last = _last_token_of_span(prompt_offsets, special, start, end)
         if encoded_full is None:
             rows.append((list(prompt_ids), len(prompt_ids), subject_last))
             continue

@@ -306,3 +306,16 @@ def test_prompt_token_ids_are_the_prompt_tokens_editing_reads():
         assert ids == [tuple(batch.input_ids[row, : int(batch.prompt_last[row]) + 1].tolist()) for row in range(2)]
     assert prompt_token_ids(tokenizer, ["Who wrote it?"], True) != prompt_token_ids(tokenizer, ["Who wrote it?"], False)
     assert prompt_token_ids(tokenizer, [], True) == []
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_a_subject_with_surrounding_whitespace_ends_on_its_own_last_token(kind):
+    """A SentencePiece token's offsets include the space before its word: the subject "France " (as data may give
+    it) ended on the token of "is", the word after it, instead of France's last token."""
+    tokenizer = train_tokenizer(["The capital of France is Paris."] * 20, kind, vocab_size=150)
+    prompt = "The capital of France is"
+    expected = tokenize_pairs(tokenizer, [(prompt, "Paris")], ["France"]).subject_last
+    for subject in ("France ", " France", " France "):
+        for batch in (tokenize_pairs(tokenizer, [(prompt, "Paris")], [subject]),
+                      tokenize_prompts(tokenizer, [prompt], [subject], padding_side="right")):
+            assert batch.subject_last.tolist() == expected.tolist(), subject
