@@ -8,10 +8,13 @@ with no Python loop over examples.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # Relative path of the MLP output projection inside one decoder layer, by architecture family.
 MLP_OUTPUT_PROJECTIONS: tuple[str, ...] = (
@@ -178,6 +181,17 @@ def _first_tensor(value):
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
+def _with_first(output, first):
+    """``output`` with ``first`` in place of its first item, in the same structure. Decoder layers return a tensor,
+    a tuple, or (GPT-1's ``Block``) a list; the model reads ``outputs[0]``, so a bare tensor returned in place of a
+    list would hand it the batch's first row."""
+    if isinstance(output, tuple):
+        return (first, *output[1:])
+    if isinstance(output, list):
+        return [first, *output[1:]]
+    return first
+
+
 def batch_rows(inputs: Mapping[str, torch.Tensor]) -> int | None:
     """Number of rows of a batch of model inputs (from ``input_ids``, ``inputs_embeds`` or ``attention_mask``)."""
     for key in ("input_ids", "inputs_embeds", "attention_mask"):
@@ -195,6 +209,20 @@ def token_grid(hidden: torch.Tensor, rows: int | None) -> torch.Tensor:
     if rows and hidden.shape[0] % rows == 0:
         return hidden.view(rows, hidden.shape[0] // rows, hidden.shape[1])
     return hidden[None]
+
+
+def check_token_grid(hidden: torch.Tensor, what: str) -> torch.Tensor:
+    """``hidden`` if it is [batch, tokens, features]. A decoder layer that carries several residual streams (Gemma
+    3n's AltUp: [streams, batch, tokens, features]) has no one hidden state per token: indexed as [batch, tokens],
+    its streams stood for the batch's rows (an index error deep in the gather, or the wrong rows where it fit)."""
+    if hidden.dim() != 3:
+        raise ValueError(
+            f"{what} has shape {tuple(hidden.shape)}, not [batch, tokens, features], so it cannot be read or steered "
+            "at token positions (a decoder layer that carries several residual streams, as Gemma 3n's AltUp does, "
+            "has no one hidden state per token); this method does not support the model, GRACE and WISE read the "
+            "MLP projections only"
+        )
+    return hidden
 
 
 def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -237,6 +265,7 @@ def capture_at_positions(
     def make_hook(name: str):
         def hook(module, args, output):
             value = token_grid(_first_tensor(args if kinds[name] == "input" else output), rows)
+            value = check_token_grid(value, f"the {kinds[name]} of {type(module).__name__} ({name!r})")
             value = value if positions is None else gather_positions(value, positions)
             captured[name] = value.detach()
             if stop_early and len(captured) == len(modules):
@@ -267,12 +296,14 @@ class FrozenLayers:
     new value columns) meets the same outputs below them at every step. Replaying them skips those layers' work,
     and the results are identical. Only the last frozen layer's output is kept; the layers below it pass their
     input through while replaying. Hooks on the last frozen layer still run; hooks inside the frozen layers, and
-    hooks on the layers below the last, do not see their usual values.
+    hooks on the layers below the last, do not see their usual values. Layers that store keys and values for later
+    layers to reuse are never frozen (see :func:`replayable_depth`).
     """
 
     def __init__(self, model: nn.Module, n_frozen: int, inputs: Mapping[str, torch.Tensor]) -> None:
         base = unwrap_model(model)
-        self.layers = [base.get_submodule(decoder_layer_name(model, index)) for index in range(n_frozen)]
+        layers = [base.get_submodule(decoder_layer_name(model, index)) for index in range(n_frozen)]
+        self.layers = layers[: replayable_depth(layers)]
         self.outputs: list = []  # per layer: the recorded output, or a _PassThrough
         if not self.layers:
             return
@@ -296,6 +327,12 @@ class FrozenLayers:
                 pass
         if len(self.outputs) != len(self.layers):
             raise RuntimeError(f"{len(self.layers) - len(self.outputs)} frozen decoder layers did not run")
+        last = _first_tensor(self.outputs[-1])
+        if not isinstance(last, torch.Tensor) or last.dim() != 3 or last.shape[0] != batch_rows(inputs):
+            # Not [batch, tokens, features] (Gemma 3n's layers carry [streams, batch, tokens, features]): a subset of
+            # rows would be taken from the wrong dimension, so nothing is replayed and every forward runs in full.
+            logger.debug("decoder layer output %s is not batch-first: none replayed", getattr(last, "shape", ""))
+            self.layers, self.outputs = [], []
 
     @contextlib.contextmanager
     def replayed(self, rows: torch.Tensor | None = None, width: int | None = None) -> Iterator[None]:
@@ -314,11 +351,23 @@ class FrozenLayers:
             yield
 
 
+def replayable_depth(layers: list[nn.Module]) -> int:
+    """How many of ``layers`` (the first decoder layers, in order) can be replayed: those below the first that stores
+    its keys and values for later layers to reuse. Gemma 3n and Gemma 4 share them from a few layers with the top
+    layers through the forward's arguments; a replayed layer stores nothing, and a reusing layer above failed with a
+    KeyError on the attention type."""
+    for index, layer in enumerate(layers):
+        if any(getattr(module, "store_full_length_kv", False) for module in layer.modules()):
+            logger.debug("decoder layer %d stores keys and values for later layers: %d layers replayed", index, index)
+            return index
+    return len(layers)
+
+
 class _PassThrough:
     """A frozen layer below the last one: while replaying it returns its input, in the structure of its output."""
 
-    def __init__(self, rest: tuple | None) -> None:
-        self.rest = rest
+    def __init__(self, rest: tuple | list | None) -> None:
+        self.rest = rest  # the output's other items, in its tuple or list; None when the output is a tensor
 
     @classmethod
     def of(cls, args, kwargs, output) -> "_PassThrough | None":
@@ -327,24 +376,29 @@ class _PassThrough:
         first = _first_tensor(output)
         if not isinstance(hidden, torch.Tensor) or not isinstance(first, torch.Tensor) or hidden.shape != first.shape:
             return None
-        return cls(tuple(output[1:]) if isinstance(output, tuple) else None)
+        return cls(output[1:] if isinstance(output, (tuple, list)) else None)
 
     def around(self, hidden: torch.Tensor):
-        return hidden if self.rest is None else (hidden, *self.rest)
+        if self.rest is None:
+            return hidden
+        return (hidden, *self.rest) if isinstance(self.rest, tuple) else [hidden, *self.rest]
 
 
 def _detached(output):
     if isinstance(output, tuple):
         return tuple(_detached(item) for item in output)
+    if isinstance(output, list):
+        return [_detached(item) for item in output]
     return output.detach() if isinstance(output, torch.Tensor) else output
 
 
 def _rows_and_columns(output, rows: torch.Tensor | None, width: int | None):
-    if isinstance(output, tuple):
-        return (_rows_and_columns(output[0], rows, width), *output[1:])
+    if isinstance(output, (tuple, list)):
+        return _with_first(output, _rows_and_columns(output[0], rows, width))
     if rows is not None:
         output = output[rows.to(output.device)]
-    return output if width is None else output[:, :width]
+    # Contiguous: a post-norm layer above (GPT-1) feeds it straight to a Conv1D, whose ``view`` refuses a column slice.
+    return output if width is None else output[:, :width].contiguous()
 
 
 @contextlib.contextmanager
@@ -381,16 +435,13 @@ def add_at_positions(module: nn.Module, delta: torch.Tensor, positions: torch.Te
     """
 
     def hook(mod, args, output):
-        hidden = _first_tensor(output)
+        hidden = check_token_grid(_first_tensor(output), f"the output of {type(mod).__name__}")
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         index = positions.to(hidden.device)
         if index.dim() == 2:
             rows = rows[:, None].expand_as(index)
         added = torch.zeros_like(hidden).index_put((rows, index), delta.to(hidden.dtype), accumulate=True)
-        hidden = hidden + added
-        if isinstance(output, tuple):
-            return (hidden, *output[1:])
-        return hidden
+        return _with_first(output, hidden + added)
 
     handle = module.register_forward_hook(hook)
     try:

@@ -4,8 +4,9 @@ the edit pulls its prompt towards its target, batching does not change any row, 
 Random models cannot show that a method works (they know nothing): the fact-model tests do that. These catch layouts
 that break the machinery: OPT flattens the batch around its MLP, MPT keeps its blocks elsewhere, GPT-2 uses Conv1D
 and (like BigCode) keeps dropout on in its config, Gemma 2 and OLMo 2 normalise the MLP output, LFM2 mixes
-convolutions with attention, GQA, tied embeddings. Mixture-of-experts layers have no one MLP output projection: they
-are refused with the way out named, and UIPE's "all-linear" leaves their routers alone."""
+convolutions with attention, GPT-1's blocks return a list, GQA, tied embeddings. Mixture-of-experts layers have no
+one MLP output projection: they are refused with the way out named, and UIPE's "all-linear" leaves their routers
+alone."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ TEXTS = ["w1 w2 w3 w4", "w5 w6 w7 w8", "w2 w4 w6 w8", "w9 w3 w5 w7"]
 REQUEST = pu.EditRequest("w1 w2 w3", "w4 w5", subject="w2")
 UNRELATED = ["w6 w7 w8 w9", "w3 w6 w9 w7", "w8 w2 w6 w9"]  # what must stay: never the edit's target words
 HIDDEN, FFN, LAYERS, HEADS = 32, 64, 3, 4
+SLIDING_FULL_SLIDING = ["sliding_attention", "full_attention", "sliding_attention"]
 GQA = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
            num_key_value_heads=2)
 ARCHITECTURES = {
@@ -46,6 +48,8 @@ ARCHITECTURES = {
     "opt": lambda: tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                 word_embed_proj_dim=HIDDEN),
     "gpt2": lambda: tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS),
+    # GPT-1: its blocks return a list, not a tuple (a bare tensor in its place hands the model the first row).
+    "openai-gpt": lambda: tf.OpenAIGPTConfig(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS),
     "gpt_bigcode": lambda: tf.GPTBigCodeConfig(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS),
     "gptj": lambda: tf.GPTJConfig(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, rotary_dim=4),
     "bloom": lambda: tf.BloomConfig(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS),
@@ -60,7 +64,19 @@ ARCHITECTURES = {
     "starcoder2": lambda: tf.Starcoder2Config(**GQA),  # mlp.c_proj as nn.Linear
     "glm4": lambda: tf.Glm4Config(**GQA, head_dim=8),  # fused gate/up projection
     "smollm3": lambda: tf.SmolLM3Config(**GQA),  # layers without rotary embeddings
+    # The top layer reuses the keys and values a lower one stores, and generate passes it the prompt's last token only.
+    "gemma4_text": lambda: tf.Gemma4TextConfig(**GQA, head_dim=8, layer_types=SLIDING_FULL_SLIDING, sliding_window=4,
+                                               num_kv_shared_layers=1, hidden_size_per_layer_input=8,
+                                               vocab_size_per_layer_input=64),
+    # Shared keys and values too, and AltUp: the decoder layers carry several residual streams at once.
+    "gemma3n_text": lambda: tf.Gemma3nTextConfig(**{**GQA, "intermediate_size": [FFN] * LAYERS}, head_dim=8,
+                                                 layer_types=SLIDING_FULL_SLIDING, sliding_window=4,
+                                                 num_kv_shared_layers=1, hidden_size_per_layer_input=8,
+                                                 vocab_size_per_layer_input=64, laurel_rank=4, altup_num_inputs=2,
+                                                 activation_sparsity_pattern=[0.0] * LAYERS),
 }
+# Methods refused on an architecture, with the reason their error names.
+REFUSED = {("gemma3n_text", "alphaedit"): "several residual streams"}
 METHODS = {"alphaedit": pu.AlphaEditConfig, "grace": pu.GraceConfig, "wise": pu.WiseConfig}
 
 
@@ -95,6 +111,10 @@ def test_method_runs_on_architecture(arch, method, tokenizer, tmp_path):
     model = get_peft_model(copy.deepcopy(base), METHODS[method]())
     if method == "alphaedit":
         pu.collect_statistics(model, tokenizer, UNRELATED, progress=False)
+    if (arch, method) in REFUSED:
+        with pytest.raises(ValueError, match=REFUSED[arch, method]):
+            pu.edit(model, tokenizer, [REQUEST], progress=False)
+        return
     before = target_nll(model, tokenizer, REQUEST)
     pu.edit(model, tokenizer, [REQUEST], progress=False, **({"unrelated": UNRELATED} if method == "wise" else {}))
     # A direction check: random heads cap how far any edit can go (and WISE's margins hold it back most on the
@@ -105,6 +125,11 @@ def test_method_runs_on_architecture(arch, method, tokenizer, tmp_path):
     original, edited = last_logits(base, tokenizer, prompts), last_logits(model, tokenizer, prompts)
     for row, prompt in enumerate(prompts):
         torch.testing.assert_close(edited[row], last_logits(model, tokenizer, [prompt])[0], rtol=1e-4, atol=1e-4)
+    batch = tokenizer(prompts, return_tensors="pt")
+    greedy = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    with torch.no_grad():  # decoding with a key/value cache continues the edited model's forward
+        assert torch.equal(model.generate(**batch, **greedy, use_cache=True),
+                           model.generate(**batch, **greedy, use_cache=False))
     with model.disable_adapter():
         torch.testing.assert_close(last_logits(model, tokenizer, prompts), original, rtol=0, atol=0)
     model.save_pretrained(tmp_path)

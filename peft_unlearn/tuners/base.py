@@ -425,7 +425,7 @@ def cached_length(cache: Any) -> int:
     return int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
 
 
-def _share_batch_layout(module: nn.Module, args, kwargs) -> None:
+def _share_batch_layout(module: nn.Module, args, kwargs) -> tuple | None:
     inputs = dict(kwargs)
     if args and isinstance(args[0], torch.Tensor):
         inputs.setdefault("input_ids", args[0])
@@ -440,6 +440,24 @@ def _share_batch_layout(module: nn.Module, args, kwargs) -> None:
         if isinstance(layer, BatchAwareLayer):
             layer._attention_mask, layer._batch_rows = mask, rows
             layer._continues_sequences, layer._cached_length, layer._sequence_states = past > 0, past, states
+    return _whole_sequences_through_shared_layers(module, args, kwargs, inputs)
+
+
+def _whole_sequences_through_shared_layers(module: nn.Module, args, kwargs: dict, inputs: dict) -> tuple | None:
+    """Gemma 4 passes only the ``logits_to_keep`` last tokens of a prompt through its key/value-sharing top layers
+    (as generate asks): a layer there that routes per sequence saw the prompt's last token alone, decided otherwise
+    than on the whole prompt, and left its state for a cache one token long (the next decoding step was refused).
+    The same positions given as a tensor keep the logits as narrow and every token in those layers."""
+    keep = kwargs.get("logits_to_keep")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep <= 0:
+        return None
+    tokens = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or tokens.shape[1] <= keep:
+        return None
+    if not routes_sequences(module) or not any(getattr(m, "is_kv_shared_layer", False) for m in module.modules()):
+        return None
+    length = tokens.shape[1]
+    return args, {**kwargs, "logits_to_keep": torch.arange(length - keep, length, device=tokens.device)}
 
 
 def packs_sequences(inputs: dict, cache: Any) -> bool:
