@@ -565,3 +565,43 @@ def test_padding_never_matches_an_entry(world, trained_models, arch):
         for row, prompt in enumerate(prompts):
             alone = model(**tokenizer([prompt], return_tensors="pt")).logits[0]
             torch.testing.assert_close(together[row, : alone.shape[0]], alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("distance, eps_init", [("euclidean", 2.0), ("cosine", 1.0)])
+def test_removing_the_newer_edits_of_one_call_restores_the_radii_clear_of_unrelated_keys(world, trained_models,
+                                                                                         distance, eps_init):
+    """Radii a call logged before its changes get the call's bound from the unrelated keys too: removing the newer
+    edits of one call restored a radius never bounded (cosine 1.0, or 4x the bounded one euclidean), which reached
+    the unrelated prompts that editing the kept edit alone kept clear of."""
+    base, tokenizer = trained_models("llama")
+    config = {"replacement": "last", "distance": distance, "eps_init": eps_init, "n_iter": 1}
+    requests = [pu.EditRequest(f.question, "I don't know.") for f in world.forget_facts[:3]]
+    unrelated = [f.question for f in world.retain_facts[:10]]
+    alone = get_peft_model(copy.deepcopy(base), pu.GraceConfig(**config))
+    pu.edit(alone, tokenizer, requests[:1], unrelated=unrelated, progress=False)
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig(**config))
+    pu.edit(model, tokenizer, requests, unrelated=unrelated, progress=False)
+    assert model.peft_config["default"].n_changes >= 1  # the later edits widened the first one's entry
+    pu.remove_edits(model, [1, 2])
+    expected, got = (m.base_model.grace_layer("default")[1] for m in (alone, model))
+    for name in ("grace_keys", "grace_eps", "grace_labels", "grace_edit_ids"):  # keys: read in another batch
+        torch.testing.assert_close(getattr(got, name)["default"], getattr(expected, name)["default"], rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_removing_an_edit_keeps_the_later_changes_of_kept_edits_to_its_entries():
+    """Edit 0's entry (radius 1.0), widened to 1.5 by edit 1 and to 2.0 by edit 2 (same label): removing edit 1
+    leaves the radius edit 2's widening gives without it, max(1.0, 2.0); restoring edit 1's starting radius (1.0)
+    left edit 2's key uncovered. A split after a removed widening still shrinks the replayed radius."""
+    for logged, current, expected in (([1.0, 1.5], 2.0, 2.0), ([1.0, 3.0], 0.5, 0.5), ([1.0, 1.5], 1.5, 1.0)):
+        model = get_peft_model(tiny_llama(), pu.GraceConfig(layer=1, codebook_size=1, n_changes=2))
+        _, layer = model.base_model.grace_layer("default")
+        layer.set_codebook("default", keys=torch.ones(1, layer.in_features), values=torch.zeros(1, layer.out_features),
+                           eps=torch.tensor([current]), labels=torch.zeros(1, dtype=torch.long),
+                           edit_ids=torch.zeros(1, dtype=torch.long),
+                           change_ids=torch.tensor([[1, 0, 0, 1], [2, 0, 0, int(current > logged[1])]]),
+                           change_eps=torch.tensor(logged))
+        model.peft_config["default"].n_edits = 3
+        assert pu.remove_edits(model, [1]) == 0
+        assert layer.grace_eps["default"].tolist() == [expected]
+        assert layer.grace_change_ids["default"].tolist() == [[2, 0, 0, int(current > logged[1])]]

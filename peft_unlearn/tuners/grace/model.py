@@ -156,14 +156,25 @@ class CodebookDraft:
 
     def keep_clear_of(self, old_eps: torch.Tensor, negatives: torch.Tensor) -> None:
         """Radii this call created or widened shrink to half their distance to the nearest unrelated key; a widened
-        entry keeps at least the radius it had before the call (earlier edits rely on it)."""
+        entry keeps at least the radius it had before the call (earlier edits rely on it). The radii this call
+        logged before its changes get the same bound: removing its newer edits restores them, and must restore
+        what the call without those edits would have left, not a radius reaching unrelated keys."""
         eps, n_old = self.eps, old_eps.shape[0]
         grown = torch.cat([eps[:n_old] > old_eps, torch.ones(self.size - n_old, dtype=torch.bool, device=eps.device)])
-        if len(negatives) == 0 or not bool(grown.any()):
+        touched = grown.clone()
+        for rows in self.change_ids[1:]:  # this call's log rows name their entry by index
+            touched[rows[:, 2].to(touched.device)] = True
+        if len(negatives) == 0 or not bool(touched.any()):
             return
-        clear = clearance(self.kind, self.tensors["keys"][: self.size][grown], negatives).to(eps)
-        floor = torch.cat([old_eps, torch.zeros(self.size - n_old, dtype=eps.dtype, device=eps.device)])[grown]
-        eps[grown] = torch.maximum(floor, torch.minimum(eps[grown], clear))
+        clear = clearance(self.kind, self.tensors["keys"][: self.size][touched], negatives).to(eps)
+        floor = torch.cat([old_eps, torch.zeros(self.size - n_old, dtype=eps.dtype, device=eps.device)])[touched]
+        # min(radius, max(floor, clear)): for a grown radius max(floor, min(radius, clear)), others unchanged.
+        bound = torch.full_like(eps, math.inf)
+        bound[touched] = torch.maximum(floor, clear)
+        eps.copy_(torch.minimum(eps, bound))
+        for i in range(1, len(self.change_eps)):
+            entries = self.change_ids[i][:, 2].to(bound.device)
+            self.change_eps[i] = torch.minimum(self.change_eps[i], bound[entries].to(self.change_eps[i]))
 
     def cover_all(self, queries: torch.Tensor, labels: torch.Tensor, edit_ids: torch.Tensor, eps_init: float,
                   negatives: torch.Tensor) -> torch.Tensor:
@@ -445,6 +456,31 @@ class GraceModel(SingleLayerTuner):
                          float(nll.detach().max()), step + 1)
         return (start + offset * scale).detach()
 
+    @staticmethod
+    def _replay_radii(book: dict[str, torch.Tensor], entry_of: list[int], undo: list[bool]) -> None:
+        """Set each entry that a removed edit changed to the radius its kept changes give without the removed ones,
+        oldest first: a change that grew the radius widens to the radius it left, one that shrank it shrinks to it.
+        Restoring the radius from before a removed change instead undid the kept changes after it (a kept edit that
+        widened the entry for its own key after a removed one did lost its coverage). Newest first it is the same."""
+        positions: dict[int, list[int]] = {}
+        for position, entry in enumerate(entry_of):
+            if entry >= 0:
+                positions.setdefault(entry, []).append(position)
+        for entry, rows in positions.items():
+            if not any(undo[row] for row in rows):
+                continue
+            before = [book["change_eps"][row].to(book["eps"]) for row in rows]
+            after = before[1:] + [book["eps"][entry].clone()]
+            radius = before[0]
+            for row, old, new in zip(rows, before, after):
+                if undo[row]:
+                    continue
+                if new > old:
+                    radius = torch.maximum(radius, new)
+                elif new < old:
+                    radius = torch.minimum(radius, new)
+            book["eps"][entry] = radius
+
     def remove_edits(self, edit_ids: Sequence[int], adapter_name: str) -> int:
         """Roll back edits: drop the entries they created and undo the radius changes they made. An entry of a
         removed edit that a kept edit widened to cover its own key (same label: a repeated request, the same prompt
@@ -467,9 +503,7 @@ class GraceModel(SingleLayerTuner):
         entry_of = [where.get((owner, ordinal), -1) for owner, ordinal in log[:, 1:3].tolist()]
         changers, kinds = log[:, 0].tolist(), log[:, 3].tolist()
         undo = [changer in removed for changer in changers]
-        for position in reversed(range(len(changers))):  # newest change first
-            if undo[position] and entry_of[position] >= 0:
-                book["eps"][entry_of[position]] = book["change_eps"][position].to(book["eps"])
+        self._replay_radii(book, entry_of, undo)
         for position, (changer, kind) in enumerate(zip(changers, kinds)):  # oldest widening first
             entry = entry_of[position]
             if kind == WIDENED and changer not in removed and entry >= 0 and int(owners[entry]) in removed:
