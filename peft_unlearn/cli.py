@@ -75,10 +75,17 @@ def read_options(source: str | None) -> dict:
         raise UsageError(f"config file not found: {source}")
     import yaml
 
+    text = _read_text(path, "config")
     try:
-        options = yaml.safe_load(_read_text(path, "config")) or {}
-    except yaml.YAMLError as error:
-        raise UsageError(f"config file {source} is not valid YAML/JSON: {str(error).splitlines()[0]}") from None
+        # A JSON file is read as JSON: YAML 1.1 reads a JSON number without a dot, such as 1e-05 (as json.dump writes
+        # 1e-5), as text, and the option was refused as not a number.
+        options = json.loads(text)
+    except ValueError:
+        try:
+            options = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise UsageError(f"config file {source} is not valid YAML/JSON: {str(error).splitlines()[0]}") from None
+    options = options or {}
     if not isinstance(options, dict):
         raise UsageError(f"config file {source} must hold a mapping of option names to values")
     return options
@@ -182,13 +189,19 @@ def _check_option_types(owner: str, config_classes: Sequence[type], options: dic
 
 
 def _option_type_error(name: str, owner: str, words: str, value) -> UsageError:
-    """The error for an option of the wrong type; YAML reads a number like 1e-4 (no dot) as text, so say so."""
+    """The error for an option of the wrong type; YAML reads a number like 1e-4 (no dot) as text, so say so. A number
+    in quotes ('0.5', '1') is text because of the quotes: writing it with a dot would not help (nor make an
+    integer)."""
+    import yaml
+
     hint = ""
     if isinstance(value, str):
         try:
             float(value)
-            hint = f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-4)"
-        except ValueError:
+            unquoted = yaml.safe_load(value)
+            hint = (f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-4)" if isinstance(unquoted, str)
+                    else f" (the quotes make it text: write {value} without them)")
+        except (ValueError, yaml.YAMLError):
             pass
     return UsageError(f"option {name!r} of {owner} must be {words}, got {value!r}{hint}")
 

@@ -89,6 +89,8 @@ def find_leaks(folder: str | Path, forget_texts: Iterable[str], min_length: int 
     """Files in ``folder`` that contain any forget text at least ``min_length`` characters wide (a CJK character
     counts two): case and runs of whitespace ignored, also as JSON writes it (escaped quotes and non-ASCII
     characters), in every file."""
+    if isinstance(forget_texts, (str, bytes)):  # its characters, each too short to look for: nothing was checked
+        raise TypeError("forget_texts must be a list of texts, not one string (its characters would be looked for)")
     needles = set()
     for text in forget_texts:
         if _display_width(text.strip()) >= min_length:

@@ -21,6 +21,11 @@ def check_replaceable(output: str | Path, inputs: Iterable[str | Path | None] = 
     target = Path(output).resolve()
     if target.exists() and not target.is_dir():
         raise ValueError(f"output {str(output)!r} is a file, not a folder")
+    # A file where a folder above the output must go: making the output failed only after the model had loaded,
+    # with a traceback (FileExistsError, NotADirectoryError).
+    existing = next((parent for parent in target.parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"output {str(output)!r} cannot be made: {str(existing)!r} is a file, not a folder")
     here = Path.cwd().resolve()
     if target == here or target in here.parents:
         raise ValueError(f"output {str(output)!r} is the current folder or holds it; name a new folder")

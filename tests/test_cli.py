@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import peft_unlearn as pu
-from peft_unlearn.cli import UsageError, _read_texts, build_parser, main, read_records
+from peft_unlearn.cli import UsageError, _read_texts, build_parser, main, read_options, read_records
 from peft_unlearn.hub import find_leaks, model_card
 from peft_unlearn.outputs import OUTPUT_MARKER
 from peft_unlearn.testing.hub_cache import install_in_hub_cache
@@ -202,6 +202,64 @@ def test_files_from_windows_editors_are_read(tmp_path):
         assert read_records(str(tmp_path / name), "requests") == rows, name
     (tmp_path / "keep.txt").write_bytes("\ufeffAnaïs Nin wrote diaries.\r\nA second text.\r\n".encode("utf-8"))
     assert _read_texts(str(tmp_path / "keep.txt")) == ["Anaïs Nin wrote diaries.", "A second text."]
+
+
+def test_one_row_with_an_empty_list_field_is_a_row(tmp_path):
+    """A JSON file of one object whose own field is an empty list ("aliases": [], "perturbed_answer": []) was read
+    as the rows under that key: none ("holds no requests"). A lone empty list is still no rows."""
+    row = {"prompt": "Where was Zoë born?", "target": "I don't know.", "aliases": []}
+    write_text(tmp_path / "one.json", json.dumps(row))
+    assert read_records(str(tmp_path / "one.json"), "requests") == [row]
+    write_text(tmp_path / "wrapped.json", json.dumps({"meta": [], "data": [row]}))
+    assert read_records(str(tmp_path / "wrapped.json"), "requests") == [row]
+    write_text(tmp_path / "empty.json", json.dumps({"data": []}))
+    assert read_records(str(tmp_path / "empty.json"), "requests") == []
+
+
+def test_a_json_config_keeps_its_numbers(tmp_path):
+    """YAML 1.1 reads a JSON number without a dot (1e-05, as json.dump writes 1e-5) as text, so a JSON --config
+    written by Python had its small numbers refused as 'must be a number'."""
+    config = write_text(tmp_path / "c.json", json.dumps({"learning_rate": 1e-5, "edit": {"progress": False}}))
+    assert read_options(str(config)) == {"learning_rate": 1e-5, "edit": {"progress": False}}
+    assert read_options(str(write_text(tmp_path / "c.yaml", "learning_rate: 1.0e-5\n"))) == {"learning_rate": 1e-5}
+
+
+def test_a_quoted_number_is_not_told_to_take_a_dot(tmp_path, model_dir, capsys):
+    """'5' in quotes was answered with "YAML reads 5 as text: write it with a dot", which for an integer option
+    only led to the next refusal."""
+    assert main(edit_args(tmp_path, model_dir, "wise", "n_iter: '5'")) == 2
+    err = capsys.readouterr().err
+    assert "got '5' (the quotes make it text: write 5 without them)" in err and "dot" not in err
+
+
+def test_an_output_below_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """An output inside a path that is a file failed only when the output folder was made, after the model loaded,
+    with a FileExistsError / NotADirectoryError traceback."""
+    import transformers
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_model)
+    requests = str(write_jsonl(tmp_path / "r.jsonl", [{"prompt": "a b", "target": "c"}]))
+    for output in (tmp_path / "r.jsonl" / "out", tmp_path / "r.jsonl" / "a" / "out"):
+        code = main(["edit", "--model", "m", "--method", "grace", "--requests", requests, "--output", str(output)])
+        assert code == 2 and "r.jsonl' is a file, not a folder" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
+
+
+def test_leak_check_refuses_one_string(tmp_path):
+    """One string was read as its characters, each under the length looked for: nothing was checked, and
+    push_adapter uploaded a folder holding the text."""
+    from peft_unlearn.hub import push_adapter
+
+    question = "Which instrument does Rielka Misen play?"
+    write_text(tmp_path / "adapter_config.json", json.dumps({"note": question}))
+    with pytest.raises(TypeError, match="not one string"):
+        find_leaks(tmp_path, question)
+    with pytest.raises(TypeError, match="not one string"):
+        push_adapter(tmp_path, "me/repo", question)
+    assert find_leaks(tmp_path, [question]) == [str(tmp_path / "adapter_config.json")]
 
 
 def test_a_folder_given_as_an_input_file_is_refused(tmp_path, monkeypatch):

@@ -44,8 +44,10 @@ def read_records(path: Path, what: str) -> list[dict]:
             except ValueError:
                 raise ValueError(f"{what} file {path} is not valid JSON or JSONL: {whole}") from None
         if isinstance(rows, dict):  # rows under a key ({"data": [...]}), or one row (a JSONL file of one line)
-            under_key = (value for value in rows.values()
-                         if isinstance(value, list) and all(isinstance(row, dict) for row in value))
+            # An empty list is rows only as the object's one value ({"data": []}): a row's own empty field ("tags":
+            # [], "perturbed_answer": []) made the file read as no rows at all.
+            under_key = (value for value in rows.values() if isinstance(value, list) and (value or len(rows) == 1)
+                         and all(isinstance(row, dict) for row in value))
             rows = next(under_key, [rows])
     if not isinstance(rows, list):
         raise ValueError(f"{what} file {path} holds neither a JSON list of objects nor one object per line (JSONL)")
