@@ -356,6 +356,10 @@ def edit(
             )
     if tokenizer is None or not callable(tokenizer):
         raise TypeError(f"peft_unlearn.edit needs the model's tokenizer, got {tokenizer!r}")
+    for name, flag in (("self_improve", self_improve), ("chat_template", chat_template)):
+        # A truthy string such as "no" or "False" turned self-improvement on: every target was replaced.
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     requests = as_edit_requests(requests)
     if not requests:
         raise ValueError("requests is empty: give at least one EditRequest")

@@ -46,8 +46,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
-    if batch_size <= 0:
-        raise ValueError("batch_size must be positive")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        # batch_size=1.5 failed with a raw "'float' object cannot be interpreted as an integer"
+        raise ValueError(f"batch_size must be positive and an integer, got {batch_size!r}")
     for start in range(0, len(items), batch_size):
         yield items[start : start + batch_size]
 
@@ -130,6 +131,9 @@ def generate_continuations(
     longest: a continuation does not depend on the prompts batched with it). In chat format generation also stops
     at the template's end of turn, where teacher-forced scoring ends an answer. ``rendered``: the prompts are
     conversations the chat template already wrote (see :func:`~peft_unlearn.requests.tokenize_prompts`)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        # 1.5 was passed on to generate(), which took it without a word
+        raise ValueError(f"max_new_tokens must be a positive integer or None, got {max_new_tokens!r}")
     prompts = list(prompts)
     if not prompts:
         return []

@@ -204,6 +204,8 @@ def second_moments(
         raise ValueError("no modules to collect statistics for")
     if isinstance(texts, str):
         raise TypeError("texts must be a list of texts, not one string (it would be read character by character)")
+    if not isinstance(texts, Iterable):  # None failed with a raw "'NoneType' object is not iterable"
+        raise TypeError(f"texts must be a list of texts or (prompt, answer) pairs, got {type(texts).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:

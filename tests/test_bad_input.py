@@ -329,3 +329,46 @@ def test_an_adapter_refuses_a_tokenizer_of_the_same_size_other_than_its_own(make
     loaded.peft_config["default"].tokenizer_fingerprint = "12-abc"  # edited by hand
     with pytest.raises(ValueError, match="malformed tokenizer_fingerprint '12-abc'"):
         evaluate_editing(loaded, tokenizer, pairs, progress=False)
+
+
+@pytest.mark.parametrize(("make_config", "option", "value"), [
+    (peft_unlearn.GraceConfig, "n_iter", 2.5), (peft_unlearn.GraceConfig, "n_iter", "5"),
+    (peft_unlearn.GraceConfig, "eps_init", "0.1"), (peft_unlearn.GraceConfig, "n_edits", 1.5),
+    (peft_unlearn.WiseConfig, "n_iter", 2.5), (peft_unlearn.WiseConfig, "shard_size", 2.5),
+    (peft_unlearn.WiseConfig, "lr", "1"), (peft_unlearn.WiseConfig, "n_memories", 1.5),
+])
+def test_grace_and_wise_configs_refuse_options_of_the_wrong_type(make_config, option, value):
+    """n_iter=2.5 or shard_size=2.5 was accepted and failed only when editing ("'float' object cannot be interpreted
+    as an integer"); eps_init="0.1" or lr="1" failed with a comparison error that named no option."""
+    with pytest.raises(ValueError, match=option):
+        make_config(**{option: value})
+
+
+@pytest.mark.parametrize("option", ["self_improve", "chat_template"])
+def test_edit_refuses_flags_that_are_not_booleans(option):
+    """self_improve="no" turned self-improvement on (a truthy string): every target was replaced by a refusal."""
+    model, tokenizer = word_model(lambda: peft_unlearn.GraceConfig(layer=1, n_iter=5))
+    before, n_edits = adapter_state(model), model.peft_config["default"].n_edits
+    with pytest.raises(TypeError, match=f"{option} must be True or False"):
+        edit(model, tokenizer, REQUEST, progress=False, **{option: "no"})
+    assert_unchanged(before, model)
+    assert model.peft_config["default"].n_edits == n_edits
+
+
+def test_evaluation_and_statistics_refuse_sizes_and_texts_of_the_wrong_type():
+    """batch_size=1.5 failed with a raw TypeError, max_new_tokens=1.5 was passed on to generate(), max_new_tokens=0
+    became the default in evaluate_unlearning, and collect_statistics(texts=None) failed with "'NoneType' object is
+    not iterable"."""
+    model, tokenizer = word_model(lambda: peft_unlearn.MemitConfig(layers=[1], v_steps=2))
+    pairs = [("w1 w2 w3", "w5 w6")]
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match="batch_size must be positive and an integer, got 1.5"):
+        peft_unlearn.evaluate_editing(model, tokenizer, pairs, batch_size=1.5, progress=False)
+    for tokens in (1.5, 0):
+        with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+            peft_unlearn.evaluate_editing(model, tokenizer, pairs, max_new_tokens=tokens, progress=False)
+        with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+            peft_unlearn.evaluate_unlearning(model, tokenizer, pairs, pairs, max_new_tokens=tokens, progress=False)
+    with pytest.raises(TypeError, match="texts must be a list"):
+        peft_unlearn.collect_statistics(model, tokenizer, None, progress=False)
+    assert_unchanged(before, model)

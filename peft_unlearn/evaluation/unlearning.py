@@ -61,7 +61,8 @@ def _evaluate_set(
         rephrased = answer_scores(model, tokenizer, list(zip(qa.column(PARAPHRASED_QUESTION), qa.answers)), **options)
         metrics["paraphrased_question_probability"] = mean(rephrased.probability)
 
-    tokens = max_new_tokens or default_max_new_tokens(tokenizer, qa.answers)
+    # `max_new_tokens or ...` silently replaced max_new_tokens=0 with the default
+    tokens = default_max_new_tokens(tokenizer, qa.answers) if max_new_tokens is None else max_new_tokens
     generated = generate_continuations(model, tokenizer, qa.questions, max_new_tokens=tokens, **options)
     metrics["rouge_l"] = mean(rouge_l_recall(generated, qa.answers))
 
