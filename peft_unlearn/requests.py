@@ -275,28 +275,32 @@ def _without_trailing_special(special_mask: Sequence[int]) -> int:
     return end
 
 
-def find_subject(text: str, subject: str, start: int = 0) -> int:
-    """Where ``subject`` starts in ``text`` (at or after ``start``), -1 if nowhere: its first occurrence that stands
-    as whole words ("Ann" in "Anna met Ann" is the second), else its first occurrence at all."""
-    first = text.find(subject, start)
+def find_subject(text: str, subject: str, start: int = 0, end: int | None = None) -> int:
+    """Where ``subject`` starts in ``text`` (within ``text[start:end]``), -1 if nowhere: its first occurrence that
+    stands as whole words ("Ann" in "Anna met Ann" is the second), else its first occurrence at all. ``end`` keeps
+    the search in the user's prompt: in a chat rendering the whole-word search went on into the template's text
+    after it ("assistant" in "the assistants" was found in ChatML's "<|im_start|>assistant")."""
+    end = len(text) if end is None else end
+    first = text.find(subject, start, end)
     at = first
     while at >= 0:
         before = text[at - 1] if at > 0 else ""
         after = text[at + len(subject) : at + len(subject) + 1]
         if not (before.isalnum() and subject[0].isalnum()) and not (after.isalnum() and subject[-1].isalnum()):
             return at
-        at = text.find(subject, at + 1)
+        at = text.find(subject, at + 1, end)
     return first
 
 
-def _prompt_start(rendered: str, prompt: str) -> int:
-    """Where the user's prompt starts in its chat rendering (the last occurrence: a system prompt comes first),
-    matched on the trimmed text where the template trims the message; 0 where it rewrites it more."""
+def _prompt_span(rendered: str, prompt: str) -> tuple[int, int]:
+    """Where the user's prompt starts and ends in its chat rendering (the last occurrence: a system prompt comes
+    first), matched on the trimmed text where the template trims the message; the whole rendering where it rewrites
+    it more."""
     for text in (prompt, prompt.strip()):
         at = rendered.rfind(text)
         if text and at >= 0:
-            return at
-    return 0
+            return at, at + len(text)
+    return 0, len(rendered)
 
 
 def _last_token_of_span(offsets: Sequence[tuple[int, int]], special: Sequence[int], start: int, end: int) -> int:
@@ -364,9 +368,9 @@ def _encode_rows(
         subject_last = None
         if subjects is not None and subjects[i] is not None:
             subject = subjects[i]
-            base = _prompt_start(prompt_text, prompts[i]) if chat_template else 0
+            base, stop = _prompt_span(prompt_text, prompts[i]) if chat_template else (0, len(prompt_text))
             base += subject_from[i] if subject_from is not None else 0
-            char_start = find_subject(prompt_text, subject, base)
+            char_start = find_subject(prompt_text, subject, base, stop)
             if char_start < 0:
                 raise ValueError(f"subject {subject!r} is not in prompt {prompts[i]!r}")
             # The span is the subject's characters without surrounding whitespace: tokenizers whose offsets keep a

@@ -319,3 +319,28 @@ def test_a_subject_with_surrounding_whitespace_ends_on_its_own_last_token(kind):
         for batch in (tokenize_pairs(tokenizer, [(prompt, "Paris")], [subject]),
                       tokenize_prompts(tokenizer, [prompt], [subject], padding_side="right")):
             assert batch.subject_last.tolist() == expected.tolist(), subject
+
+
+@pytest.mark.parametrize("template, subject, question", [
+    (CHATML, "assistant", "Who paid the assistants of Alve Kelby?"),
+    ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else "
+     "m['role']) + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}", "model", "Which models did Ann build?"),
+])
+def test_a_chat_subject_is_found_in_the_user_turn_not_in_the_template_text_after_it(template, subject, question):
+    """A subject that is only part of a word of the prompt ("assistant" in "assistants") was searched as a whole word
+    on into the rendering, and found in the template's assistant header ("<|im_start|>assistant", Gemma's
+    "<start_of_turn>model"): keys were read outside the user's turn. The search stays in the prompt, as in plain
+    text."""
+    tokenizer = train_tokenizer([f"{question} Varnholt did."] * 20, "byte_bpe", vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<start_of_turn>",
+                                                                "<end_of_turn>"]})
+    tokenizer.chat_template = template
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=False)
+    user_end = rendered.rindex(question) + len(question)
+    batch = tokenize_pairs(tokenizer, [(question, "Varnholt did.")], [subject], chat_template=True)
+    offsets = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    token_start, token_end = offsets[int(batch.subject_last[0])]
+    assert token_end <= user_end
+    assert subject in rendered[token_start - len(subject) : token_end]
