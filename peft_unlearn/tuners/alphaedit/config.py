@@ -11,6 +11,7 @@ from peft.config import PeftConfig
 from ...capture import check_layer_index
 from ...registration import peft_type_member
 from ...tokenizer_record import TokenizerRecord
+from ..options import check_integers
 
 SOLVERS = ("alphaedit", "memit", "rome")
 
@@ -152,11 +153,8 @@ class AlphaEditConfig(PeftConfig, TokenizerRecord):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("refine_steps", "rehearse_edits", "v_steps", "n_context_templates", "rounds", "rank", "n_edits",
-                     "edited_key_rows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+        check_integers(self, ("refine_steps", "rehearse_edits", "v_steps", "n_context_templates", "rounds", "rank",
+                              "n_edits", "edited_key_rows"))
         for name in ("refine_steps", "rehearse_edits"):  # refine_lr, refine_margin, refine_preservation: above
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")

@@ -11,6 +11,7 @@ from peft.config import PeftConfig
 from ...capture import check_layer_index
 from ...registration import peft_type_member
 from ...tokenizer_record import TokenizerRecord
+from ..options import check_integers, check_numbers
 
 
 @dataclass
@@ -71,16 +72,8 @@ class GraceConfig(PeftConfig, TokenizerRecord):
             raise ValueError(f"replacement must be 'last', 'prompt', 'all' or 'answer', got {self.replacement!r}")
         if self.distance not in ("euclidean", "cosine"):
             raise ValueError(f"distance must be 'euclidean' or 'cosine', got {self.distance!r}")
-        # Checked here: n_iter=2.5 failed only when editing, with "'float' object cannot be interpreted as an
-        # integer", and eps_init="0.1" with a comparison error naming no option.
-        for name in ("n_iter", "codebook_size", "n_changes", "n_edits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("eps_init", "edit_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+        check_integers(self, ("n_iter", "codebook_size", "n_changes", "n_edits"))
+        check_numbers(self, ("eps_init", "edit_lr"))
         if not (0 < self.eps_init < math.inf and 0 < self.edit_lr < math.inf) or self.n_iter < 1:
             raise ValueError("eps_init and edit_lr must be positive finite numbers and n_iter at least 1")
         if min(self.codebook_size, self.n_changes, self.n_edits) < 0:

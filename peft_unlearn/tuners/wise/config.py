@@ -11,6 +11,7 @@ from peft.config import PeftConfig
 from ...capture import check_layer_index
 from ...registration import peft_type_member
 from ...tokenizer_record import TokenizerRecord
+from ..options import check_integers, check_numbers
 
 MERGE_METHODS = ("ties", "dare_ties", "linear")
 
@@ -82,16 +83,9 @@ class WiseConfig(PeftConfig, TokenizerRecord):
             check_layer_index(self.layer)
         if self.merge not in MERGE_METHODS:
             raise ValueError(f"merge must be one of {MERGE_METHODS}, got {self.merge!r}")
-        # Checked here: n_iter=2.5 or shard_size=2.5 failed only when editing, with a raw TypeError, and lr="1"
-        # with a comparison error naming no option.
-        for name in ("n_iter", "shard_size", "seed", "n_memories", "n_edits", "shard_edits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("mask_ratio", "merge_density", "act_ratio", "lr", "norm_constraint", "alpha", "beta", "gamma"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+        check_integers(self, ("n_iter", "shard_size", "seed", "n_memories", "n_edits", "shard_edits"))
+        check_numbers(self, ("mask_ratio", "merge_density", "act_ratio", "lr", "norm_constraint", "alpha", "beta",
+                             "gamma"))
         if not 0 < self.mask_ratio <= 1 or not 0 < self.merge_density <= 1:
             raise ValueError("mask_ratio and merge_density must be in (0, 1]")
         if not 0 < self.act_ratio <= 1:
