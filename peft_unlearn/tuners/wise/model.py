@@ -106,7 +106,7 @@ class WiseModel(SingleLayerTuner):
 
     @staticmethod
     def _rehearsal_plan(session: list[tuple[EditRequest, bool]], chunk: list[EditRequest], chat: bool,
-                   limit: int) -> tuple[list[tuple[EditRequest, bool]], list[list[int]]]:
+                        limit: int) -> tuple[list[tuple[EditRequest, bool]], list[list[int]]]:
         """The last ``limit`` distinct earlier requests of ``session`` that ``chunk`` does not edit again, oldest
         first, and, per request trained (those, then ``chunk``'s), the session entries whose keys it refreshes, as
         offsets from the session's end (entries line up with the unfinished shard's last key rows).
