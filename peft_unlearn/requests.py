@@ -527,6 +527,17 @@ def prompt_token_ids(tokenizer, prompts: Sequence[str], chat_template: bool | No
     return [tuple(ids) for ids, _, _ in rows]
 
 
+def edited_again(
+    tokenizer, earlier: Sequence[tuple[str, bool]], prompts: Sequence[str], chat: bool
+) -> list[int | None]:
+    """Per earlier edit (its prompt and whether it was in chat format), the index of the last of ``prompts``, edited
+    now in format ``chat``, that edits it again, else None: the same format and the same tokens as the model reads
+    them (``" " + q`` is ``q`` to most tokenizers)."""
+    latest = {ids: index for index, ids in enumerate(prompt_token_ids(tokenizer, prompts, chat))}
+    read_as = prompt_token_ids(tokenizer, [prompt for prompt, _ in earlier], chat)
+    return [latest.get(ids) if was_chat == chat else None for (_, was_chat), ids in zip(earlier, read_as)]
+
+
 def tokenize_prompts(
     tokenizer,
     prompts: Sequence[str],

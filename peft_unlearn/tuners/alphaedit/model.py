@@ -21,7 +21,7 @@ from ...capture import (
 )
 from ...editing import adapters_disabled
 from ...losses import labelled_logits, row_chunks, sequence_nll
-from ...requests import EditRequest, chat_format_active, chat_formatted, prompt_token_ids, tokenize_pairs
+from ...requests import EditRequest, chat_format_active, chat_formatted, edited_again, tokenize_pairs
 from ...statistics import SecondMoments, check_measured_on, null_space_basis
 from ..base import EditingTuner, target_module, tensor_name
 from .config import AlphaEditConfig
@@ -368,12 +368,10 @@ class AlphaEditModel(EditingTuner):
         # tokenizers): its earlier edit is neither rehearsed nor protected any more, or the old target and the old
         # key would hold the new edit back (a re-edit of 5 of 10 edits on the llama fact model: 0.0 generation
         # match, with the old target still given).
-        chat = chat_format_active()
-        prompts = set(prompt_token_ids(tokenizer, [r.prompt for r in requests], chat))
-        read_as = prompt_token_ids(tokenizer, [edit.request.prompt for edit in session], chat)
-        again = [edit.chat == chat and ids in prompts for edit, ids in zip(session, read_as)]
-        superseded = [edit for edit, edited_again in zip(session, again) if edited_again]
-        session = [edit for edit, edited_again in zip(session, again) if not edited_again]
+        again = edited_again(tokenizer, [(edit.request.prompt, edit.chat) for edit in session],
+                             [r.prompt for r in requests], chat_format_active())
+        superseded = [edit for edit, index in zip(session, again) if index is not None]
+        session = [edit for edit, index in zip(session, again) if index is None]
         try:
             for name, layer in layers.items() if superseded else ():
                 # Keys stay on the device they were read on; the model may have moved since.

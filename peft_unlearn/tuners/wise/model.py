@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ...capture import capture_at_positions
 from ...editing import UNRELATED_BATCH, adapters_disabled, unrelated_prompts
 from ...losses import labelled_logits, sequence_nll
-from ...requests import EditRequest, chat_format_active, prompt_token_ids, tokenize_prompts, tokenize_requests
+from ...requests import EditRequest, chat_format_active, edited_again, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
 from .config import WiseConfig
 from .layer import WORKING, WiseLayer, WiseLinear, activation_scores, sequence_scores
@@ -63,11 +63,11 @@ class WiseModel(SingleLayerTuner):
         # tokenizers) is rehearsed with its new target: the old one pulled against it (a re-edit of 5 of 10 edits
         # on the llama fact model: 0.0 generation match, the old target still given).
         chat = chat_format_active()
-        newest = dict(zip(prompt_token_ids(tokenizer, [request.prompt for request in requests], chat), requests))
         earlier = self._session_requests(adapter_name, layer)
-        read_as = prompt_token_ids(tokenizer, [request.prompt for request, _ in earlier], chat)
-        session = [(newest.get(ids, request) if was_chat == chat else request, was_chat)
-                   for (request, was_chat), ids in zip(earlier, read_as)]
+        again = edited_again(tokenizer, [(request.prompt, was_chat) for request, was_chat in earlier],
+                             [request.prompt for request in requests], chat)
+        session = [(request if index is None else requests[index], was_chat)
+                   for (request, was_chat), index in zip(earlier, again)]
         start = 0
         bar = tqdm(total=len(requests), desc="WISE edits", disable=not progress, leave=False)
         try:
