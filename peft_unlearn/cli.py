@@ -392,7 +392,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                                            uipe_alpha=args.uipe_alpha, output_dir=str(folder / "checkpoints"),
                                            **options)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-        forget_texts = [str(r.get("question", r.get("text", ""))) for r in forget]
+        # The answers are what is being forgotten: a file holding one leaks as much as one holding its question.
+        forget_texts = [str(r[field]) for r in forget for field in ("question", "answer", "text") if r.get(field)]
         _finish(model, folder / "adapter", f"{args.method} + uipe", args.model, None, summary, forget_texts)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     _push(args, Path(args.output) / "adapter", forget_texts)

@@ -3,8 +3,8 @@ asked to forget leaks into the files that leave the machine (the files checked a
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import struct
 import unicodedata
 from collections.abc import Iterable, Mapping
@@ -65,8 +65,27 @@ def model_card(method: str, base_model: str, n_edits: int | None = None, metrics
     return "\n".join(lines)
 
 
+# A JSON string escape: \uXXXX, or a backslash before a quote, backslash, slash or control letter.
+_JSON_ESCAPE = re.compile(r'\\(u[0-9a-fA-F]{4}|["\\/bfnrt])')
+_JSON_SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
 def _normalise(text: str) -> str:
-    return collapse_whitespace(text).lower()
+    """Compared as a reader would: one Unicode form (NFKC: "e" and a combining accent are one letter), case folded
+    ("STRASSE" is "straße"), runs of whitespace as one space."""
+    return collapse_whitespace(unicodedata.normalize("NFKC", text)).casefold()
+
+
+def _json_unescaped(text: str) -> str:
+    """``text`` with JSON's string escapes decoded (surrogate pairs joined): an escaped letter is compared as the
+    letter it stands for, so its case is ignored too."""
+
+    def decoded(match: re.Match) -> str:
+        escape = match.group(1)
+        return chr(int(escape[1:], 16)) if escape[0] == "u" else _JSON_SIMPLE_ESCAPES[escape]
+
+    joined = _JSON_ESCAPE.sub(decoded, text)
+    return joined.encode("utf-16", "surrogatepass").decode("utf-16", errors="replace")
 
 
 def _readable_text(path: Path) -> str:
@@ -87,18 +106,18 @@ def _display_width(text: str) -> int:
 
 def find_leaks(folder: str | Path, forget_texts: Iterable[str], min_length: int = 12) -> list[str]:
     """Files in ``folder`` that contain any forget text at least ``min_length`` characters wide (a CJK character
-    counts two): case and runs of whitespace ignored, also as JSON writes it (escaped quotes and non-ASCII
-    characters), in every file."""
+    counts two): case, Unicode form and runs of whitespace ignored, also as JSON writes it (escaped quotes and
+    non-ASCII characters), in every file."""
     if isinstance(forget_texts, (str, bytes)):  # its characters, each too short to look for: nothing was checked
         raise TypeError("forget_texts must be a list of texts, not one string (its characters would be looked for)")
-    needles = set()
-    for text in forget_texts:
-        if _display_width(text.strip()) >= min_length:
-            needles |= {_normalise(variant) for variant in
-                        (text, json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1])}
+    needles = {_normalise(text) for text in forget_texts if _display_width(text.strip()) >= min_length}
     leaks = []
     for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and any(needle in _normalise(_readable_text(path)) for needle in needles):
+        if not path.is_file():
+            continue
+        text = _readable_text(path)
+        readings = {_normalise(text), _normalise(_json_unescaped(text))}
+        if any(needle in reading for needle in needles for reading in readings):
             leaks.append(str(path))
     return leaks
 

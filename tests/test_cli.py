@@ -2,6 +2,7 @@ import copy
 import fnmatch
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -483,6 +484,18 @@ def test_push_uploads_exactly_the_checked_folder_and_refuses_leaks(tmp_path, mon
     assert calls == []
 
 
+def test_leak_check_reads_escapes_and_unicode_forms_as_their_letters(tmp_path):
+    """A forget text in the file in another case inside its JSON escapes, or in another Unicode form (a letter and
+    a combining accent), was not found: only the exact escaped and unescaped spellings were looked for."""
+    secret = "Where was Zoë Ramírez born?"
+    (tmp_path / "upper.json").write_text('{"q": "WHERE WAS ZO\\u00cb RAM\\u00cdREZ BORN?"}', encoding="utf-8")
+    (tmp_path / "decomposed.txt").write_text(unicodedata.normalize("NFD", secret), encoding="utf-8")
+    (tmp_path / "escaped_backslash.json").write_text('{"q": "Where was Zo\\\\u00eb Ram\\u00edrez born?"}')
+    assert find_leaks(tmp_path, [secret]) == [str(tmp_path / "decomposed.txt"), str(tmp_path / "upper.json")]
+    assert find_leaks(tmp_path, [unicodedata.normalize("NFD", secret)]) == [
+        str(tmp_path / "decomposed.txt"), str(tmp_path / "upper.json")]
+
+
 def test_leak_check_finds_short_cjk_questions(tmp_path):
     """A Chinese question is a third as long as its English twin: counted in characters, most fell under the
     12-character floor and were never looked for. Short Latin texts stay below it (too common to mean a leak)."""
@@ -671,3 +684,21 @@ def test_a_malformed_hub_repository_is_refused_before_any_work(repo, capsys):
 def test_verbose_is_taken_before_or_after_the_command(argv):
     assert build_parser().parse_args(argv).verbose
     assert not build_parser().parse_args(["info"]).verbose
+
+
+def test_unlearn_leak_check_looks_for_the_answers_too(tmp_path, model_dir, world, monkeypatch, capsys):
+    """The answers are what unlearning forgets, but only the questions were looked for in the files written: a card
+    holding a forgotten answer was written and could be pushed."""
+    import peft_unlearn.hub
+
+    facts = [f for f in world.all_forget_facts if len(f.answer) >= 12][:4]
+    forget = [{"question": f.question, "answer": f.answer} for f in facts]
+    card = peft_unlearn.hub.model_card
+    monkeypatch.setattr(peft_unlearn.hub, "model_card", lambda *a, **k: card(*a, **k) + f"\nnote: {facts[0].answer}\n")
+    config = tmp_path / "options.yaml"
+    config.write_text("max_steps: 1\nr: 2\nretain_weight: 0\n")
+    code = main(["unlearn", "--model", str(model_dir), "--method", "ga", "--forget",
+                 str(write_jsonl(tmp_path / "f.jsonl", forget)), "--config", str(config), "--uipe-alpha", "0",
+                 "--output", str(tmp_path / "out")])
+    assert code == 2 and "leaked into" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
