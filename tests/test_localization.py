@@ -298,3 +298,50 @@ def test_bad_inputs_are_refused_with_the_problem_named_and_the_model_untouched(t
     with pytest.raises(ValueError, match="does not require grad"):
         restrict_to_masks(model, masks["random"])
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_an_adapters_lora_factors_are_not_candidates():
+    """Under a LoRA adapter the candidates were lora_A/lora_B: with B = 0 at initialisation every activation score of
+    B and every gradient of A was 0, so those masks were arbitrary, where the frozen base weights should have been
+    reported."""
+    from peft import LoraConfig, get_peft_model
+
+    from peft_unlearn.testing import train_tokenizer
+    from peft_unlearn.unlearning.localization import candidate_modules
+
+    from .conftest import tiny_llama
+
+    tokenizer = train_tokenizer(["w1 w2 w3 w4", "w5 w6 w7 w8"], "word", vocab_size=40)
+    model = get_peft_model(tiny_llama(vocab_size=len(tokenizer)), LoraConfig(r=2, target_modules=["q_proj"]))
+    for rule in RULES:
+        with pytest.raises(ValueError, match="no candidate weights"):
+            parameter_masks(model, tokenizer, [("w1 w2", "w3")], rule, progress=False)
+    model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)
+    assert list(candidate_modules(model)) == ["base_model.model.model.layers.0.self_attn.q_proj.base_layer"]
+
+
+@pytest.mark.parametrize("rule", ["activation", "gradient"])
+def test_forget_rows_past_the_context_and_bad_sizes_are_refused_by_every_rule(rule):
+    """The gradient rule refused rows longer than the model's context; the activation rule failed with an IndexError
+    on GPT-2's learned positions (and read unseen positions of rotary models without a word)."""
+    from peft_unlearn.testing import train_tokenizer
+
+    from .conftest import tiny_gpt2
+
+    tokenizer = train_tokenizer(["w1 w2 w3 w4", "w5 w6 w7 w8"], "word", vocab_size=40)
+    model = tiny_gpt2(vocab_size=len(tokenizer))  # 64 positions
+    with pytest.raises(ValueError, match="need 92 positions, more than the model's context of 64"):
+        parameter_masks(model, tokenizer, [("w1 " * 90, "w3")], rule, progress=False)
+    for options in ({"batch_size": "2"}, {"batch_size": 1.5}, {"max_length": 0}):  # TypeError, reshape error
+        with pytest.raises(ValueError, match=f"{next(iter(options))} must be positive and an integer"):
+            parameter_masks(model, tokenizer, [("w1 w2", "w3")], rule, progress=False, **options)
+
+
+def test_mask_overlap_of_masks_of_different_models_is_refused():
+    """A name missing from the second set raised a bare KeyError; a shape mismatch a broadcasting error."""
+    first = {"a.weight": torch.ones(2, 3, dtype=torch.bool)}
+    for second in ({"b.weight": torch.ones(2, 3, dtype=torch.bool)}, {"a.weight": torch.ones(3, 2, dtype=torch.bool)}):
+        with pytest.raises(ValueError, match="mask 'a.weight' has no mask of the same shape in the second set"):
+            mask_overlap(first, second)
+    half = {"a.weight": torch.tensor([[True, False, True], [False, True, False]])}
+    assert mask_overlap(half, first) == 1.0 and mask_overlap(first, half) == 0.5

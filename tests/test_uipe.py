@@ -331,3 +331,51 @@ def test_bad_alpha_and_bad_models_are_refused(unlearned, tofu):
     with pytest.raises(ValueError, match="no adapter 'other'"):
         extrapolate(copy.deepcopy(unlearned), 0.5, adapter_name="other")
 
+
+
+def test_select_alpha_leaves_an_adapter_loaded_for_inference_frozen(tmp_path):
+    """The retain accuracy before unlearning was measured inside model.disable_adapter(), whose exit marks the active
+    adapter trainable: an adapter loaded for inference came back with its 4 LoRA weights requiring grad."""
+    from peft_unlearn.testing import train_tokenizer
+
+    tokenizer = train_tokenizer(["w1 w2 w3 w4", "w5 w6 w7 w8"], "word", vocab_size=40)
+    base = tiny_llama(vocab_size=len(tokenizer))
+    get_peft_model(copy.deepcopy(base), UIPELoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(base, tmp_path)
+    assert not any(p.requires_grad for p in model.parameters())
+    selection = select_alpha(model, tokenizer, [("w1 w2", "w3")], [("w5 w6", "w7")], grid=(0.0, 1.0), progress=False)
+    assert model.peft_config["default"].extrapolation_alpha == selection.alpha
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_select_alpha_refuses_a_grid_that_is_not_a_sequence_and_reads_any_other_in_order():
+    from peft_unlearn.testing import train_tokenizer
+
+    tokenizer = train_tokenizer(["w1 w2 w3 w4", "w5 w6 w7 w8"], "word", vocab_size=40)
+    model = get_peft_model(tiny_llama(vocab_size=len(tokenizer)), UIPELoraConfig(r=2, target_modules=["q_proj"]))
+    extrapolate(model, 0.5)
+    pairs = [("w1 w2", "w3")], [("w5 w6", "w7")]
+    for grid in (1.0, None, "0.5"):  # 1.0 failed with "'float' object is not iterable"
+        with pytest.raises(ValueError, match="grid must be a sequence of alphas"):
+            select_alpha(model, tokenizer, *pairs, grid=grid, progress=False)
+    assert model.peft_config["default"].extrapolation_alpha == 0.5
+    # Unsorted and repeated alphas are measured once each, in order, with 0 added.
+    selection = select_alpha(model, tokenizer, *pairs, grid=[2, 0.5, 2.0], progress=False)
+    assert [row.alpha for row in selection.table] == [0.0, 0.5, 2.0]
+    assert select_alpha(model, tokenizer, *pairs, grid=(), progress=False).table[0].alpha == 0.0
+
+
+def test_select_alpha_inside_disable_adapter_is_refused():
+    """Inside model.disable_adapter() every alpha scored as the base model (a forgetting adapter's table read
+    forget 1.0 / retain 1.0 at alpha 0 and 2, where outside it read 0.95 / 0.9 at 2) and alpha 0 was chosen
+    silently."""
+    from peft_unlearn.testing import train_tokenizer
+
+    tokenizer = train_tokenizer(["w1 w2 w3 w4", "w5 w6 w7 w8"], "word", vocab_size=40)
+    model = get_peft_model(tiny_llama(vocab_size=len(tokenizer)), UIPELoraConfig(r=2, target_modules=["q_proj"]))
+    extrapolate(model, 0.5)
+    with model.disable_adapter():
+        with pytest.raises(ValueError, match=r"adapter 'default' is disabled .*call select_alpha outside it"):
+            select_alpha(model, tokenizer, [("w1 w2", "w3")], [("w5 w6", "w7")], progress=False)
+        assert model.base_model.model.model.layers[0].self_attn.q_proj.disable_adapters
+    assert model.peft_config["default"].extrapolation_alpha == 0.5

@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 from typing_extensions import Self
 
-from ..capture import capture_at_positions, decoder_layers_path, unwrap_model
+from ..capture import capture_at_positions, check_fits_context, decoder_layers_path, unwrap_model
 from ..losses import labelled_logits, sequence_nll
 from ..metrics import batches, evaluating, model_device
 from ..requests import IGNORE_INDEX, pad_token_id
@@ -31,11 +32,25 @@ logger = logging.getLogger(__name__)
 RULES = ("activation", "gradient", "random")
 
 
+def _adapter_factors(model: nn.Module) -> set[int]:
+    """Ids of the modules holding PEFT adapter weights (LoRA's ``lora_A``/``lora_B``, ...) in the tuner layers."""
+    factors = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for layer_name in module.adapter_layer_names:
+                factors.update(id(factor) for factor in getattr(module, layer_name).modules())
+    return factors
+
+
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The linear layers (``nn.Linear`` or GPT-2 ``Conv1D``) inside the decoder blocks whose weight requires grad,
-    by module name in ``model``: the attention and MLP projections, never embeddings, norms or the LM head."""
+    by module name in ``model``: the attention and MLP projections, never embeddings, norms or the LM head.
+
+    An adapter's factors (LoRA's ``lora_A``/``lora_B``) are linear layers too, but no rule scores them: at
+    initialisation ``B = 0``, so every ``|B| * RMS`` and every gradient of ``A`` is 0 and their masks would be
+    arbitrary."""
     layers = unwrap_model(model).get_submodule(decoder_layers_path(model))
-    inside = {id(module) for module in layers.modules()}
+    inside = {id(module) for module in layers.modules()} - _adapter_factors(model)
     return {
         name: module
         for name, module in model.named_modules()
@@ -158,8 +173,10 @@ def parameter_masks(
         raise ValueError(f"unknown localization rule {rule!r}; choose one of {list(RULES)}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            # batch_size="2" failed with a bare TypeError, max_length=0 with a reshape error inside the model
+            raise ValueError(f"{name} must be positive and an integer, got {value!r}")
     data = _forget_batches(tokenizer, forget, batch_size, max_length, append_eos, chat_template)
     modules = candidate_modules(model)
     if not modules:
@@ -167,6 +184,11 @@ def parameter_masks(
             f"{type(model).__name__} has no candidate weights: no nn.Linear/Conv1D weight inside its decoder layers "
             "requires grad (are the base weights frozen, e.g. under a PEFT adapter?)"
         )
+    if rule != "random":
+        # The gradient rule refused rows past the context (in labelled_logits); the activation rule read them: numbers
+        # from positions a rotary model never saw, or an IndexError in learned position embeddings.
+        longest = max(batch["input_ids"].shape[1] for batch in data)
+        check_fits_context(model, longest, f"the forget rows (prompt and answer, up to max_length={max_length} tokens)")
     device = model_device(model)
     with evaluating(model):
         if rule == "activation":
@@ -277,5 +299,10 @@ def unrestricted_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 def mask_overlap(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> float:
     """Fraction of the elements selected by ``first`` that ``second`` selects too (chance level for random masks
     of equal size is their ``fraction``)."""
+    for name, mask in first.items():
+        if name not in second or second[name].shape != mask.shape:
+            # a raw KeyError or a broadcasting error before
+            raise ValueError(f"mask {name!r} has no mask of the same shape in the second set: compare masks of the "
+                             "same model")
     shared = sum(int((mask & second[name]).sum()) for name, mask in first.items())
     return shared / max(1, sum(int(mask.sum()) for mask in first.values()))

@@ -4,14 +4,16 @@ retain accuracy stays above a floor relative to the model before unlearning."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from peft import PeftModel
 from tqdm.auto import tqdm
 
+from ...editing import adapters_disabled
 from ...metrics import answer_accuracy
 from .config import check_extrapolation_alpha
+from .layer import lora_layers
 from .model import extrapolate, uipe_adapter
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,9 @@ def select_alpha(
     if not retain:
         raise ValueError("retain is empty: give (question, answer) pairs whose accuracy must be kept")
     check_utility_floor(utility_floor)
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Iterable):
+        # grid=1.0 failed with a bare "'float' object is not iterable"
+        raise ValueError(f"grid must be a sequence of alphas >= 0 (e.g. (0.5, 1.0)), got {grid!r}")
     alphas = sorted({0.0, *(check_extrapolation_alpha(alpha) for alpha in grid)})
     adapter_name, config = uipe_adapter(model, adapter_name)
     original_alpha = config.extrapolation_alpha
@@ -92,10 +97,19 @@ def select_alpha(
             f"{adapter_name!r}: call model.set_adapter({adapter_name!r}) first"
         )
 
+    if any(layer.disable_adapters for _, layer in lora_layers(model, adapter_name)):
+        # Inside model.disable_adapter() every alpha scored as the base model, and alpha 0 was chosen silently.
+        raise ValueError(
+            f"adapter {adapter_name!r} is disabled (inside `with model.disable_adapter():` or after "
+            "`disable_adapter_layers()`): every alpha would score as the base model; call select_alpha outside it"
+        )
+
     def accuracy(pairs):
         return answer_accuracy(model, tokenizer, pairs, batch_size=batch_size, chat_template=chat_template)
 
-    with model.disable_adapter():
+    # Not model.disable_adapter(): re-enabling marks the adapter trainable, and an adapter loaded for inference
+    # was left with its weights requiring grad.
+    with adapters_disabled(model):
         retain_before = accuracy(retain)
     threshold = utility_floor * retain_before
     table = []
