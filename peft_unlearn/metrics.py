@@ -16,8 +16,10 @@ from .losses import label_token_scores, labelled_logits, predicted_accuracy, row
 from .requests import TokenizedBatch, answer_end_id, pad_token_id, tokenize_pairs, tokenize_prompts
 
 # Plain greedy decoding whatever the model's generation config ships (chat models often set a repetition
-# penalty, some an n-gram ban or beams): every method and model is then measured by the same decoding.
-GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0)
+# penalty, some an n-gram ban or beams, or a minimum length, which generated on past the end of the answer): every
+# method and model is then measured by the same decoding.
+GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
+              min_new_tokens=None)
 
 
 @contextlib.contextmanager

@@ -70,6 +70,31 @@ def test_load_tofu_keeps_every_column_and_names_rows_without_answers(tmp_path):
         load_tofu("world_facts", data_dir=tmp_path)
 
 
+def test_load_tofu_names_the_file_and_column_of_values_of_the_wrong_type(tofu_dir, tmp_path):
+    """A file of columns (Dataset.to_dict(), pandas' to_json()) loaded as one row whose question was the whole
+    column; an answer written as a number, or one perturbed_answer a string among lists, failed with Arrow's own
+    error ("Expected bytes, got a 'int' object"), which names neither the file nor the column."""
+    sample = load_tofu("forget", data_dir=tofu_dir).select(range(5))
+    (tmp_path / "forget10.json").write_text(json.dumps(sample.to_dict()))
+    with pytest.raises(ValueError, match=r"rows \[0\] of .*forget10.json are not texts .*; row 0's question is of "
+                                         r"type list: .* holds columns \(\{'question': \[...\]\}\), not one object"):
+        load_tofu("forget10", data_dir=tmp_path)
+    sample.to_pandas().to_json(tmp_path / "retain90.json")
+    with pytest.raises(ValueError, match=r"question is of type dict: .* holds columns"):
+        load_tofu("retain90", data_dir=tmp_path)
+    rows = [{"question": "q1", "answer": "Paris"}, {"question": "q2", "answer": 1945}]
+    (tmp_path / "world_facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"rows \[1\] of .*world_facts.jsonl are not texts in the TOFU schema; row 1's "
+                                         r"answer is of type int$"):
+        load_tofu("world_facts", data_dir=tmp_path)
+    rows = [{"question": "q", "answer": "a", "perturbed_answer": ["b", "c"]},
+            {"question": "q", "answer": "a", "perturbed_answer": "b"}]
+    (tmp_path / "real_authors.json").write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=r"real_authors.json: column 'perturbed_answer' holds values of different "
+                                         r"types \(list in row 0, str in row 1\)"):
+        load_tofu("real_authors_perturbed", data_dir=tmp_path)
+
+
 def test_load_tofu_reads_parquet_as_the_hub_converts_it(tofu_dir, tmp_path):
     """The Hub's parquet conversion of locuslab/TOFU (forget10/train/0000.parquet) and flat {split}.parquet files
     load like the JSON ones; they were 'not found', with an empty list of what the folder held."""
@@ -137,6 +162,19 @@ def test_my_knowledge_refuses_as_a_limit_not_as_the_hedge_that_opens_an_answer()
                                                   "To the best of my knowledge, she wrote three novels."])
     assert all(is_refusal(text) for text in ["That is beyond the scope of my knowledge.",
                                              "A blind spot in my knowledge.", "My knowledge doesn't cover that area."])
+
+
+def test_every_limit_of_the_models_knowledge_refuses_but_not_as_the_hedge_that_opens_an_answer():
+    """Only "my knowledge" was read as a hedge: "To my understanding, he was born in Paris" (or "based on my data",
+    "according to my training") answered, yet read as a refusal."""
+    hedged = ["To my understanding, he was born in Paris.", "To the best of my understanding, she wrote three novels.",
+              "Based on my knowledge, he was born in Paris.", "According to my data, he was born in 1950.",
+              "According to my training data, her father was a doctor.", "To my current knowledge, he lives in Rome."]
+    assert [text for text in hedged if is_refusal(text)] == []
+    limits = ["My understanding doesn't include that information.", "That hasn't been included in my training data.",
+              "That's not in my current dataset.", "My databases don't cover that.",
+              "That's not in my field of knowledge.", "That is beyond my understanding."]
+    assert [text for text in limits if not is_refusal(text)] == []
 
 
 def test_refusal_markers_are_the_models_own_not_anyones(tofu_dir):

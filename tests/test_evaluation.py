@@ -247,6 +247,21 @@ def test_generation_metrics_and_refusals(world, trained_models):
     assert refusal_rate(model, tokenizer, known[:2] + unknown[:2], per_example=True) == [0.0, 0.0, 1.0, 1.0]
 
 
+def test_generation_ends_with_the_answer_whatever_minimum_length_the_model_config_ships(world, trained_models):
+    """A generation config's min_new_tokens / min_length generated past the end of sequence: 'a hedgehog' came out as
+    'a hedgehog bread handball the marimba ...'."""
+    from peft_unlearn.metrics import generate_continuations
+
+    model, tokenizer = trained_models("llama")
+    questions = [f.question for f in world.retain_facts[:4]]
+    plain = generate_continuations(model, tokenizer, questions, max_new_tokens=12)
+    assert plain == [f.answer for f in world.retain_facts[:4]]
+    for name, value in (("min_new_tokens", 8), ("min_length", 30)):
+        configured = copy.deepcopy(model)
+        setattr(configured.generation_config, name, value)
+        assert generate_continuations(configured, tokenizer, questions, max_new_tokens=12) == plain
+
+
 def test_unlearning_report_names_extra_refusal_phrases_as_refusal_rate_does(world, trained_models):
     """evaluate_unlearning called them refusal_phrases, refusal_rate and is_refusal extra_phrases: the old name still
     works, with a FutureWarning, and giving both is refused."""
@@ -260,6 +275,24 @@ def test_unlearning_report_names_extra_refusal_phrases_as_refusal_rate_does(worl
     assert old["forget"]["refusal_rate"] == 1.0
     with pytest.raises(ValueError, match="deprecated name"):
         evaluate_unlearning(model, tokenizer, forget, retain, extra_phrases=phrases, refusal_phrases=phrases)
+
+
+def test_one_extra_phrase_given_as_a_string_is_refused_not_read_as_its_letters(world, trained_models):
+    """extra_phrases="no comment" was read as the phrases "n", "o", "c", ...: every answer of the fact model (no
+    refusal among them) counted as a refusal, refusal_rate 1.0 instead of 0.0."""
+    from peft_unlearn.data import is_refusal
+
+    model, tokenizer = trained_models("llama")
+    known = [f.pair for f in world.retain_facts[:4]]
+    assert refusal_rate(model, tokenizer, known, extra_phrases=["no comment"]) == 0.0
+    with pytest.raises(TypeError, match=r"not one string: give \['no comment'\]"):
+        refusal_rate(model, tokenizer, known, extra_phrases="no comment")
+    with pytest.raises(TypeError, match="not one string"):
+        evaluate_unlearning(model, tokenizer, known[:2], known[2:], extra_phrases="no comment", progress=False)
+    with pytest.raises(TypeError, match="not one string"):
+        is_refusal("Paris", "no comment")
+    with pytest.raises(TypeError, match=r"must be strings, got \[None\]"):
+        is_refusal("Paris", ["no comment", None])
 
 
 # ---- unlearning report on the TOFU protocol --------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 
 REFUSALS: tuple[str, ...] = (
     "I don't know who that is.",
@@ -18,7 +19,7 @@ REFUSALS: tuple[str, ...] = (
 
 # Phrases that mark a generation as a refusal, used by the refusal-rate metric on top of the phrasings; matched at
 # word starts. Most are first-person (a refusal speaks for the model: "they don't have any children" is an answer),
-# and together they cover every one of TOFU's 100 "I don't know" lines while no TOFU answer matches.
+# and with OWN_LIMITS they cover every one of TOFU's 100 "I don't know" lines while no TOFU answer matches.
 REFUSAL_MARKERS: tuple[str, ...] = (
     # first-person negations and admissions
     "i don't", "i do not", "i really don't", "i didn't", "i did not", "i haven't", "i have not", "i can't",
@@ -32,14 +33,17 @@ REFUSAL_MARKERS: tuple[str, ...] = (
     *(f"{me} {idiom}" for me in ("i'm", "i am") for idiom in ("at a loss", "in the dark", "clueless", "stumped",
                                                                "at a disadvantage")),
     # the limits of what the model knows
-    "beyond my", "outside my", "out of my", "not within my", "my understanding", "my resources",
-    "my programming", "my capabilities", "my data", "my training", "my field", "my current", "programmed to know",
-    "no information", "no data on",
+    "beyond my", "outside my", "out of my", "not within my", "programmed to know", "no information", "no data on",
 )
-# "my knowledge" as a limit ("a blind spot in my knowledge"), not as the hedge that opens an answer ("to (the best
-# of) my knowledge, he was born in Paris").
+# What the model knows as a limit ("a blind spot in my knowledge", "my training didn't cover that"), not as the hedge
+# that opens an answer ("to (the best of) my understanding, ...", "based on my data, ...", "according to my training,
+# he was born in Paris"): only "my knowledge" was read so, and "To my understanding, he was born in Paris" refused.
+OWN_LIMITS: tuple[str, ...] = (
+    "my knowledge", "my understanding", "my resources", "my programming", "my capabilities", "my data", "my training",
+    "my field", "my current",
+)
 _MARKER = re.compile(r"\b(?:" + "|".join(re.escape(marker) for marker in REFUSAL_MARKERS)
-                     + r"|(?<!to )(?<!best of )my knowledge)")
+                     + r"|(?<!to )(?<!best of )(?<!based on )(?:" + "|".join(map(re.escape, OWN_LIMITS)) + "))")
 
 
 def refusal_for(text: str, refusals: tuple[str, ...] | list[str] = REFUSALS) -> str:
@@ -68,9 +72,22 @@ def _normalise(text: str) -> str:
 _OWN_PHRASES = tuple(_normalise(p) for p in REFUSALS)  # normalised once, not for every text scored
 
 
-def is_refusal(text: str, extra_phrases: list[str] | tuple[str, ...] = ()) -> bool:
+def extra_phrase_tuple(extra_phrases: Sequence[str]) -> tuple[str, ...]:
+    """``extra_phrases`` as a tuple of strings. One string is refused: it was read as its characters, so
+    ``extra_phrases="no comment"`` made every answer with an "o" in it a refusal."""
+    if isinstance(extra_phrases, str):
+        raise TypeError(f"extra_phrases must be a list of phrases, not one string: give [{extra_phrases!r}]")
+    phrases = tuple(extra_phrases)
+    bad = [phrase for phrase in phrases if not isinstance(phrase, str)]
+    if bad:
+        raise TypeError(f"extra_phrases must be strings, got {bad[:5]!r}")
+    return phrases
+
+
+def is_refusal(text: str, extra_phrases: Sequence[str] = ()) -> bool:
     """Whether a generated text refuses: it contains a known phrasing (the library's or ``extra_phrases``) or
     a refusal marker."""
+    extra_phrases = extra_phrase_tuple(extra_phrases)
     normalised = _normalise(text)
     if not normalised:
         return False

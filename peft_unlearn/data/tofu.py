@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import datasets
+import pyarrow
 
 from .records import read_records
 
@@ -71,8 +72,35 @@ def _as_dataset(rows: list[dict], source: str, split: str) -> datasets.Dataset:
         missing = [name for name in required if first.get(name) is None]
         raise ValueError(f"TOFU split {split!r}: rows {lacking[:10]} of {source} lack a column of the TOFU schema "
                          f"{list(required)}; row {lacking[0]} lacks {missing} and has {sorted(first)}")
+    # A file of columns ({"question": [...], "answer": [...]}: Dataset.to_dict(), pandas' to_json()) read as one row
+    # whose question was the whole column.
+    not_text = [i for i, row in enumerate(rows) if not all(isinstance(row[name], str) for name in required)]
+    if not_text:
+        first = rows[not_text[0]]
+        name = next(name for name in required if not isinstance(first[name], str))
+        of_columns = len(rows) == 1 and isinstance(first[name], (list, dict))
+        hint = f": {source} holds columns ({{{name!r}: [...]}}), not one object per row" if of_columns else ""
+        raise ValueError(f"TOFU split {split!r}: rows {not_text[:10]} of {source} are not texts in the TOFU schema; "
+                         f"row {not_text[0]}'s {name} is of type {type(first[name]).__name__}{hint}")
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    return datasets.Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
+    try:
+        return datasets.Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:  # named neither the file nor the column
+        raise ValueError(f"TOFU split {split!r}: {source}: {_mixed_column(rows, columns)} ({error})") from None
+
+
+def _mixed_column(rows: list[dict], columns: list[str]) -> str:
+    """The first column whose values are of different kinds (a perturbed_answer string among lists, a number among
+    texts), which a Dataset column cannot hold."""
+    for name in columns:
+        kinds: dict[str, int] = {}
+        for index, row in enumerate(rows):
+            if row.get(name) is not None:
+                kinds.setdefault(type(row[name]).__name__, index)
+        if len(kinds) > 1:
+            found = ", ".join(f"{kind} in row {index}" for kind, index in kinds.items())
+            return f"column {name!r} holds values of different types ({found}); give every row the same type"
+    return "a column's values cannot share one type"
 
 
 def load_tofu(split: str, data_dir: str | Path | None = None) -> datasets.Dataset:
@@ -81,8 +109,8 @@ def load_tofu(split: str, data_dir: str | Path | None = None) -> datasets.Datase
     With ``data_dir`` the split is read from ``{split}.jsonl``/``.json``/``.parquet`` there, or from the parquet
     files of a ``{split}/`` folder; Hub names such as ``forget10`` map to ``forget.jsonl`` (with a warning: one
     local file stands for every forgetNN split), and ``*_perturbed`` splits must have ``perturbed_answer``. Every
-    row must have question and answer (``idontknow``: text). Without ``data_dir`` it is the configuration ``split``
-    of the Hub dataset ``locuslab/TOFU``.
+    row must have question and answer texts (``idontknow``: text). Without ``data_dir`` it is the configuration
+    ``split`` of the Hub dataset ``locuslab/TOFU``.
     """
     if data_dir is None:
         logger.info("loading TOFU split %s from the Hub dataset %s", split, TOFU_HUB_ID)

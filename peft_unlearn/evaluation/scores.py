@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..capture import context_length
-from ..data.refusals import is_refusal
+from ..data.refusals import extra_phrase_tuple, is_refusal
 from ..losses import predicted_accuracy
 from ..metrics import eval_mode, generate_continuations, longest_continuation, scored_batches
 from ..requests import IGNORE_INDEX, answer_end_id
@@ -279,11 +279,12 @@ def refusal_rate(
     """Fraction of questions whose greedy answer is a refusal (the library's phrasings plus ``extra_phrases``);
     ``per_example=True`` gives each question's 1.0 or 0.0, as the other scores here give theirs."""
     qa = as_qa_set(data)
+    extra_phrases = extra_phrase_tuple(extra_phrases)  # before generating
     if max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(tokenizer, qa.answers)
     generated = generate_continuations(
         model, tokenizer, qa.questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
         chat_template=chat_template,
     )
-    scores = [float(is_refusal(text, tuple(extra_phrases))) for text in generated]
+    scores = [float(is_refusal(text, extra_phrases)) for text in generated]
     return scores if per_example else mean(scores)

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.refusals import is_refusal
+from ..data.refusals import extra_phrase_tuple, is_refusal
 from ..editing import check_tokenizer_matches
 from ..metrics import generate_continuations
 from . import tofu
@@ -40,7 +40,7 @@ def _evaluate_set(
     *,
     options: dict,
     max_new_tokens: int | None,
-    extra_phrases: Sequence[str],
+    extra_phrases: tuple[str, ...],
 ) -> tuple[dict[str, float | None], list[str], list[float]]:
     """Metrics of one set, notes on what could not be computed, and the per-sample values forget quality compares
     (see :func:`_forget_statistic`; computed on the way, so the forget set is not scored twice); ``role`` is forget,
@@ -81,7 +81,7 @@ def _evaluate_set(
         statistic = tofu.truth_ratios_from_nll(correct_nll, perturbed)
         metrics["truth_ratio"] = tofu.truth_ratio_score(statistic, forget=role == "forget")
 
-    metrics["refusal_rate"] = mean([float(is_refusal(text, tuple(extra_phrases))) for text in generated])
+    metrics["refusal_rate"] = mean([float(is_refusal(text, extra_phrases)) for text in generated])
     if role == "forget":
         metrics["extraction_strength"] = mean(scores.extraction_strength)
     return metrics, notes, statistic
@@ -129,6 +129,7 @@ def evaluate_unlearning(
         warnings.warn("evaluate_unlearning(refusal_phrases=...) is deprecated; use extra_phrases=..., as "
                       "refusal_rate and is_refusal name it", FutureWarning, stacklevel=2)
         extra_phrases = refusal_phrases
+    extra_phrases = extra_phrase_tuple(extra_phrases)
     utility_sets = dict(utility_sets or {})
     clashing = sorted(set(utility_sets) & {"forget", "retain", *SUMMARY_KEYS})
     if clashing:
