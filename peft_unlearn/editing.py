@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,20 @@ class adapters_disabled:
     def __exit__(self, *exc) -> None:
         for layer, state in zip(self.layers, self.states):
             layer._disable_adapters = state
+
+
+@contextlib.contextmanager
+def peft_adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.disable_adapter()`` of a PeftModel (which also unmerges merged adapters and bypasses prompt-learning
+    ones) without its side effect: re-enabling marks the active adapter trainable, so an adapter loaded for
+    inference left with every weight requiring grad."""
+    frozen = [parameter for parameter in model.parameters() if not parameter.requires_grad]
+    try:
+        with model.disable_adapter():
+            yield model
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
 
 
 # Bounds of the default unrelated prompts: one sampled text per request between these counts, each as long as the

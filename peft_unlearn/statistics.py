@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import capture_at_positions, context_length, linear_shape, unwrap_model
-from .editing import check_nothing_merged, check_tokenizer_matches, the_active_adapter
+from .editing import check_nothing_merged, check_tokenizer_matches, peft_adapter_disabled, the_active_adapter
 from .metrics import evaluating
 from .requests import tokenize_pairs
 from .tokenizer_record import record_tokenizer
@@ -358,7 +358,7 @@ def collect_statistics(
     # merged adapter for good).
     if tuner is not None:
         check_nothing_merged(model, "collect_statistics")
-    with model.disable_adapter() if tuner is not None else contextlib.nullcontext():
+    with peft_adapter_disabled(model) if tuner is not None else contextlib.nullcontext():
         statistics = second_moments(
             model, tokenizer, texts, module_names,
             batch_size=batch_size, max_tokens=max_tokens, max_length=max_length, progress=progress,

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from scipy import stats
 
 from peft_unlearn import forget_requests
@@ -451,6 +451,17 @@ def test_locality_against_the_adapter_free_model(world, trained_models):
     changed = locality(peft_model, tokenizer, unrelated)
     assert changed["teacher_forced"] < 0.9 and changed["generation"] < 0.9
     assert answer_scores(peft_model, tokenizer, unrelated).nll != answer_scores(model, tokenizer, unrelated).nll
+
+
+def test_locality_leaves_an_adapter_loaded_for_inference_frozen(world, trained_models, tmp_path):
+    """The pre-edit model was the adapter under PEFT's disable_adapter(), whose exit marks the active adapter
+    trainable: a LoRA loaded for inference came out of locality() with all 8 of its factors requiring grad."""
+    model, tokenizer = trained_models("llama")
+    get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=["down_proj"], r=4)).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)
+    assert not any(parameter.requires_grad for parameter in loaded.parameters())
+    assert locality(loaded, tokenizer, [f.pair for f in world.retain_facts[:3]])["generation"] == 1.0
+    assert not any(parameter.requires_grad for parameter in loaded.parameters())
 
 
 def test_locality_refuses_a_reference_that_carries_the_edit(world, trained_models, monkeypatch):

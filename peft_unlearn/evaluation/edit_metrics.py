@@ -15,7 +15,7 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..editing import check_tokenizer_matches
+from ..editing import check_tokenizer_matches, peft_adapter_disabled
 from ..metrics import (
     answer_accuracy,
     collapse_whitespace,
@@ -86,7 +86,7 @@ def _pre_edit_model(model: nn.Module, reference_model: nn.Module | None) -> Iter
     if reference_model is not None:
         yield reference_model
     else:
-        with model.disable_adapter():
+        with peft_adapter_disabled(model):
             yield model
 
 
