@@ -201,7 +201,9 @@ def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
     """Refuse a tokenizer whose ids the model's embedding cannot hold, or other than the one the model's active
     adapters were made with."""
     embeddings = model.get_input_embeddings()
-    vocab = embeddings.num_embeddings if embeddings is not None else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is None and isinstance(getattr(embeddings, "weight", None), torch.Tensor):
+        vocab = embeddings.weight.shape[0]  # a LoRA or trainable-tokens layer wrapping the embedding
     if vocab is not None and len(tokenizer) > vocab:
         raise ValueError(
             f"mismatched tokenizer: it has {len(tokenizer)} tokens but the model's embedding has {vocab} rows; "

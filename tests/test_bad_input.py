@@ -164,6 +164,47 @@ def test_unlearning_refuses_non_finite_coefficients_and_a_refusal_string(tmp_pat
     assert any(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("options, error", [
+    (dict(append_eos="no"), "append_eos must be True or False, got 'no'"),
+    (dict(chat_template="no"), "chat_template must be True or False, got 'no'"),
+    (dict(beta="0.1"), "beta must be a number, got '0.1'"),
+    (dict(beta=True), "beta must be a number, got True"),
+    (dict(forget_weight="1"), "forget_weight must be a number"),
+    (dict(retain_weight=None), "retain_weight must be a number"),
+    (dict(delta="1", unlearn_loss="simnpo"), "delta must be a number"),
+    (dict(max_length=64.5), "max_length must be an integer, got 64.5"),
+])
+def test_unlearning_arguments_of_the_wrong_type_are_named(tmp_path, options, error):
+    """append_eos="no" appended the eos token to every answer, beta=True trained NPO at beta 1, max_length=64.5 was
+    taken; beta="0.1" failed with "'<' not supported between instances of 'int' and 'str'", naming no option, and
+    chat_template="no" with "2 chat_template flags for 8 pairs"."""
+    from peft_unlearn import UnlearningArguments
+
+    with pytest.raises((TypeError, ValueError), match=error):
+        UnlearningArguments(output_dir=str(tmp_path), report_to=[], **options)
+
+
+def test_unlearning_reads_refusals_given_as_a_generator_once(tmp_path):
+    """refusals=(text for text in [...]) was read up by the blank-refusal check and then failed as "refusals must not
+    be empty"; refusals=5 failed with "'int' object is not iterable"."""
+    from peft_unlearn import UnlearningArguments, UnlearningTrainer
+    from peft_unlearn.testing import train_tokenizer
+
+    tokenizer = train_tokenizer(WORDS, "word", vocab_size=40)
+    model = get_peft_model(tiny_gpt2(vocab_size=len(tokenizer)),
+                           peft_unlearn.UIPELoraConfig(target_modules=["c_attn"], r=2))
+    args = UnlearningArguments(output_dir=str(tmp_path), report_to=[], unlearn_loss="refusal", use_cpu=True)
+    pairs = [("w1 w2", "w3 w4")]
+    before = adapter_state(model)
+    with pytest.raises(TypeError, match="refusals must be a list of refusal texts, got int"):
+        UnlearningTrainer(model, args, pairs, pairs, processing_class=tokenizer, refusals=5)
+    assert_unchanged(before, model)
+    trainer = UnlearningTrainer(model, args, pairs, pairs, processing_class=tokenizer,
+                                refusals=(text for text in ["w7 w8"]))
+    refusal = trainer.train_dataset[0]["forget_refusal"]
+    assert tokenizer.decode([t for t in refusal.labels if t >= 0], skip_special_tokens=True) == "w7 w8"
+
+
 def test_unlearning_refuses_a_reference_model_of_another_vocabulary(tmp_path):
     """An explicit reference whose embedding cannot hold the tokenizer's ids failed later, inside a forward."""
     from peft_unlearn import UnlearningArguments, UnlearningTrainer

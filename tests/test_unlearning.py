@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from transformers import TrainerCallback
 
@@ -545,6 +545,62 @@ def test_unlearn_with_lora_leaves_the_model_alone_when_it_fails_and_counts_epoch
     assert summary["steps"] == 2
 
 
+def test_unlearn_with_lora_refuses_a_model_that_already_has_an_adapter(trained_models, world):
+    """A fine-tuned LoRA PeftModel given to the recipe got the new adapter under the same name 'default': its 16
+    LoRA tensors and its config were replaced (logits moved by 0.06 with learning_rate=0), silently."""
+    from peft_unlearn.unlearning import recipes
+
+    base, tokenizer = trained_models("llama")
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05, generator=torch.Generator().manual_seed(0))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    forget = [fact.pair for fact in world.forget_facts[:4]]
+    retain = [fact.pair for fact in world.retain_facts[:4]]
+    attached = inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), copy.deepcopy(base))
+    for candidate in (model, model.get_base_model(), attached):
+        with pytest.raises(ValueError, match="adds a new adapter to a base model.*already has adapters"):
+            recipes.unlearn_with_lora(candidate, tokenizer, forget, retain, uipe_alpha=0.0, max_steps=1,
+                                      progress=False)
+    assert type(model.peft_config["default"]) is LoraConfig
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_unlearn_with_lora_names_forget_and_retain_sets_of_the_wrong_type(trained_models, world):
+    """A generator of 4 forget rows was read by the accuracy before training, then handed on empty: 'forget_dataset is
+    empty'; a string or a dict of columns was split into characters or keys ("row 0 ... 'W'")."""
+    from peft_unlearn.unlearning import recipes
+
+    base, tokenizer = trained_models("llama")
+    model = copy.deepcopy(base)
+    forget = [fact.pair for fact in world.forget_facts[:4]]
+    retain = [fact.pair for fact in world.retain_facts[:4]]
+    columns = {"question": [q for q, _ in forget], "answer": [a for _, a in forget]}
+    for bad_forget, bad_retain, kind in [((pair for pair in forget), retain, "forget.*got generator"),
+                                         ("Where was Alve Kelby born?", retain, "forget.*got str"),
+                                         (columns, retain, "forget.*got dict"),
+                                         (forget, (pair for pair in retain), "retain.*got generator")]:
+        with pytest.raises(TypeError, match=kind):
+            recipes.unlearn_with_lora(model, tokenizer, bad_forget, bad_retain, uipe_alpha=0.0, max_steps=1,
+                                      progress=False)
+        assert not any(isinstance(module, LoraLayer) for module in model.modules())
+
+
+def test_unlearn_with_lora_refuses_checkpoints_without_output_dir(trained_models, world):
+    """save_strategy='steps' without output_dir wrote every checkpoint into a temporary folder that the recipe removed
+    when the run ended or failed: nothing was left to resume from."""
+    from peft_unlearn.unlearning import recipes
+
+    base, tokenizer = trained_models("llama")
+    model = copy.deepcopy(base)
+    forget = [fact.pair for fact in world.forget_facts[:4]]
+    with pytest.raises(ValueError, match="save_strategy='steps' saves checkpoints, but without output_dir"):
+        recipes.unlearn_with_lora(model, tokenizer, forget, loss="ga", uipe_alpha=0.0, max_steps=1, progress=False,
+                                  save_strategy="steps", save_steps=1)
+    assert not any(isinstance(module, LoraLayer) for module in model.modules())
+
+
 def test_unlearn_with_lora_that_fails_while_training_leaves_the_model_trainable_and_in_eval_mode(
     trained_models, world, monkeypatch
 ):
@@ -712,6 +768,49 @@ def test_an_adapter_that_trains_the_base_biases_needs_an_explicit_reference(tmp_
     model.train()
     _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
     torch.testing.assert_close(outputs.reference_nll("forget", average=False), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_base_weights_trained_along_with_the_adapter_need_an_explicit_reference(trained_models, world, tmp_path):
+    """An lm_head unfrozen by hand next to a LoRA was trained in place, and the disabled adapter (the reference) kept
+    it: after 3 NPO steps at learning rate 1e-2 the reference's logits were 4.1 away from the original model's."""
+    base, tokenizer = trained_models("llama")
+    forget = [fact.pair for fact in world.forget_facts[:4]]
+    retain = [fact.pair for fact in world.retain_facts[:4]]
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.get_base_model().lm_head.weight.requires_grad_(True)
+    for loss in ("npo", "kl", "idk_dpo"):
+        with pytest.raises(ValueError, match=f"{loss} compares against a reference.*'base_model.model.lm_head.weight'"
+                                             ".*pass reference_model="):
+            UnlearningTrainer(model, make_args(tmp_path, loss), forget, retain, processing_class=tokenizer)
+    UnlearningTrainer(model, make_args(tmp_path, "grad_diff"), forget, retain, processing_class=tokenizer)
+    UnlearningTrainer(model, make_args(tmp_path, "npo"), forget, retain, processing_class=tokenizer,
+                      reference_model=copy.deepcopy(base))
+
+
+@pytest.mark.parametrize("config", [dict(target_modules=["embed_tokens", "q_proj"]),
+                                    dict(target_modules=["q_proj"], trainable_token_indices=[5, 6])],
+                         ids=["lora_embedding", "trainable_tokens"])
+def test_an_adapter_on_the_embedding_trains_with_the_disabled_adapter_as_reference(trained_models, world, tmp_path,
+                                                                                   config):
+    """A LoRA on embed_tokens failed in the tokenizer check ("'Embedding' object has no attribute
+    'num_embeddings'"): the adapter wraps the embedding. Its parameters (a ParameterDict, named '...default') are the
+    adapter's own, not base weights."""
+    base, tokenizer = trained_models("llama")
+    forget = [fact.pair for fact in world.forget_facts[:4]]
+    retain = [fact.pair for fact in world.retain_facts[:4]]
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, **config))
+    trainer = UnlearningTrainer(model, make_args(tmp_path, "npo", max_steps=1), forget, retain,
+                                processing_class=tokenizer)
+    batch = first_batch(trainer)
+    _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    forget_inputs = {key: batch["forget"][key] for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        expected = sequence_nll(base(**forget_inputs).logits, batch["forget"]["labels"], average=False)
+    torch.testing.assert_close(outputs.reference_nll("forget", average=False), expected, rtol=1e-5, atol=1e-5)
+    small = copy.deepcopy(tokenizer)
+    small.add_tokens([f"extra{i}" for i in range(base.get_input_embeddings().num_embeddings)])
+    with pytest.raises(ValueError, match="mismatched tokenizer"):
+        UnlearningTrainer(model, make_args(tmp_path, "npo"), forget, retain, processing_class=small)
 
 
 def test_the_reference_switches_off_modules_to_save_and_serves_parts_only_it_reads(tofu, tmp_path):

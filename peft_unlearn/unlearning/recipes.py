@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PrinterCallback
 
@@ -18,6 +19,7 @@ from ..metrics import answer_accuracy
 from ..tuners.uipe import UIPELoraConfig, extrapolate, select_alpha
 from ..tuners.uipe.config import check_extrapolation_alpha
 from ..tuners.uipe.selection import check_utility_floor
+from .data import as_rows
 from .trainer import UnlearningArguments, UnlearningTrainer
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,19 @@ def _pairs(rows: Sequence) -> list[tuple[str, str]] | None:
         else:
             return None
     return pairs
+
+
+def _check_base_model(model: nn.Module) -> None:
+    """Refuse a model that already holds adapters: ``get_peft_model`` adds its adapter under the name ``default``,
+    which replaced the weights and config of an adapter already named so (a LoRA fine-tune's), silently."""
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if isinstance(model, PeftModel) or wrapped:
+        where = f" (in {wrapped[0]})" if wrapped else ""
+        raise ValueError(
+            f"unlearn_with_lora adds a new adapter to a base model, but this {type(model).__name__} already has "
+            f"adapters{where}: merge them into the weights first (model = model.merge_and_unload()), or train the "
+            "existing adapter with UnlearningTrainer"
+        )
 
 
 def _flags(model: nn.Module) -> tuple[list[tuple[nn.Parameter, bool]], list[tuple[nn.Module, bool]]]:
@@ -85,6 +100,7 @@ def unlearn_with_lora(
     """
     if loss not in LOSS_DEFAULTS:
         raise ValueError(f"unknown unlearning loss {loss!r}; choose from {sorted(LOSS_DEFAULTS)}")
+    _check_base_model(model)
     if uipe_alpha != "auto":
         uipe_alpha = check_extrapolation_alpha(uipe_alpha)  # before training, not after it
     check_utility_floor(utility_floor)
@@ -103,6 +119,14 @@ def unlearn_with_lora(
     if resume is True and output_dir is None:
         raise ValueError("resume_from_checkpoint=True resumes from the last checkpoint in output_dir: give output_dir "
                          "(the folder of the interrupted run), or the checkpoint's folder itself")
+    strategy = getattr(training["save_strategy"], "value", training["save_strategy"])
+    if strategy != "no" and output_dir is None:
+        # They went to a temporary folder removed when the run ended (or failed), so there was nothing to resume.
+        raise ValueError(f"save_strategy={strategy!r} saves checkpoints, but without output_dir they would be written "
+                         "to a temporary folder that is removed when the run ends: give output_dir")
+    # Read once, type-checked: a generator was read by the accuracy below and reached the trainer empty.
+    forget = as_rows(forget, "forget")
+    retain = as_rows(retain, "retain") if retain else None
     forget_pairs, retain_pairs = _pairs(forget), _pairs(retain or [])
     chat = bool(training.get("chat_template", False))  # measured in the format the model is trained on
     before = {}
@@ -117,8 +141,8 @@ def unlearn_with_lora(
         flags = _flags(model)
         peft_model = get_peft_model(model, UIPELoraConfig(**lora))
         try:
-            trainer = UnlearningTrainer(peft_model, args, forget_dataset=list(forget),
-                                        retain_dataset=list(retain) if retain else None, processing_class=tokenizer)
+            trainer = UnlearningTrainer(peft_model, args, forget_dataset=forget, retain_dataset=retain,
+                                        processing_class=tokenizer)
             if not progress:
                 # Without tqdm the Trainer prints every log dict, its final summary included.
                 trainer.remove_callback(PrinterCallback)

@@ -8,7 +8,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +21,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..capture import check_fits_context
 from ..data.refusals import REFUSALS
-from ..editing import adapters_disabled, check_tokenizer_matches
+from ..editing import adapters_disabled, check_tokenizer_matches, peft_adapter_disabled
 from ..losses import labelled_logits, labelled_width
 from ..metrics import evaluating
 from ..requests import pad_token_id
 from ..tokenizer_record import record_tokenizer
+from ..tuners.options import check_integers, check_numbers
 from .data import (
     ForgetRetainCollator,
     ForgetRetainDataset,
@@ -78,6 +79,13 @@ class UnlearningArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("append_eos", "chat_template"):
+            # A truthy string such as "no" appended the eos token (or used the template) it meant to leave out.
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        # Given as strings or bools they failed in a comparison that named no option, or trained (beta=True as 1).
+        check_numbers(self, ["forget_weight", "retain_weight", "delta"] + ([] if self.beta is None else ["beta"]))
+        check_integers(self, ["max_length"])
         loss = get_unlearning_loss(self.unlearn_loss)
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False: UnlearningTrainer builds its own paired batches")
@@ -240,6 +248,16 @@ class UnlearningTrainer(Trainer):
                     "disabling the adapter does not restore them, so the reference would drift with training. Use "
                     "bias='none', or pass reference_model= (a copy of the model before unlearning)"
                 )
+            trained_base = _trained_base_parameters(model)
+            if trained_base:
+                raise ValueError(
+                    f"{args.unlearn_loss} compares against a reference, which is the model with its adapter disabled, "
+                    f"but base-model parameters outside the adapter are trainable ({trained_base[0]!r}, "
+                    f"{len(trained_base)} in all): they are trained in place, and disabling the adapter does not "
+                    "restore them, so the reference would drift with training. Freeze them (requires_grad_(False)), "
+                    "train them as part of the adapter (modules_to_save), or pass reference_model= (a copy of the "
+                    "model before unlearning)"
+                )
         dataset = self._paired_dataset(tokenizer, args, forget_dataset, retain_dataset, refusals)
         longest = max(len(row.input_ids) for rows in dataset.parts() for row in rows)
         check_fits_context(model, longest, f"the longest tokenized row (max_length={args.max_length})")
@@ -316,6 +334,9 @@ class UnlearningTrainer(Trainer):
             if isinstance(refusals, str):
                 raise TypeError("refusals must be a list of refusal texts, not one string (it would be read "
                                 "character by character)")
+            if not isinstance(refusals, Iterable):
+                raise TypeError(f"refusals must be a list of refusal texts, got {type(refusals).__name__}")
+            refusals = list(refusals)  # a generator was read up by the checks below and then was empty
             if not refusals:
                 raise ValueError("refusals is empty: give at least one refusal text")
             blank = [i for i, text in enumerate(refusals) if not isinstance(text, str) or not text.strip()]
@@ -375,14 +396,8 @@ class UnlearningTrainer(Trainer):
             with evaluating(model), adapters_disabled(unwrapped):
                 yield model
             return
-        # PEFT marks the active adapter trainable again when it re-enables it: keep what the user froze frozen.
-        frozen = [parameter for parameter in unwrapped.parameters() if not parameter.requires_grad]
-        try:
-            with evaluating(model), unwrapped.disable_adapter():
-                yield model
-        finally:
-            for parameter in frozen:
-                parameter.requires_grad_(False)
+        with evaluating(model), peft_adapter_disabled(unwrapped):
+            yield model
 
     def train(self, *args: Any, **kwargs: Any):
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
@@ -508,6 +523,18 @@ def _adapters_training_base_biases(model: nn.Module) -> list[tuple[str, str]]:
     trained = [name for name, parameter in model.named_parameters()
                if parameter.requires_grad and name.endswith("bias") and not any(part in name for part in names)]
     return adapters if trained else []
+
+
+def _trained_base_parameters(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters of a model with PEFT adapters that belong to no adapter (an adapter's own
+    parameters carry its name: ``lora_A.default.weight``, ``trainable_tokens_delta.default``): a base weight unfrozen
+    by hand (an ``lm_head`` trained along with a LoRA) is trained in place, which disabling the adapter keeps."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return []
+    return [name for name, parameter in model.named_parameters()
+            if parameter.requires_grad and not any(f".{adapter}." in name or name.endswith(f".{adapter}")
+                                                   for adapter in configs)]
 
 
 def _shares_parameters(first: nn.Module, second: nn.Module) -> bool:
