@@ -451,12 +451,16 @@ def add_at_positions(module: nn.Module, delta: torch.Tensor, positions: torch.Te
 
 
 def context_length(model: nn.Module) -> int | None:
-    """The number of positions the model can attend over, from its config (None when it does not say)."""
+    """The number of positions the model can attend over, from its config (None when it does not say). A composite
+    model (Gemma 3, Llama 4, Mistral 3, Qwen2-VL) states it in its text config only: read from the top-level config
+    alone, its context was unknown and no prompt was ever refused or cut to it."""
     config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    text_config = getattr(config, "get_text_config", None)
+    for source in (config, text_config(decoder=True) if callable(text_config) else None):
+        for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+            value = getattr(source, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
     return None
 
 

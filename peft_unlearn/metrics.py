@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .capture import context_length
 from .losses import label_token_scores, labelled_logits, predicted_accuracy, row_chunks
-from .requests import TokenizedBatch, answer_end_id, pad_token_id, tokenize_pairs, tokenize_prompts
+from .requests import UNSPACED_CHARACTERS, TokenizedBatch, answer_end_id, pad_token_id, tokenize_pairs, tokenize_prompts
 
 # Plain greedy decoding whatever the model's generation config ships (chat models often set a repetition
 # penalty, some an n-gram ban or beams, or a minimum length, which generated on past the end of the answer): every
@@ -230,10 +230,9 @@ def collapse_whitespace(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-# Scripts written without spaces between words (Chinese, Japanese, Korean, Thai, Lao, Khmer, Myanmar): any two of
-# their characters may meet at a word boundary ("北京是首都" begins with the answer "北京").
-_UNSPACED = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
-                       "\uac00-\ud7af\uf900-\ufaff]")
+# Scripts written without spaces between words, and Korean, whose particles join the word before them: any two of
+# their characters may meet at a word boundary ("北京是首都" begins with the answer "北京", "서울은" with "서울").
+_UNSPACED = re.compile(f"[{UNSPACED_CHARACTERS}\uac00-\ud7af]")
 
 
 def starts_with_answer(generated: str, expected: str) -> bool:

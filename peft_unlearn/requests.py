@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -26,8 +27,9 @@ IGNORE_INDEX = -100
 class EditRequest:
     """One edit: after editing, ``prompt`` should be continued by ``target``.
 
-    ``subject`` (a substring of ``prompt``) is required by locate-then-edit methods (AlphaEdit, MEMIT, ROME), whose
-    keys are read at the subject's last token.
+    ``subject`` (a substring of ``prompt``, matched case-sensitively) is required by locate-then-edit methods
+    (AlphaEdit, MEMIT, ROME), whose keys are read at the subject's last token; where the prompt names it more than
+    once, at its first occurrence that stands as whole words (see :func:`find_subject`).
     """
 
     prompt: str
@@ -346,13 +348,11 @@ def _encode_rows(
         return_special_tokens_mask=True,
     )
     encoded_full = None
-    # What comes between prompt and target: in chat format what the template puts there; in plain text a space,
-    # unless the prompt already ends in whitespace ("Answer: ") or the target starts with it (" Paris", "\nParis":
-    # a second space would teach the model a lone space token before the answer).
+    # What comes between prompt and target: in chat format what the template puts there; in plain text
+    # :func:`plain_separator`.
     chat_separator = assistant_turn(tokenizer)[0] if chat_template else None
     separators = [
-        chat_separator if chat_template else "" if p[-1:].isspace() or (targets is not None and t[:1].isspace())
-        else " "
+        chat_separator if chat_template else plain_separator(p, t)
         for p, t in zip(prompt_texts, targets if targets is not None else prompt_texts)
     ]
     if targets is not None:
@@ -400,6 +400,28 @@ def _encode_rows(
             ids.append(end)
         rows.append((ids, len(prompt_ids), subject_last))
     return rows
+
+
+# Characters of scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, CJK punctuation (。、「」),
+# kana, CJK ideographs, fullwidth forms. Korean is not among them: it puts spaces between words.
+UNSPACED_CHARACTERS = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+                       "\uf900-\ufaff\uff00-\uffef")
+_UNSPACED = re.compile(f"[{UNSPACED_CHARACTERS}]")
+
+
+def _spaceless(char: str) -> bool:
+    return bool(_UNSPACED.fullmatch(char))
+
+
+def plain_separator(prompt: str, target: str) -> str:
+    """What joins a prompt and its target in plain text: a space, except after a prompt that ends in whitespace
+    ("Answer: ") or before a target that starts with it (" Paris", "\nParis"), where a second space would teach the
+    model a lone space token before the answer; nothing before an empty target (a lone space was scored as the
+    answer); nothing between two characters of scripts written without spaces ("日本の首都は" + "東京": the model was
+    taught to answer with a space it never writes there)."""
+    if not target or prompt[-1:].isspace() or target[:1].isspace():
+        return ""
+    return "" if _spaceless(prompt[-1:]) and _spaceless(target[:1]) else " "
 
 
 CONTINUATION_ANCHOR = "\n"
@@ -478,7 +500,8 @@ def tokenize_pairs(
     subject_from: Sequence[int] | None = None,
 ) -> TokenizedBatch:
     """Tokenize (prompt, target) pairs joined as ``prompt + " " + target`` (no space after a prompt that ends in
-    whitespace, nor before a target that starts with it), or through the chat template
+    whitespace, before a target that starts with it, nor within Chinese, Japanese or Thai text: see
+    :func:`plain_separator`), or through the chat template
     (``chat_template=None``: as the enclosing :func:`chat_formatted` block says, plain outside one; a list: one
     flag per pair, for rows edited in calls of either format).
 
@@ -547,8 +570,11 @@ def tokenize_prompts(
     chat_template: bool | None = None,
     rendered: bool = False,
 ) -> TokenizedBatch:
-    """Tokenize prompts alone (for generation or key reading); left padding by default. ``rendered``: the prompts
-    are whole conversations already written by the chat template, tokenized as they are (no special tokens added)."""
+    """Tokenize prompts alone (for generation or key reading); left padding by default, as ``generate()`` wants (it
+    numbers positions from the attention mask). Read keys with ``padding_side="right"``: a plain forward numbers a
+    left-padded row's positions from its padding, which moves learned position embeddings (GPT-2). ``rendered``:
+    the prompts are whole conversations already written by the chat template, tokenized as they are (no special
+    tokens added)."""
     if len(prompts) == 0:
         raise ValueError("no prompts to tokenize")
     rows = _encode_rows(tokenizer, prompts, None, subjects, chat_template=chat_template, append_eos=False,

@@ -9,6 +9,8 @@ from peft_unlearn.capture import (
     FrozenLayers,
     add_at_positions,
     capture_at_positions,
+    check_fits_context,
+    context_length,
     decoder_layer_name,
     gather_positions,
     mlp_output_projection_name,
@@ -46,7 +48,8 @@ def test_capture_matches_a_hand_computed_forward():
         expected_down_in = torch.relu(expected_up)
     torch.testing.assert_close(captured["up"], expected_up)
     torch.testing.assert_close(captured["down"], expected_down_in)
-    several = capture_at_positions(model, {"down": model.down}, {"input_ids": input_ids}, torch.tensor([[0, 3], [1, 2]]))
+    positions = torch.tensor([[0, 3], [1, 2]])
+    several = capture_at_positions(model, {"down": model.down}, {"input_ids": input_ids}, positions)
     torch.testing.assert_close(several["down"][1, 1], torch.relu(hidden[1, 2]).detach())
 
 
@@ -176,3 +179,15 @@ def test_labelled_logits_give_the_full_forwards_nll(make):
     assert logits.shape[1] == (9 if make is ToyCausalLM else 4)
     torch.testing.assert_close(sequence_nll(logits, kept), sequence_nll(full, labels))
     torch.testing.assert_close(per_example_accuracy(logits, kept), per_example_accuracy(full, labels))
+
+
+def test_a_composite_models_context_is_read_from_its_text_config():
+    """Gemma 3, Llama 4, Mistral 3 and Qwen2-VL state their context in their text config only: it read as unknown,
+    and prompts longer than it were neither refused nor cut."""
+    from transformers import Gemma3Config
+
+    model = SimpleNamespace(config=Gemma3Config(text_config={"max_position_embeddings": 64}))
+    assert context_length(model) == 64
+    with pytest.raises(ValueError, match="context of 64"):
+        check_fits_context(model, 65, "the texts")
+    check_fits_context(model, 64, "the texts")

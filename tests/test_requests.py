@@ -230,6 +230,32 @@ def test_a_target_starting_with_whitespace_gets_no_separator_before_it(kind, tar
     assert ids[: int(batch.target_start[0])].tolist() == tokenizer(prompt)["input_ids"]
 
 
+@pytest.mark.parametrize("kind", [k for k in TOKENIZER_KINDS if k != "word"])
+def test_chinese_and_japanese_targets_continue_their_prompts_without_a_space(kind):
+    """"日本の首都は" + "東京" was taught as "日本の首都は 東京": a lone space token ("Ġ", "▁") first, which the model
+    never writes inside Chinese or Japanese text; an English prompt still gets its space before a CJK answer."""
+    tokenizer = train_tokenizer(["日本の首都は東京です。", "中国的首都是北京。", "The capital is 東京"] * 20, kind,
+                                vocab_size=200)
+    cases = [("日本の首都は", "東京", "日本の首都は東京"), ("中国的首都是", "北京", "中国的首都是北京"),
+             ("The capital is", "東京", "The capital is 東京")]
+    for prompt, target, joined in cases:
+        batch = tokenize_pairs(tokenizer, [(prompt, target)])
+        ids = batch.input_ids[0].tolist()
+        assert tokenizer.decode(ids, skip_special_tokens=True) == joined
+        start = int(batch.target_start[0])
+        assert ids[:start] == tokenizer(prompt)["input_ids"]
+        assert tokenizer.decode(ids[start:]).strip() == target
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+@pytest.mark.parametrize("prompt", ["Where was Alve Kelby born?", "Where was Alve Kelby born? "])
+def test_an_empty_target_is_refused_not_scored_as_a_lone_space(kind, prompt):
+    """An empty target after a prompt without trailing whitespace got the separator as its one scored token."""
+    tokenizer = train_tokenizer(CORPUS, kind, vocab_size=200)
+    with pytest.raises(ValueError, match="produced no tokens"):
+        tokenize_pairs(tokenizer, [(prompt, "")])
+
+
 def test_a_continuation_is_not_given_a_word_boundary_when_the_anchor_merges_with_it():
     """A SentencePiece vocabulary with a "\\nA" token merges the "\\n" anchor with a target "A: ..." after a prompt
     ending in a newline; the target encoded alone then got a word boundary ("\\n A: a painter")."""
