@@ -24,7 +24,8 @@ kept-fact questions (an oracle threshold), with keys read at the last prompt tok
 routing alone (no refusal to fit) against the held-out people's questions. A third bounds every router: per layer, a
 side memory fit to the refusals alone, with every prompt forced through it (a perfect router's best case), with the
 library's refusal phrasings and with one refusal text for every edit.
-Writes benchmarks/results/wise_facts.json.
+Writes benchmarks/results/wise_facts.json (``--wider``: wise_facts_wider.json, ``--phrasings``:
+wise_facts_phrasings.json, ``--one-by-one``: wise_facts_one_by_one.json, each instead of the default run).
 """
 
 from __future__ import annotations

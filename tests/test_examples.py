@@ -28,9 +28,41 @@ def run_example(name: str, cwd: Path, *args: str, stdin: str = "") -> str:
     [("edit_with_alphaedit.py", "alphaedit-adapter"), ("unlearn_with_trainer.py", "plain-lora")],
 )
 def test_example_writes_its_adapter(tmp_path, trained_models, name, adapter_folder):
-    trained_models("llama")  # the examples' model, trained once per session and cached on disk
-    run_example(name, tmp_path)
+    base, tokenizer = trained_models("llama")  # the examples' model, trained once per session and cached on disk
+    output = run_example(name, tmp_path)
     assert (tmp_path / adapter_folder / "adapter_config.json").is_file()
+    printed = printed_numbers(output)
+    if name == "edit_with_alphaedit.py":  # the edits land and the kept facts stay (0.99 and 1.0 when written)
+        assert printed["refusal target accuracy"] >= 0.9 and printed["kept facts accuracy"] >= 0.95
+        return
+    # NPO forgets part of the forget set (0.7 when written) and the chosen alpha keeps the retain set.
+    assert printed["forget accuracy"] < 0.9 and printed["retain accuracy"] >= 0.9
+    # The exported folder loads in stock PEFT without this library: a fresh process that never imports it.
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    check = (
+        "import sys, peft\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('base'), 'plain-lora')\n"
+        "assert 'peft_unlearn' not in sys.modules\n"
+        "print(type(model.peft_config['default']).__name__)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip().endswith("LoraConfig")
+
+
+def printed_numbers(output: str) -> dict[str, float]:
+    """The example's 'label: number' lines: what it says it measured."""
+    numbers = {}
+    for line in output.splitlines():
+        label, _, value = line.rpartition(":")
+        try:
+            numbers[label.strip()] = float(value)
+        except ValueError:
+            continue
+    return numbers
 
 
 def test_grace_example_then_load_adapter_in_a_fresh_process(tmp_path, world, trained_models):
