@@ -2,7 +2,8 @@
 
 One streaming pass: one forward per batch captures every requested layer at once, sums ``x x^T`` in float32 and
 stops the forward after the last needed layer. Memory is independent of the corpus length. Under
-``accelerate launch`` each process reads its shard and the sums are reduced across processes.
+``accelerate launch`` or ``torchrun`` (GPUs or CPUs) each process reads its shard and the sums are reduced across
+processes.
 """
 
 from __future__ import annotations
@@ -160,6 +161,18 @@ def _process_state():
     return PartialState()
 
 
+def _process_layout() -> tuple[int, int]:
+    """(number of processes, this process's index): the process group's once one is up. On CPUs (``torchrun``,
+    ``accelerate launch`` without GPUs) accelerate's ``PartialState`` starts a group of every process yet counts one,
+    and each process measured the whole corpus instead of its shard."""
+    import torch.distributed as dist
+
+    state = _process_state()  # starts the process group under a launcher
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return state.num_processes, state.process_index
+
+
 def _token_rows(
     tokenizer, items: list, max_length: int, device, chat_template: bool = False
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -198,7 +211,8 @@ def second_moments(
     Items are texts (every non-padding token counts) or (prompt, answer) pairs (only the positions that predict
     the answer count). ``chat_template``: pairs are read as a user turn answered by the answer, as
     ``edit(chat_template=True)`` writes its requests (texts are read as written). ``max_tokens`` caps the tokens
-    counted (over all processes).
+    counted (over all processes). Under several processes every process calls this with the same texts, reads
+    its shard of them and returns the moments of all.
     """
     if not module_names:
         raise ValueError("no modules to collect statistics for")
@@ -227,11 +241,11 @@ def second_moments(
     if limit is not None:
         max_length = min(max_length, limit)  # longer texts are cut to the context, as to max_length
     device = next(model.parameters()).device
-    state = _process_state()
-    world, rank = state.num_processes, state.process_index
+    world, rank = _process_layout()
     if world > 1:
         texts = _shard(texts, rank, world)
-    token_budget = None if max_tokens is None else -(-max_tokens // world)
+    # The processes' budgets add up to max_tokens (each taking it rounded up counted up to world - 1 tokens more).
+    token_budget = None if max_tokens is None else max_tokens // world + int(rank < max_tokens % world)
     total = len(texts) if hasattr(texts, "__len__") else None
     sums: dict[str, torch.Tensor] = {}
     count, warned = 0, False

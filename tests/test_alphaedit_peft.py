@@ -241,35 +241,59 @@ def test_an_outlier_neuron_does_not_widen_the_null_space():
     torch.testing.assert_close(projector(with_outlier, energy=1e-3), expected, atol=1e-5, rtol=0)
 
 
-def test_distributed_statistics_equal_one_process(word_tokenizer, tmp_path):
+def test_distributed_statistics_equal_one_process_and_each_process_reads_its_shard(word_tokenizer, tmp_path):
+    """Two CPU processes under torchrun: accelerate's PartialState counted one process although the process group
+    held both, so each process measured all 40 texts (80 read in all); ``accelerate launch --cpu --num_processes 2``
+    starts a single process and never tested two."""
     word_tokenizer.save_pretrained(tmp_path / "tok")
     base = tiny_llama(vocab_size=len(word_tokenizer), layers=2)
     base.save_pretrained(tmp_path / "model")
     script = tmp_path / "collect.py"
     script.write_text(textwrap.dedent(f"""
         import sys, torch
-        from accelerate import PartialState
+        import torch.distributed as dist
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from peft_unlearn.statistics import second_moments
-        state = PartialState()
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r})
         tok = AutoTokenizer.from_pretrained({str(tmp_path / 'tok')!r})
+        rows = []
+        model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(len(kwargs["input_ids"])),
+                                        with_kwargs=True)
         texts = {TEXTS!r}
         stats = second_moments(model, tok, texts, ["model.layers.1.mlp.down_proj"], batch_size=4, progress=False)
-        if state.is_main_process:
+        rank = dist.get_rank()
+        open(sys.argv[2] + f".{{rank}}", "w").write(str(sum(rows)))
+        if rank == 0:
             stats.save_file(sys.argv[1])
     """))
-    out = tmp_path / "two.safetensors"
+    out, read = tmp_path / "two.safetensors", tmp_path / "read"
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", str(script), str(out)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out),
+         str(read)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert sum(int((tmp_path / f"read.{rank}").read_text()) for rank in (0, 1)) == len(TEXTS)
     two = SecondMoments.load_file(out)
     one = second_moments(base, word_tokenizer, TEXTS, ["model.layers.1.mlp.down_proj"], batch_size=4, progress=False)
     assert two.counts == one.counts
     torch.testing.assert_close(two.moments["model.layers.1.mlp.down_proj"], one.moments["model.layers.1.mlp.down_proj"],
                                rtol=1e-4, atol=1e-6)
+
+
+def test_token_budget_split_over_processes_adds_up_to_max_tokens(word_tokenizer, monkeypatch):
+    """Each of two processes took max_tokens rounded up: 101 counted 102 tokens (up to world - 1 over the cap)."""
+    from peft_unlearn import statistics
+
+    base = tiny_llama(vocab_size=len(word_tokenizer), layers=2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor: None)  # each process keeps its own count
+    counted = 0
+    for rank in (0, 1):
+        monkeypatch.setattr(statistics, "_process_state", lambda: SimpleNamespace(num_processes=2, process_index=rank))
+        stats = second_moments(base, word_tokenizer, TEXTS, ["model.layers.1.mlp.down_proj"], batch_size=4,
+                               max_tokens=101, progress=False)
+        counted += stats.counts["model.layers.1.mlp.down_proj"]
+    assert counted == 101
 
 
 def test_bad_input_is_refused_and_leaves_the_model_untouched(word_tokenizer):

@@ -280,6 +280,23 @@ def test_full_model_unlearning_copies_the_reference_with_a_warning(tofu, tmp_pat
         torch.testing.assert_close(p, q)
 
 
+def test_float16_weights_are_refused_and_a_float32_adapter_on_them_trains(tmp_path):
+    """Adam's state takes the parameters' dtype, where float16 rounds small squared gradients and its epsilon to 0:
+    a float16 model trained at lr 1e-5 went from 1.0 to 0.67 on retained facts in 8 steps (a bare AdamW step gave
+    inf). A LoRA adapter on it stays float32 (PEFT's autocast_adapter_dtype) and trains."""
+    pairs = [("who wrote the red book", "alice smith wrote it"), ("where was bob born", "bob was born in paris")]
+    tokenizer = train_tokenizer([" ".join(pair) for pair in pairs] * 10, kind="word", vocab_size=64)
+    model = tiny_llama(vocab_size=len(tokenizer)).half()
+    with pytest.raises(ValueError, match="model.embed_tokens.weight is trainable in float16"):
+        UnlearningTrainer(model, make_args(tmp_path, "ga"), forget_dataset=pairs, processing_class=tokenizer)
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    trainer = UnlearningTrainer(adapted, make_args(tmp_path, "ga", max_steps=1), forget_dataset=pairs,
+                                processing_class=tokenizer)
+    trainer.train()
+    assert all(bool(torch.isfinite(p).all()) for p in adapted.parameters())
+    assert adapted.get_base_model().lm_head.weight.dtype == torch.float16
+
+
 @pytest.mark.parametrize("loss", ["npo", "kl"])
 def test_a_copied_reference_runs_in_the_trained_pass_mixed_precision(tmp_path, loss):
     """Under bf16 accelerate autocasts the trained model's forward only; the deep-copied reference ran in float32,

@@ -219,6 +219,16 @@ class UnlearningTrainer(Trainer):
                 "nothing in the model is trainable: an adapter loaded with PeftModel.from_pretrained or transformers' "
                 "load_adapter is frozen unless loaded with is_trainable=True"
             )
+        half = next((name for name, parameter in model.named_parameters()
+                     if parameter.requires_grad and parameter.dtype == torch.float16), None)
+        if half is not None:
+            # Adam's state lives in the parameters' dtype: squared gradients under 6e-8 and its epsilon round to 0 in
+            # float16, and the steps went to inf or wrecked the model (retained answers 1.0 -> 0.67 in 8 steps).
+            raise ValueError(
+                f"{half} is trainable in float16, where the optimizer's state underflows and training wrecks the "
+                "model: load the model in float32 or bfloat16 (fp16=True trains float32 weights in mixed "
+                "precision), or train a PEFT adapter kept in float32 (get_peft_model's autocast_adapter_dtype)"
+            )
         if processing_class is None:
             raise ValueError("UnlearningTrainer needs the tokenizer as processing_class to tokenize the datasets")
         check_transformers_can_save_adapter(model, args)
