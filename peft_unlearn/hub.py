@@ -130,8 +130,9 @@ def write_card(folder: str | Path, method: str, base_model: str, n_edits: int | 
 
 def push_adapter(folder: str | Path, repo_id: str, forget_texts: Iterable[str] = (), *, token: str | None = None,
                  private: bool | None = None, revision: str | None = None) -> str:
-    """Upload a saved adapter folder (adapter files and card, exactly as written and checked) in one commit,
-    after checking that no forget text leaks into any of its files; returns the commit URL."""
+    """Upload a saved adapter folder (adapter files and card, exactly as written and checked) in one commit to
+    ``revision`` (a branch, made if missing; default main), after checking that no forget text leaks into any of its
+    files; returns the commit URL."""
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         raise ValueError(f"{folder} holds no saved adapter (adapter_config.json); save it with save_pretrained first")
@@ -142,6 +143,9 @@ def push_adapter(folder: str | Path, repo_id: str, forget_texts: Iterable[str] =
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None and not revision.startswith("refs/pr/"):
+        # The Hub refuses a commit to a branch that does not exist yet (RevisionNotFoundError).
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     # The CLI's output marker says the local folder may be replaced; it is no part of the adapter.
     commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
                                commit_message="Upload adapter made with peft_unlearn", ignore_patterns=[OUTPUT_MARKER])

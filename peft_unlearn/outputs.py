@@ -4,6 +4,7 @@ and never replacing a folder that holds anything this library did not write."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -11,6 +12,8 @@ from pathlib import Path
 
 # Written into every output folder: a folder holding it (or an empty one) may be replaced by the next run.
 OUTPUT_MARKER = ".peft-unlearn-output"
+
+logger = logging.getLogger(__name__)
 
 
 def check_replaceable(output: str | Path, inputs: Iterable[str | Path | None] = ()) -> None:
@@ -44,22 +47,34 @@ def check_replaceable(output: str | Path, inputs: Iterable[str | Path | None] = 
 
 @contextlib.contextmanager
 def staged_output(output: str | Path) -> Iterator[Path]:
-    """A temporary folder next to ``output`` that replaces it only if the block succeeds; on failure it is removed
-    and ``output`` is left as it was."""
+    """A temporary folder next to ``output`` that replaces it only if the block succeeds; on failure it is removed,
+    with any folder made to hold it, and ``output`` is left as it was."""
     check_replaceable(output)
     # The folder a link names is the one checked and replaced: removing the link itself failed after the work
     # ("Cannot call rmtree on a symbolic link"), and the finished output was lost with the staging folder.
     target = Path(output).resolve()
+    created = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]  # innermost first
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    replaced = staging.with_name(f"{staging.name}-replaced")
     try:
         yield staging
         (staging / OUTPUT_MARKER).write_text("written by peft_unlearn; the next run may replace this folder\n")
         check_replaceable(output)  # nothing appeared there while the work ran
-        if target.exists():
-            shutil.rmtree(target)
         staging.chmod(0o755)
+        if target.exists():
+            # Moved aside, not deleted in place: a deletion that failed partway (a read-only file) left half of the
+            # earlier output and none of the new one.
+            target.rename(replaced)
         staging.rename(target)
     except BaseException:
+        if replaced.exists() and not target.exists():
+            replaced.rename(target)
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # the folders made to hold the output: a failed run leaves nothing behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
+    shutil.rmtree(replaced, ignore_errors=True)
+    if replaced.exists():
+        logger.warning("the earlier output could not be deleted entirely; what is left of it is in %s", replaced)

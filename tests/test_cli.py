@@ -440,21 +440,68 @@ def test_an_output_given_as_a_link_replaces_the_folder_it_names(tmp_path):
     assert (run1 / "mine.txt").read_text() == "the user's"
 
 
+def test_an_earlier_output_that_cannot_be_deleted_entirely_does_not_cost_the_new_one(tmp_path, monkeypatch, caplog):
+    """The earlier output was deleted in place: a file that could not be deleted (read-only) stopped it partway, and
+    the run ended with half of the earlier output and none of the new one."""
+    import os
+
+    from peft_unlearn.outputs import staged_output
+
+    with staged_output(tmp_path / "out") as folder:
+        (folder / "result.txt").write_text("first")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "locked").write_text("x")
+    unlink = os.unlink
+
+    def refuse_locked(path, *args, **kwargs):
+        if os.path.basename(path) == "locked":
+            raise PermissionError(1, "Operation not permitted", path)
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse_locked)
+    with staged_output(tmp_path / "out") as folder:
+        (folder / "result.txt").write_text("second")
+    assert (tmp_path / "out" / "result.txt").read_text() == "second"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [OUTPUT_MARKER, "result.txt"]
+    left = [p for p in tmp_path.iterdir() if p.name != "out"]  # the rest of the earlier output, named in a warning
+    assert len(left) == 1 and (left[0] / "sub" / "locked").is_file() and str(left[0]) in caplog.text
+
+
+def test_a_failed_run_leaves_no_folder_it_made_to_hold_its_output(tmp_path):
+    """The folders above a new output were made before the work and stayed, empty, when it failed."""
+    from peft_unlearn.outputs import staged_output
+
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(RuntimeError, match="midway"), staged_output(tmp_path / "runs" / "a" / "b" / "out") as folder:
+        (folder / "partial.txt").write_text("1")
+        raise RuntimeError("midway")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["runs"]
+
+
 def test_push_uploads_exactly_the_checked_folder_and_refuses_leaks(tmp_path, monkeypatch, trained_models, world):
     import huggingface_hub
 
     from peft_unlearn.hub import push_adapter, write_card
 
     calls = []
+    branches = {"main"}
 
     class FakeApi:
+        """The Hub's answers: a commit to a branch that does not exist is refused (RevisionNotFoundError)."""
+
         def __init__(self, token=None):
             calls.append(("token", token))
 
         def create_repo(self, repo_id, private=None, exist_ok=False):
             calls.append(("create", repo_id, private))
 
+        def create_branch(self, repo_id, *, branch, exist_ok=False):
+            calls.append(("branch", repo_id, branch))
+            branches.add(branch)
+
         def upload_folder(self, folder_path, repo_id, revision=None, commit_message=None, ignore_patterns=()):
+            if (revision or "main") not in branches:
+                raise RuntimeError(f"404 Client Error (RevisionNotFoundError): Invalid rev id: {revision}")
             names = [p.name for p in Path(folder_path).iterdir()]
             kept = [n for n in names if not any(fnmatch.fnmatch(n, pattern) for pattern in ignore_patterns)]
             calls.append(("upload", sorted(kept), revision))
@@ -473,8 +520,11 @@ def test_push_uploads_exactly_the_checked_folder_and_refuses_leaks(tmp_path, mon
         push_adapter(tmp_path / "missing", "me/repo", [fact.question])
     url = push_adapter(folder, "me/repo", [fact.question], token="hf_x", private=True, revision="dev")
     assert url == "https://hub/me/repo/commit/1"
-    assert calls == [("token", "hf_x"), ("create", "me/repo", True),
+    assert calls == [("token", "hf_x"), ("create", "me/repo", True), ("branch", "me/repo", "dev"),
                      ("upload", ["README.md", "adapter_config.json", "adapter_model.safetensors"], "dev")]
+    calls.clear()
+    push_adapter(folder, "me/repo", [fact.question])  # to main: no branch is made
+    assert [call[0] for call in calls] == ["token", "create", "upload"]
     # A forget text written as JSON writes it (escaped, other spacing) is still found, and nothing is uploaded.
     secret = 'Where was "Zoë  Ramírez" born?'
     (folder / "notes.json").write_text(json.dumps({"q": secret.replace("  ", " ")}))
