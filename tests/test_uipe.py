@@ -9,6 +9,7 @@ import sys
 import textwrap
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, PeftType, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model
@@ -310,6 +311,15 @@ def test_a_failed_select_alpha_leaves_the_alpha_the_adapter_had():
     assert model.peft_config["default"].extrapolation_alpha == 0.5
     assert {name: dict(layer.scaling) for name, layer in model.named_modules()
             if isinstance(layer, LoraLayer)} == scaling
+
+
+def test_a_numpy_alpha_is_a_number_and_is_stored_as_a_float():
+    """An alpha read from a numpy array (np.float32) was refused as "not a finite number"."""
+    config = UIPELoraConfig(r=4, target_modules=["q_proj"], extrapolation_alpha=np.float32(0.5))
+    assert config.extrapolation_alpha == 0.5 and type(config.extrapolation_alpha) is float
+    for bad in (np.float32("nan"), np.True_, "0.5"):
+        with pytest.raises(ValueError, match="extrapolation_alpha must be a finite number"):
+            UIPELoraConfig(r=4, target_modules=["q_proj"], extrapolation_alpha=bad)
 
 
 def test_bad_alpha_and_bad_models_are_refused(unlearned, tofu):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from peft import LoraConfig
@@ -13,7 +14,8 @@ from ...tokenizer_record import TokenizerRecord
 
 def check_extrapolation_alpha(alpha: float) -> float:
     """UIPE scales the unlearning update by ``1 + alpha``; a negative alpha would undo the update instead."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    # numbers.Real: a numpy float (an alpha read from an array or a sweep) is a number too, stored as a float.
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
         raise ValueError(f"extrapolation_alpha must be a finite number, got {alpha!r}")
     if alpha < 0:
         raise ValueError(
