@@ -88,9 +88,10 @@ def test_beam_search_carries_the_routing_state_with_the_beams(world, trained_mod
 
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_prompt_replacement_generates_as_the_whole_sequence_reads(use_cache):
-    """'prompt' replaces the output up to a row's first matching token only: decoded one token at a time, a new
-    token that matched again (here every token matches) was replaced, though the whole sequence run at once leaves
-    it (on this two-layer model, from the second new token on the cached and uncached generations differed)."""
+    """'prompt' replaces the output up to a row's latest matching token (here every token matches): decoded one
+    token at a time, each new token is replaced as the whole sequence run at once replaces it (when the first match
+    decided, a new token that matched again was replaced while the whole sequence left it: on this two-layer model,
+    from the second new token on the cached and uncached generations differed)."""
     model = get_peft_model(tiny_llama(), pu.GraceConfig(replacement="prompt", layer=1))  # the last decoder layer
     layer = next(m for m in model.modules() if isinstance(m, GraceLayer))
     torch.manual_seed(1)
@@ -605,3 +606,62 @@ def test_removing_an_edit_keeps_the_later_changes_of_kept_edits_to_its_entries()
         assert pu.remove_edits(model, [1]) == 0
         assert layer.grace_eps["default"].tolist() == [expected]
         assert layer.grace_change_ids["default"].tolist() == [[2, 0, 0, int(current > logged[1])]]
+
+
+def layer_inputs(model, layer, batch) -> torch.Tensor:
+    """The wrapped layer's input at every token of one forward of ``batch``."""
+    inputs = []
+    hook = layer.base_layer.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    return inputs[0]
+
+
+@pytest.mark.parametrize("replacement", ["all", "prompt"])
+def test_the_latest_matching_token_decides_not_an_earlier_edited_prompt(world, trained_models, replacement):
+    """GRACE reads the key at the last prompt token. A prompt that contains an earlier edited prompt (here as its
+    prefix, as a later turn of a conversation does) matched that one's entry first, and the row took its value: the
+    edit of the whole prompt, trained at its last token, never fired there. Cached and uncached generation and
+    teacher forcing of the generated text agree."""
+    base, tokenizer = trained_models("llama")
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig(replacement=replacement))
+    layer = next(m for m in model.modules() if isinstance(m, GraceLayer))
+    first, second = world.forget_facts[0].question, world.forget_facts[1].question
+    prompt = tokenizer([f"{first} {second}"], return_tensors="pt")
+    keys = layer_inputs(model, layer, prompt)[0, [len(tokenizer(first)["input_ids"]) - 1, -1]]
+    torch.manual_seed(0)
+    layer.set_codebook("default", keys=keys, eps=1e-3 * keys.norm(dim=-1), labels=torch.arange(2),
+                       values=5 * torch.randn(2, layer.out_features), edit_ids=torch.arange(2))
+    nearest, inside = layer.lookup("default", layer_inputs(model, layer, prompt)[0])
+    assert inside.sum() == 2 and nearest[inside].tolist() == [0, 1]  # both questions' last tokens match
+    assert layer.latest_state("default").tolist() == [1]  # the row follows the whole prompt's entry
+    outputs = []
+    for use_cache in (True, False):
+        with torch.no_grad():
+            outputs.append(model.generate(**prompt, max_new_tokens=6, do_sample=False, use_cache=use_cache,
+                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=None))
+    assert torch.equal(outputs[0], outputs[1])
+    length = prompt["input_ids"].shape[1]
+    with torch.no_grad():
+        teacher = model(input_ids=outputs[0]).logits[:, length - 1 : -1].argmax(-1)
+    assert torch.equal(outputs[0][:, length:], teacher)
+
+
+def test_an_eps_init_too_small_to_hold_in_generation_is_refused(world, trained_models):
+    """eps_init=1e-7 gave radii of about 1e-6, while an edited prompt's key read again in a left-padded batch lay up
+    to 6e-6 from its entry (float rounding): teacher forcing hit, generation missed. Such an eps_init is refused;
+    at the floor every edited prompt matches its own entry however it is batched."""
+    with pytest.raises(ValueError, match="eps_init=1e-07 is below"):
+        pu.GraceConfig(eps_init=1e-7)
+    base, tokenizer = trained_models("llama")
+    model = get_peft_model(copy.deepcopy(base), pu.GraceConfig(eps_init=1e-4, replacement="last", n_iter=1))
+    _, requests = refusal_edits(world, n=4)
+    pu.edit(model, tokenizer, requests, progress=False)
+    layer = next(m for m in model.modules() if isinstance(m, GraceLayer))
+    prompts = [r.prompt for r in requests]
+    batches = [tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")]
+    batches += [tokenizer([p], return_tensors="pt") for p in prompts]
+    last = torch.cat([layer_inputs(model, layer, batch)[:, -1] for batch in batches])
+    nearest, inside = layer.lookup("default", last)
+    assert bool(inside.all()) and nearest.tolist() == [0, 1, 2, 3] * 2

@@ -13,6 +13,11 @@ from ...registration import peft_type_member
 from ...tokenizer_record import TokenizerRecord
 from ..options import check_integers, check_numbers
 
+# The smallest eps_init: keys this close (relative, as eps_init) are one key, a prompt edited again. A key read again
+# in another batch layout or padding differs by float rounding (about 3e-7 of its norm in float32 on a small Llama):
+# a radius below this could miss its own prompt in generation while teacher forcing, read in the editing batch, hit.
+MIN_EPS_INIT = 1e-4
+
 
 @dataclass
 class GraceConfig(PeftConfig, TokenizerRecord):
@@ -33,7 +38,8 @@ class GraceConfig(PeftConfig, TokenizerRecord):
         default=0.05,
         metadata={"help": "Initial radius of a new entry, as a fraction of its key's norm, or of its distance from "
                   "the mean unrelated key where that is smaller (Euclidean), or as a cosine distance: inputs that "
-                  "close to an edited context count as the same context."},
+                  "close to an edited context count as the same context. At least 1e-4: keys closer than that are "
+                  "one key, and a smaller radius can miss its own prompt read in another batch (float rounding)."},
     )
     n_iter: int = field(default=100, metadata={"help": "Optimisation steps to train the values of new entries."})
     edit_lr: float = field(
@@ -47,9 +53,11 @@ class GraceConfig(PeftConfig, TokenizerRecord):
         metadata={
             "help": "Keys and replacement. 'last', 'prompt', 'all' (GRACE's modes): one key at the last prompt "
             "token, whose value replaces the output at that token, at every token up to it, or at it and every "
-            "later token. 'answer': one key and value per position that predicts a target token (the last prompt "
-            "token and the target tokens), each replacing the output only where it matches: multi-token targets "
-            "get a value per token, which one vector cannot always express."
+            "later token; at inference the latest matching token is the key (a prompt that contains another "
+            "edited prompt follows its own entry from its last token on). 'answer': one key and value per position "
+            "that predicts a target token (the last prompt token and the target tokens), each replacing the output "
+            "only where it matches: multi-token targets get a value per token, which one vector cannot always "
+            "express."
         },
     )
     distance: Literal["euclidean", "cosine"] = field(default="euclidean", metadata={"help": "Key distance."})
@@ -76,5 +84,11 @@ class GraceConfig(PeftConfig, TokenizerRecord):
         check_numbers(self, ("eps_init", "edit_lr"))
         if not (0 < self.eps_init < math.inf and 0 < self.edit_lr < math.inf) or self.n_iter < 1:
             raise ValueError("eps_init and edit_lr must be positive finite numbers and n_iter at least 1")
+        if self.eps_init < MIN_EPS_INIT:
+            raise ValueError(
+                f"eps_init={self.eps_init} is below {MIN_EPS_INIT}: keys closer than that count as one key, and "
+                "a prompt's key read again in another batch layout differs by float rounding, so such a small radius "
+                "can miss its own prompt in generation"
+            )
         if min(self.codebook_size, self.n_changes, self.n_edits) < 0:
             raise ValueError("codebook_size, n_changes and n_edits must not be negative")

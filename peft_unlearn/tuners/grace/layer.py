@@ -227,29 +227,30 @@ class GraceLinear(nn.Module, GraceLayer):
             valid = self.valid_tokens(batch, length, inside.device)
             if valid is not None:  # padding never matches: in 'prompt' / 'all' mode it would edit its whole row
                 inside = inside & valid
-            # First matching token per row, and its entry.
-            any_match = inside.any(dim=1)
-            no_match = torch.full_like(any_match, NO_MATCH, dtype=torch.long)
-            first = torch.where(any_match, inside.float().argmax(dim=1), no_match)
-            entry = nearest.gather(1, first.clamp(min=0)[:, None]).squeeze(1)
-            entry = torch.where(any_match, entry, torch.full_like(entry, NO_MATCH))
-            if replacement in ("all", "prompt") and self._continues_sequences:
-                # A decoding step: a row whose first match lies in its earlier tokens keeps that entry. 'all' replaces
-                # from that match on, so every new token; 'prompt' only up to it, so none (matched alone, a new token
-                # that matched again was replaced, which the whole sequence run at once does not do).
-                following = self.continued_state(adapter, (batch,))
-                continuing = following >= 0
-                after_match = torch.zeros_like(first) if replacement == "all" else torch.full_like(first, NO_MATCH)
-                first = torch.where(continuing, after_match, first)
-                entry = torch.where(continuing, following, entry)
             if replacement in ("last", "answer"):
                 values = self.grace_values[adapter][nearest.clamp(min=0)].to(result.dtype)
                 result = torch.where(inside[..., None], values, result)
+                continue
+            # GRACE reads the key at the last prompt token: the latest matching token decides, not the first (a
+            # prompt that contains an earlier edited prompt, or a later turn of a conversation, matches that one
+            # first and took its value). Per token, the entry of the latest match at or before it.
+            columns = torch.arange(length, device=inside.device).expand(batch, length)
+            latest = torch.where(inside, columns, NO_MATCH).cummax(dim=1).values
+            entry = torch.where(latest >= 0, nearest.gather(1, latest.clamp(min=0)), NO_MATCH)
+            if self._continues_sequences:
+                # A decoding step: tokens before this forward's first match follow the entry the row had.
+                following = self.continued_state(adapter, (batch,))
+                entry = torch.where(latest >= 0, entry, following[:, None])
+            values = self.grace_values[adapter][entry.clamp(min=0)].to(result.dtype)
+            if replacement == "all":
+                where = entry >= 0
             else:
-                values = self.grace_values[adapter][entry.clamp(min=0)]
-                result = self._replace(result, torch.where(entry >= 0, first, entry), values, replacement)
-            if replacement in ("all", "prompt"):
-                self.keep_state(adapter, entry, length)  # per row, the entry it first matched (NO_MATCH: none)
+                # 'prompt': every token up to this forward's latest match takes its value. Tokens a cache already
+                # holds stay as they were computed (a match in a decoding step cannot reach back into them).
+                where = (columns <= latest[:, -1:]) & (latest[:, -1:] >= 0)
+                values = values[:, -1:].expand_as(values)
+            result = torch.where(where[..., None], values, result)
+            self.keep_state(adapter, entry[:, -1], length)  # per row, the entry it follows (NO_MATCH: none)
         return result.reshape(flat_shape)
 
     def __repr__(self) -> str:

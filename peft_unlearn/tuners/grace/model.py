@@ -17,14 +17,14 @@ from ...losses import labelled_logits, row_chunks, sequence_nll
 from ...metrics import batches
 from ...requests import EditRequest, tokenize_prompts, tokenize_requests
 from ..base import SingleLayerTuner
-from .config import GraceConfig
+from .config import MIN_EPS_INIT, GraceConfig
 from .layer import CHANGE_COLUMNS, RADIUS_SLACK, GraceLayer, GraceLinear, key_distances, nearest_by_exact_distance
 
 logger = logging.getLogger(__name__)
 
 EARLY_STOP_NLL = 1e-2
-# Keys closer than this (relative, as eps_init) are the same key: a prompt edited again.
-SAME_KEY = 1e-4
+# Keys closer than this (relative, as eps_init) are the same key: a prompt edited again (also eps_init's floor).
+SAME_KEY = MIN_EPS_INIT
 # The codebook's per-entry tensors, and with them the change log: what editing and rollback read and write.
 ENTRY_FIELDS = ("keys", "values", "eps", "labels", "edit_ids")
 BOOK_FIELDS = ENTRY_FIELDS + ("change_ids", "change_eps")
